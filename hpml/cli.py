@@ -1,0 +1,111 @@
+"""The training flags, defined once: run_hpc.py, run_distributed.py and sagemaker_submission.py share them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from .config import BACKENDS, DATASETS, DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig, default_data_dir, parse_model_list
+from .errors import UsageError
+
+DEFAULTS = TrainConfig()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_bool(text: str) -> bool:
+    """Accepts the forms SageMaker hyperparameters arrive in ('True', 'false', '1', ...)."""
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_switch(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
+    """A boolean flag: `--flag` alone means true; `--flag false` is accepted too."""
+    group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL", help=help)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Every flag of one training run, with the study's defaults."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--model", default=",".join(DEFAULTS.models),
+                       help="model name, a comma list, or 'all': vgg16, resnet18, mobilenetv2, shufflenetv2, "
+                            "densenet121 (aliases vgg, resnet, mobilenet, shufflenet, densenet); "
+                            "several models train one after another (default: %(default)s)")
+    group.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                       help="passes over the training set (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                       help="images per step per worker process (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=DEFAULTS.lr, help="learning rate (default: %(default)s)")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer,
+                       help="adadelta, sgd (momentum 0.9, nesterov, weight decay 5e-4) or adam "
+                            "(default: %(default)s)")
+    group.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                       help="learning-rate schedule over the epochs: none (constant) or cosine (default: %(default)s)")
+    group.add_argument("--workers", type=int, default=DEFAULTS.workers,
+                       help="data-loader worker processes per training process (default: %(default)s)")
+    group.add_argument("--data-dir", default=None,
+                       help="CIFAR-10 folder: train.npz/test.npz or cifar-10-batches-py/ (downloaded there when "
+                            f"absent and the network allows) (default: $HPML_CIFAR10 if set, else ./data; "
+                            f"now {default_data_dir()})")
+    group.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset,
+                       help="cifar10, or synthetic: a generated, learnable CIFAR-shaped set for smoke runs "
+                            "(default: %(default)s)")
+    group.add_argument("--subset", type=int, default=None,
+                       help="train on a class-stratified subset of this many images, and test on a proportional "
+                            "subset of at least 1,000 (default: the whole set)")
+    group.add_argument("--device", choices=DEVICES, default=DEFAULTS.device,
+                       help="auto (CUDA when available, else CPU), cpu or cuda (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                       help="seed for weights, shuffling and augmentation (default: %(default)s)")
+    group.add_argument("--output-dir", default=DEFAULTS.output_dir,
+                       help="folder for the results JSON files, one per run (default: %(default)s)")
+    add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of a data-parallel run on top of the training flags."""
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--backend", choices=BACKENDS, default=DEFAULTS.backend,
+                       help="torch.distributed backend: auto picks smddp inside SageMaker when the SMDDP library "
+                            "is there, else nccl on CUDA, else gloo (default: %(default)s)")
+    group.add_argument("--dist-timeout", type=float, default=DEFAULTS.dist_timeout,
+                       help="seconds a rank waits for the others (set-up and each collective) before the job "
+                            "fails instead of hanging (default: %(default)s)")
+    add_switch(group, "--scale-lr", "multiply --lr by the world size (off by default, so runs compare like for like)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A validated TrainConfig from parsed flags; UsageError on a bad value."""
+    values = {key: value for key, value in vars(args).items() if key in TrainConfig.__dataclass_fields__}
+    values["models"] = parse_model_list(args.model)
+    if values.get("data_dir") is None:
+        values.pop("data_dir", None)
+    return TrainConfig(**values).validate()
+
+
+def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        code = main(argv)
+    except UsageError as error:
+        print(f"{parser_prog()}: error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{parser_prog()}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
+
+
+def parser_prog() -> str:
+    return argparse.ArgumentParser().prog

@@ -1,0 +1,92 @@
+"""TrainConfig: every training flag as a plain value, with the study's defaults, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import models
+
+from .errors import UsageError
+
+OPTIMIZERS = ("adadelta", "sgd", "adam")
+SCHEDULES = ("none", "cosine")
+DATASETS = ("cifar10", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "smddp", "nccl", "gloo")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("HPML_CIFAR10") or "./data"
+
+
+@dataclass
+class TrainConfig:
+    models: list[str] = field(default_factory=lambda: ["resnet18"])
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "adadelta"
+    schedule: str = "none"
+    workers: int = 2
+    data_dir: str = field(default_factory=default_data_dir)
+    dataset: str = "cifar10"
+    subset: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    output_dir: str = "results"
+    quiet: bool = False
+    # Used by run_distributed.py only; a single-device run leaves them at their defaults.
+    backend: str = "auto"
+    dist_timeout: float = 300.0
+    scale_lr: bool = False
+
+    def validate(self) -> TrainConfig:
+        """Raise UsageError naming the first bad value and what is allowed; return self."""
+        self.models = parse_model_list(",".join(self.models))
+        _require(self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
+        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        _require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
+        _require(self.subset is None or self.subset >= 10,
+                 f"--subset must be at least 10 (one image per class), got {self.subset}")
+        _require(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+                 f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
+        for name, value, allowed in [
+            ("--optimizer", self.optimizer, OPTIMIZERS),
+            ("--schedule", self.schedule, SCHEDULES),
+            ("--dataset", self.dataset, DATASETS),
+            ("--device", self.device, DEVICES),
+            ("--backend", self.backend, BACKENDS),
+        ]:
+            _require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return self
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_model_list(text: str) -> list[str]:
+    """'all', one name, or a comma list of names/aliases -> canonical names, in order, no repeats."""
+    if text.strip().lower() == "all":
+        return models.names()
+    chosen: list[str] = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            canonical = models.canonical_name(name)
+        except KeyError:
+            raise UsageError(
+                f"unknown model {name!r}; choose from {', '.join(models.names())}, "
+                f"their aliases ({', '.join(models.ALIASES)}), a comma list, or 'all'"
+            ) from None
+        if canonical not in chosen:
+            chosen.append(canonical)
+    _require(bool(chosen), f"--model needs at least one model name, got {text!r}")
+    return chosen
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)

@@ -1,0 +1,29 @@
+"""One experiment: check inputs, load the data once, train each chosen model, write a results file each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from . import data, results, train
+from .config import TrainConfig
+from .dist import World
+
+
+def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = print) -> list[Path]:
+    """Train every model in cfg.models in turn; rank 0 writes one results JSON per model."""
+    if world.is_main:
+        results.check_writable(cfg.output_dir)
+    images = data.load_dataset(cfg)
+    if world.is_main and not cfg.quiet:
+        log(f"data: {images.description}; {len(images.train_labels)} train / {len(images.test_labels)} test images")
+    written = []
+    for name in cfg.models:
+        record = train.fit(cfg, name, world, images, log)
+        if world.is_main:
+            path = results.write_results(record, cfg.output_dir)
+            log(f"{name}: final test acc {record['final_test_acc']:.4f} (best {record['best_test_acc']:.4f}), "
+                f"{record['total_train_time_s']:.1f}s training, {record['median_images_per_s']:.0f} img/s "
+                f"-> {path}")
+            written.append(path)
+    return written

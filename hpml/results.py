@@ -1,0 +1,160 @@
+"""The results schema (one JSON file per run), written atomically, read back by plots and collect."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torchvision
+
+from .errors import UsageError
+
+SCHEMA_VERSION = 1
+REQUIRED_FIELDS = ("schema_version", "run_id", "model", "mode", "world_size", "device", "config", "epochs",
+                   "total_train_time_s", "final_test_acc", "best_test_acc")
+EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "data_time_s",
+                "images_per_s")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id(model: str, mode: str, world_size: int) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{model}_{mode}_w{world_size}_{stamp}_{uuid.uuid4().hex[:6]}"
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers were measured on: software versions and hardware."""
+    cuda = device.type == "cuda"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def summarize_epochs(epochs: list[dict]) -> dict:
+    """Run totals from per-epoch metrics. Throughput is the median over epochs after the first (warm-up)."""
+    steady = epochs[1:] or epochs
+    best = max(epochs, key=lambda e: e["test_acc"])
+    return {
+        "total_train_time_s": sum(e["epoch_time_s"] for e in epochs),
+        "median_epoch_time_s": statistics.median(e["epoch_time_s"] for e in steady),
+        "median_images_per_s": statistics.median(e["images_per_s"] for e in steady),
+        "final_test_acc": epochs[-1]["test_acc"],
+        "best_test_acc": best["test_acc"],
+        "best_epoch": best["epoch"],
+        "time_to_best_s": sum(e["epoch_time_s"] for e in epochs[: best["epoch"] - epochs[0]["epoch"] + 1]),
+    }
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be written there; UsageError otherwise."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"output folder {folder} is not writable: {error.strerror or error}") from None
+    return path
+
+
+def write_json_atomic(path: Path, data: dict, *, overwrite: bool = True) -> Path:
+    """Write JSON to a temp file in the same folder, then rename it into place: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump(data, file, indent=2, sort_keys=False, allow_nan=False)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if `path` exists: never overwrite another run
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_results(record: dict, output_dir: str | Path) -> Path:
+    """Write one run's record as <output_dir>/<run_id>.json, never replacing an existing file."""
+    return write_json_atomic(Path(output_dir) / f"{record['run_id']}.json", record, overwrite=False)
+
+
+def validate_record(record: object) -> dict:
+    """The record if it is a results record of this schema; ValueError saying what is wrong otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    if missing:
+        raise ValueError(f"missing fields: {', '.join(missing)}")
+    if record["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"schema_version {record['schema_version']!r}, expected {SCHEMA_VERSION}")
+    if not record["epochs"] or any(not all(f in e for f in EPOCH_FIELDS) for e in record["epochs"]):
+        raise ValueError("epochs must be a non-empty list of per-epoch metrics")
+    return record
+
+
+def load_results(path: str | Path) -> dict:
+    """One results file; ValueError naming the file when it is not valid JSON or not of this schema."""
+    try:
+        return validate_record(json.loads(Path(path).read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def load_all(folder: str | Path) -> tuple[list[dict], list[str]]:
+    """Every valid record under `folder` (sorted by start time) and a message per file skipped."""
+    records, skipped = [], []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            records.append(load_results(path))
+        except ValueError as error:
+            skipped.append(str(error))
+    records.sort(key=lambda r: (r.get("started_at") or "", r["run_id"]))
+    return records, skipped

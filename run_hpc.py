@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""Single-device training: one GPU or the CPU. `python run_hpc.py --help` lists every flag."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hpml import cli, dist, experiment
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description="Train CIFAR-10 CNNs on one device and write a results JSON per model.")
+    cli.add_training_args(parser)
+    cfg = cli.config_from_args(parser.parse_args(argv))
+    world = dist.single_process(cfg.device)
+    experiment.run_models(cfg, world)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_script(main)

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from hpml import results
+
+
+def record(run_id: str = "r1", **overrides) -> dict:
+    epochs = [
+        {"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "test_loss": 2.1, "test_acc": 0.3, "epoch_time_s": 4.0,
+         "data_time_s": 1.0, "images_per_s": 100.0},
+        {"epoch": 2, "train_loss": 1.5, "train_acc": 0.4, "test_loss": 1.9, "test_acc": 0.5, "epoch_time_s": 2.0,
+         "data_time_s": 0.5, "images_per_s": 200.0},
+        {"epoch": 3, "train_loss": 1.2, "train_acc": 0.5, "test_loss": 2.0, "test_acc": 0.45, "epoch_time_s": 2.5,
+         "data_time_s": 0.5, "images_per_s": 160.0},
+    ]
+    base = {"schema_version": results.SCHEMA_VERSION, "run_id": run_id, "model": "resnet18", "mode": "single",
+            "world_size": 1, "device": "cpu", "config": {}, "epochs": epochs, **results.summarize_epochs(epochs)}
+    return {**base, **overrides}
+
+
+def test_summary_uses_median_after_warm_up_and_finds_best():
+    summary = record()
+    assert summary["total_train_time_s"] == 8.5
+    assert summary["median_images_per_s"] == 180.0  # median of epochs 2 and 3; epoch 1 is warm-up
+    assert summary["best_test_acc"] == 0.5 and summary["best_epoch"] == 2 and summary["final_test_acc"] == 0.45
+    assert summary["time_to_best_s"] == 6.0
+
+
+def test_write_is_atomic_and_never_overwrites(tmp_path):
+    path = results.write_results(record(), tmp_path)
+    assert json.loads(path.read_text())["run_id"] == "r1"
+    with pytest.raises(FileExistsError):
+        results.write_results(record(model="vgg16"), tmp_path)
+    assert json.loads(path.read_text())["model"] == "resnet18"
+    assert [p.name for p in tmp_path.iterdir()] == ["r1.json"]  # no temp file left behind
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path):
+    with pytest.raises(ValueError):
+        results.write_json_atomic(tmp_path / "x.json", {"bad": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_all_skips_malformed_and_foreign_files(tmp_path):
+    results.write_results(record("good"), tmp_path)
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "foreign.json").write_text(json.dumps({"hello": "world"}))
+    (tmp_path / "future.json").write_text(json.dumps(record("future", schema_version=99)))
+    loaded, skipped = results.load_all(tmp_path)
+    assert [r["run_id"] for r in loaded] == ["good"]
+    assert len(skipped) == 3
+    assert any("broken.json" in s for s in skipped) and any("missing fields" in s for s in skipped)
+    assert any("schema_version 99" in s for s in skipped)
+
+
+def test_check_writable_refuses_a_path_below_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(results.UsageError, match="not writable"):
+        results.check_writable(tmp_path / "file" / "sub")

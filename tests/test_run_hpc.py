@@ -1,0 +1,152 @@
+"""run_hpc.py end to end, as a user runs it: results schema, learning, determinism, bad input."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import run_hpc
+from hpml import cli
+from tests.conftest import results_in, run_script
+
+SHORT_RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "320", "--batch-size", "32",
+             "--epochs", "3", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("results")
+    done = run_script("run_hpc.py", *SHORT_RUN, "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    (record,) = results_in(out)
+    return record
+
+
+def test_short_synthetic_run_learns(short_run):
+    assert short_run["final_test_acc"] > 0.5  # chance is 0.1
+    assert short_run["epochs"][-1]["train_loss"] < short_run["epochs"][0]["train_loss"]
+
+
+def test_results_schema(short_run):
+    for field in ("schema_version", "run_id", "model", "mode", "backend", "world_size", "device", "started_at",
+                  "config", "environment", "params", "epochs", "total_train_time_s", "final_test_acc",
+                  "best_test_acc", "global_batch_size", "data"):
+        assert field in short_run, field
+    assert short_run["mode"] == "single" and short_run["backend"] is None and short_run["world_size"] == 1
+    assert short_run["model"] == "resnet18" and short_run["params"] == 11_173_962
+    assert short_run["config"]["epochs"] == 3 and short_run["config"]["batch_size"] == 32
+    for field in ("python", "torch", "torchvision", "cuda", "gpu", "cpu", "hostname", "git_commit"):
+        assert field in short_run["environment"], field
+    assert [e["epoch"] for e in short_run["epochs"]] == [1, 2, 3]
+    for epoch in short_run["epochs"]:
+        assert 0 <= epoch["train_acc"] <= 1 and 0 <= epoch["test_acc"] <= 1
+        assert epoch["epoch_time_s"] > 0 and 0 <= epoch["data_time_s"] <= epoch["epoch_time_s"]
+        assert epoch["images_per_s"] == pytest.approx(320 / epoch["epoch_time_s"])
+        assert epoch["test_images"] == 1000
+    assert short_run["total_train_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in short_run["epochs"]))
+    assert short_run["best_test_acc"] == max(e["test_acc"] for e in short_run["epochs"])
+    assert short_run["final_test_acc"] == short_run["epochs"][-1]["test_acc"]
+
+
+def metrics_of(folder: Path) -> list[dict]:
+    (record,) = results_in(folder)
+    return [{k: v for k, v in e.items() if "time" not in k and "per_s" not in k} for e in record["epochs"]]
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
+    args = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "100", "--batch-size", "25",
+            "--epochs", "1", "--workers", "2", "--quiet"]
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        assert run_script("run_hpc.py", *args, "--seed", seed, "--output-dir", str(tmp_path / name)).returncode == 0
+    assert metrics_of(tmp_path / "a") == metrics_of(tmp_path / "b")
+    assert metrics_of(tmp_path / "a") != metrics_of(tmp_path / "c")
+
+
+def test_model_list_trains_each_in_turn_and_never_overwrites(tmp_path):
+    args = ["--model", "shufflenet,resnet", "--dataset", "synthetic", "--subset", "20", "--batch-size", "10",
+            "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path), "--quiet"]
+    for _ in range(2):
+        assert cli_exit_code(args) == 0
+    assert sorted(r["model"] for r in results_in(tmp_path)) == ["resnet18", "resnet18", "shufflenetv2", "shufflenetv2"]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def cli_exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as stop:
+        cli.run_script(run_hpc.main, argv)
+    return stop.value.code
+
+
+BAD_INPUTS = [
+    (["--model", "alexnet"], "unknown model 'alexnet'"),
+    (["--model", "resnet18,foo"], "unknown model 'foo'"),
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--epochs", "two"], "invalid int value: 'two'"),
+    (["--batch-size", "-8"], "--batch-size must be a positive integer, got -8"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--subset", "5"], "--subset must be at least 10"),
+    (["--quiet", "maybe"], "expected true or false, got 'maybe'"),
+    (["--device", "cuda"], "no CUDA device is available"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
+    if argv == ["--device", "cuda"] and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data_args = [] if "--dataset" in argv else ["--dataset", "synthetic"]
+    code = cli_exit_code([*argv, *data_args, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = cli_exit_code(["--dataset", "synthetic", "--output-dir", str(blocker / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not writable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_and_corrupt_data_fail_before_training(tmp_path, npz_dir, capsys):
+    (npz_dir / "test.npz").write_bytes(b"\x00garbage")
+    code = cli_exit_code(["--data-dir", str(npz_dir), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "test.npz" in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_script_reports_bad_input_without_traceback(tmp_path):
+    done = run_script("run_hpc.py", "--model", "alexnet", "--output-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("run_hpc.py: error: unknown model 'alexnet'; choose from vgg16, resnet18, "
+                                   "mobilenetv2, shufflenetv2, densenet121, their aliases (vgg, resnet, mobilenet, "
+                                   "shufflenet, densenet), a comma list, or 'all'")
+
+
+def test_help_explains_every_flag():
+    done = run_script("run_hpc.py", "--help")
+    assert done.returncode == 0
+    for flag in ("--model", "--epochs", "--batch-size", "--lr", "--optimizer", "--schedule", "--workers",
+                 "--data-dir", "--dataset", "--subset", "--device", "--seed", "--output-dir", "--quiet"):
+        assert flag in done.stdout
+    assert "default: 20" in done.stdout and "default: adadelta" in done.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("HPML_CIFAR10"), reason="HPML_CIFAR10 is not set")
+def test_real_cifar10_short_run_reaches_sane_accuracy(tmp_path):
+    done = run_script("run_hpc.py", "--model", "resnet18", "--subset", "2000", "--batch-size", "64", "--epochs", "3",
+                      "--workers", "0", "--output-dir", str(tmp_path), "--quiet")
+    assert done.returncode == 0, done.stderr
+    (record,) = results_in(tmp_path)
+    assert "CIFAR-10" in record["data"]["description"]
+    assert record["data"]["train_size"] == 2000 and record["epochs"][-1]["test_images"] == 1000
+    print(f"real CIFAR-10 subset accuracy: {record['final_test_acc']:.3f}")
+    assert record["final_test_acc"] > 0.2  # chance is 0.1
+    json.dumps(record)
