@@ -7,7 +7,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .config import BACKENDS, DATASETS, DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig, default_data_dir, parse_model_list
+from .config import (
+    BACKENDS,
+    DATASETS,
+    DEVICES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+    default_data_dir,
+    default_output_dir,
+    parse_model_list,
+)
 from .errors import UsageError
 
 DEFAULTS = TrainConfig()
@@ -56,8 +66,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="data-loader worker processes per training process (default: %(default)s)")
     group.add_argument("--data-dir", default=None,
                        help="CIFAR-10 folder: train.npz/test.npz or cifar-10-batches-py/ (downloaded there when "
-                            f"absent and the network allows) (default: $HPML_CIFAR10 if set, else ./data; "
-                            f"now {default_data_dir()})")
+                            "absent and the network allows) (default: $HPML_CIFAR10 if set, else a SageMaker job's "
+                            f"$SM_CHANNEL_TRAINING, else ./data; now {default_data_dir()})")
     group.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset,
                        help="cifar10, or synthetic: a generated, learnable CIFAR-shaped set for smoke runs "
                             "(default: %(default)s)")
@@ -68,8 +78,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="auto (CUDA when available, else CPU), cpu or cuda (default: %(default)s)")
     group.add_argument("--seed", type=int, default=DEFAULTS.seed,
                        help="seed for weights, shuffling and augmentation (default: %(default)s)")
-    group.add_argument("--output-dir", default=DEFAULTS.output_dir,
-                       help="folder for the results JSON files, one per run (default: %(default)s)")
+    group.add_argument("--output-dir", default=None,
+                       help="folder for the results JSON files, one per run (default: results, or "
+                            f"$SM_OUTPUT_DATA_DIR/results inside a SageMaker job; now {default_output_dir()})")
     add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary")
 
 
@@ -89,8 +100,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig from parsed flags; UsageError on a bad value."""
     values = {key: value for key, value in vars(args).items() if key in TrainConfig.__dataclass_fields__}
     values["models"] = parse_model_list(args.model)
-    if values.get("data_dir") is None:
-        values.pop("data_dir", None)
+    for unset in [key for key in ("data_dir", "output_dir") if values.get(key) is None]:
+        del values[unset]
     return TrainConfig(**values).validate()
 
 

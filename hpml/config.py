@@ -19,7 +19,14 @@ BACKENDS = ("auto", "smddp", "nccl", "gloo")
 
 
 def default_data_dir() -> str:
-    return os.environ.get("HPML_CIFAR10") or "./data"
+    """$HPML_CIFAR10, else a SageMaker job's training channel, else ./data."""
+    return os.environ.get("HPML_CIFAR10") or os.environ.get("SM_CHANNEL_TRAINING") or "./data"
+
+
+def default_output_dir() -> str:
+    """results, or inside a SageMaker job the folder SageMaker uploads to S3 when the job ends."""
+    sagemaker_output = os.environ.get("SM_OUTPUT_DATA_DIR")
+    return os.path.join(sagemaker_output, "results") if sagemaker_output else "results"
 
 
 @dataclass
@@ -36,7 +43,7 @@ class TrainConfig:
     subset: int | None = None
     device: str = "auto"
     seed: int = 0
-    output_dir: str = "results"
+    output_dir: str = field(default_factory=default_output_dir)
     quiet: bool = False
     # Used by run_distributed.py only; a single-device run leaves them at their defaults.
     backend: str = "auto"

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 from .config import TrainConfig
 from .errors import UsageError
@@ -195,27 +196,50 @@ def _stratified_indices(labels: np.ndarray, size: int, rng: np.random.Generator)
 
 # ---- batches -------------------------------------------------------------------------------------
 
-def normalize_transform() -> transforms.Normalize:
-    return transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
+CROP_PADDING = 4
+
+
+@dataclass
+class Augmentation:
+    """One epoch's random crop offsets (0..8, after padding by 4) and flips, one per training image.
+
+    Drawn from (seed, epoch) alone, so an image gets the same crop and flip whichever rank, loader or
+    world size processes it: runs resume exactly, and N ranks see what one process would see.
+    """
+
+    top: np.ndarray
+    left: np.ndarray
+    flip: np.ndarray
+
+    @classmethod
+    def draw(cls, seed: int, epoch: int, size: int) -> Augmentation:
+        rng = np.random.default_rng([seed, epoch, 0xA06])
+        top, left = rng.integers(0, 2 * CROP_PADDING + 1, size=(2, size))
+        return cls(top, left, rng.random(size) < 0.5)
 
 
 class AugmentedImages(Dataset):
-    """The classic pipeline: one PIL image at a time through torchvision's random crop and flip."""
+    """The classic pipeline: one PIL image at a time through torchvision's pad, crop, flip and normalise."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images, self.labels = images, labels
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(32, padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize_transform(),
-        ])
+        self.augmentation: Augmentation | None = None
+        self.to_normalized_tensor = transforms.Compose([transforms.ToTensor(), normalize_transform()])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+        aug = self.augmentation
+        image = TF.pad(Image.fromarray(self.images[index]), CROP_PADDING)
+        image = TF.crop(image, int(aug.top[index]), int(aug.left[index]), 32, 32)
+        if aug.flip[index]:
+            image = TF.hflip(image)
+        return self.to_normalized_tensor(image), int(self.labels[index])
+
+
+def normalize_transform() -> transforms.Normalize:
+    return transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
 
 
 def normalized_tensor(images: np.ndarray) -> Tensor:
@@ -227,22 +251,28 @@ def normalized_tensor(images: np.ndarray) -> Tensor:
 
 
 class TrainBatches:
-    """This rank's shard of the training set as augmented batches on the device, reshuffled per epoch."""
+    """This rank's shard of the training set as augmented batches on the device, reshuffled per epoch.
+
+    The shard and order come from DistributedSampler (seeded by --seed and the epoch), the crops and flips
+    from Augmentation; a DataLoader runs torchvision's transforms in worker processes.
+    """
 
     def __init__(self, images: ImageSet, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
-        dataset = AugmentedImages(images.train_images, images.train_labels)
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+        self.dataset = AugmentedImages(images.train_images, images.train_labels)
+        self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=cfg.seed)
         self.loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+            self.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
             pin_memory=device.type == "cuda", drop_last=False,
         )
-        self.device = device
+        self.seed, self.device = cfg.seed, device
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+        self.dataset.augmentation = Augmentation.draw(self.seed, epoch, len(self.dataset))
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for inputs, targets in self.loader:

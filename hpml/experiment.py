@@ -14,7 +14,7 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     """Train every model in cfg.models in turn; rank 0 writes one results JSON per model."""
     if world.is_main:
         results.check_writable(cfg.output_dir)
-    images = data.load_dataset(cfg)
+    images = load_dataset_once_per_node(cfg, world)
     if world.is_main and not cfg.quiet:
         log(f"data: {images.description}; {len(images.train_labels)} train / {len(images.test_labels)} test images")
     written = []
@@ -27,3 +27,13 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
                 f"-> {path}")
             written.append(path)
     return written
+
+
+def load_dataset_once_per_node(cfg: TrainConfig, world: World) -> data.ImageSet:
+    """Every rank loads the data; local rank 0 goes first, so a download happens once per node."""
+    if world.local_rank != 0:
+        world.barrier()
+    images = data.load_dataset(cfg)
+    if world.local_rank == 0:
+        world.barrier()
+    return images

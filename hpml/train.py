@@ -36,6 +36,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def wrap_for_world(model: nn.Module, world: World) -> nn.Module:
+    """DistributedDataParallel in a process group (gradients averaged over ranks), else the model itself."""
+    if not world.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+
 def make_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -114,9 +121,7 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet,
     seed_all(cfg.seed)
     model = models.build(model_name).to(device)
     params = sum(p.numel() for p in model.parameters())
-    train_model: nn.Module = model
-    if world.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = wrap_for_world(model, world)
     lr = cfg.lr * world.size if cfg.scale_lr else cfg.lr
     optimizer = make_optimizer(cfg, train_model.parameters(), lr)
     scheduler = make_scheduler(cfg, optimizer)
@@ -148,6 +153,7 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet,
         "backend": world.backend,
         "world_size": world.size,
         "nodes": world.nodes,
+        "launcher": world.launcher,
         "batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world.size,
         "lr": lr,
@@ -162,6 +168,8 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet,
         **results.summarize_epochs(epochs),
         "total_wall_time_s": time.perf_counter() - wall_start,
     }
+    if world.sagemaker:
+        record["sagemaker"] = world.sagemaker
     return record
 
 

@@ -1,0 +1,44 @@
+"""Worker for test_distributed.py: a few SGD steps through hpml's sharding, augmentation, DDP and loop.
+
+Run as a world of one with batch B, or under torchrun with 2 ranks and batch B/2; rank 0 saves the weights.
+The model has no batch norm, so a step over B images is the same computation whether one process or two
+ranks (each over B/2, gradients averaged by DDP) take it; only float summation order differs.
+"""
+
+import sys
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hpml import data, dist, train
+from hpml.config import TrainConfig
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def main(batch_size: int, out: str) -> None:
+    cfg = TrainConfig(dataset="synthetic", subset=64, batch_size=batch_size, workers=0, optimizer="sgd", lr=0.05,
+                      device="cpu", backend="gloo").validate()
+    world = dist.setup(cfg, log=lambda _: None)
+    images = data.load_dataset(cfg)
+    train.seed_all(cfg.seed)
+    model = small_cnn()
+    ddp_model = train.wrap_for_world(model, world)
+    optimizer = train.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
+    batches = data.TrainBatches(images, cfg, world.rank, world.size, world.device)
+    for epoch in (1, 2):
+        batches.set_epoch(epoch)
+        train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
+    if world.is_main:
+        torch.save(model.state_dict(), out)
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,140 @@
+"""run_distributed.py under real torchrun with the gloo backend on the CPU."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from hpml.train import seed_all
+from tests.conftest import REPO, results_in, run_script
+from tests.ddp_equivalence import small_cnn
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def free_port() -> int:
+    from hpml.dist import free_port as port
+
+    return port()
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """Two ranks on a tiny npz set whose 51 test images do not divide by the world size."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 80), ("test", 51)):
+        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 labels=np.arange(n) % 10)
+    out = tmp_path_factory.mktemp("results")
+    done = torchrun("run_distributed.py", "--model", "resnet18", "--data-dir", str(folder), "--batch-size", "20",
+                    "--epochs", "2", "--workers", "0", "--output-dir", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, results_in(out)
+
+
+def test_two_ranks_write_one_results_file(two_rank_run):
+    _, records = two_rank_run
+    (record,) = records
+    assert record["mode"] == "distributed" and record["backend"] == "gloo" and record["world_size"] == 2
+    assert record["nodes"] == 1 and record["launcher"] == "torchrun"
+    assert record["batch_size"] == 20 and record["global_batch_size"] == 40
+    assert record["lr"] == 0.1  # not scaled by default
+
+
+def test_every_training_and_test_image_counted_exactly_once(two_rank_run):
+    _, (record,) = two_rank_run
+    for epoch in record["epochs"]:
+        assert epoch["train_images"] == 80
+        assert epoch["test_images"] == 51
+
+
+def test_only_rank_zero_logs(two_rank_run):
+    done, _ = two_rank_run
+    assert done.stdout.count("resnet18 epoch 1/2") == 1
+    assert done.stdout.count("final test acc") == 1
+
+
+def test_two_ranks_with_half_batches_match_one_process(tmp_path):
+    """Same data, same augmentation, same steps: 2 x B/2 under DDP gives one process's weights with B."""
+    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
+    done = subprocess.run([sys.executable, "-m", "tests.ddp_equivalence", "16", str(single)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    done = torchrun("-m", "tests.ddp_equivalence", "8", str(double))
+    assert done.returncode == 0, done.stderr
+    one, two = torch.load(single), torch.load(double)
+    seed_all(0)  # as the worker seeds before building the model
+    untrained = small_cnn().state_dict()
+    for name in one:
+        assert not torch.allclose(one[name], untrained[name])  # the steps did move every tensor
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_plain_python_trains_as_a_world_of_one(tmp_path):
+    done = run_script("run_distributed.py", "--model", "shufflenet", "--dataset", "synthetic", "--subset", "20",
+                      "--batch-size", "10", "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "training as a world of one process" in done.stdout
+    (record,) = results_in(tmp_path)
+    assert record["world_size"] == 1 and record["backend"] == "gloo" and record["mode"] == "distributed"
+    assert record["launcher"] == "none"
+
+
+def test_scale_lr_multiplies_by_world_size(tmp_path):
+    done = torchrun("run_distributed.py", "--model", "shufflenet", "--dataset", "synthetic", "--subset", "20",
+                    "--batch-size", "10", "--epochs", "1", "--workers", "0", "--lr", "0.5", "--scale-lr",
+                    "--quiet", "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (record,) = results_in(tmp_path)
+    assert record["lr"] == 1.0 and record["epochs"][0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("backend, message", [
+    ("nccl", "--backend nccl needs CUDA GPUs"),
+    ("smddp", "--backend smddp: the SMDDP library (smdistributed.dataparallel) is not installed here"),
+])
+def test_unavailable_backend_is_one_clear_line(backend, message, tmp_path):
+    if backend == "nccl" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = run_script("run_distributed.py", "--backend", backend, "--dataset", "synthetic",
+                      "--output-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_killed_rank_fails_the_job_instead_of_hanging(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "run_distributed.py", "--model", "resnet18", "--dataset", "synthetic", "--subset",
+               "2000", "--batch-size", "10", "--epochs", "5", "--workers", "0", "--output-dir", str(tmp_path)]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                       if "run_distributed.py" in " ".join(p.cmdline())]
+            if len(workers) == 2 and all(p.cpu_times().user > 3 for p in workers):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the two ranks never started training")
+        workers[1].send_signal(signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert "run_distributed.py FAILED" in output and "Signal 9 (SIGKILL)" in output
+    assert not results_in(tmp_path)
