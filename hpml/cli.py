@@ -11,7 +11,9 @@ from .config import (
     BACKENDS,
     DATASETS,
     DEVICES,
+    LOADERS,
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULES,
     TrainConfig,
     default_data_dir,
@@ -40,9 +42,9 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_switch(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
+def add_switch(group: argparse._ArgumentGroup, flag: str, help: str, default: bool | None = False) -> None:
     """A boolean flag: `--flag` alone means true; `--flag false` is accepted too."""
-    group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL", help=help)
+    group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +84,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="folder for the results JSON files, one per run (default: results, or "
                             f"$SM_OUTPUT_DATA_DIR/results inside a SageMaker job; now {default_output_dir()})")
     add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary")
+    fast = parser.add_argument_group("speed (the defaults are the fastest settings that keep accuracy)")
+    fast.add_argument("--loader", choices=LOADERS, default=DEFAULTS.loader,
+                      help="device: the training set lives on the device and is cropped, flipped and normalised "
+                           "there in batches; torch: the classic DataLoader with --workers processes and "
+                           "torchvision transforms. Both give the same images (default: %(default)s)")
+    fast.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                      help="autocast precision: fp32, bf16, or fp16 (with a gradient scaler); auto is bf16 on "
+                           "CUDA GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 (default: %(default)s)")
+    add_switch(fast, "--channels-last", "NHWC memory layout for the model and batches (default: on)", default=None)
+    add_switch(fast, "--compile", "torch.compile the model (slow first steps; pays off on long GPU runs)")
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:

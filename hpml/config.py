@@ -16,6 +16,8 @@ SCHEDULES = ("none", "cosine")
 DATASETS = ("cifar10", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "smddp", "nccl", "gloo")
+LOADERS = ("device", "torch")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def default_data_dir() -> str:
@@ -45,6 +47,10 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = field(default_factory=default_output_dir)
     quiet: bool = False
+    loader: str = "device"
+    precision: str = "auto"
+    channels_last: bool | None = None  # None: chosen per device
+    compile: bool = False
     # Used by run_distributed.py only; a single-device run leaves them at their defaults.
     backend: str = "auto"
     dist_timeout: float = 300.0
@@ -67,6 +73,8 @@ class TrainConfig:
             ("--dataset", self.dataset, DATASETS),
             ("--device", self.device, DEVICES),
             ("--backend", self.backend, BACKENDS),
+            ("--loader", self.loader, LOADERS),
+            ("--precision", self.precision, PRECISIONS),
         ]:
             _require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return self

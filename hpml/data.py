@@ -1,27 +1,18 @@
-"""CIFAR-10 on disk (npz or torchvision's batches), a learnable synthetic stand-in, subsets, and batches."""
+"""CIFAR-10 on disk (npz or torchvision's batches), a learnable synthetic stand-in, and subsets."""
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision import transforms
-from torchvision.transforms import functional as TF
 
 from .config import TrainConfig
 from .errors import UsageError
 
 NUM_CLASSES = 10
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE = 50_000, 10_000
 BATCHES_FOLDER = "cifar-10-batches-py"
 MIN_TEST_SUBSET = 1_000
@@ -192,105 +183,3 @@ def _stratified_indices(labels: np.ndarray, size: int, rng: np.random.Generator)
         quota[min(open_classes, key=lambda c: quota[c])] += 1
     chosen = np.concatenate([members[:count] for members, count in zip(by_class, quota, strict=False)])
     return rng.permutation(chosen)
-
-
-# ---- batches -------------------------------------------------------------------------------------
-
-CROP_PADDING = 4
-
-
-@dataclass
-class Augmentation:
-    """One epoch's random crop offsets (0..8, after padding by 4) and flips, one per training image.
-
-    Drawn from (seed, epoch) alone, so an image gets the same crop and flip whichever rank, loader or
-    world size processes it: runs resume exactly, and N ranks see what one process would see.
-    """
-
-    top: np.ndarray
-    left: np.ndarray
-    flip: np.ndarray
-
-    @classmethod
-    def draw(cls, seed: int, epoch: int, size: int) -> Augmentation:
-        rng = np.random.default_rng([seed, epoch, 0xA06])
-        top, left = rng.integers(0, 2 * CROP_PADDING + 1, size=(2, size))
-        return cls(top, left, rng.random(size) < 0.5)
-
-
-class AugmentedImages(Dataset):
-    """The classic pipeline: one PIL image at a time through torchvision's pad, crop, flip and normalise."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-        self.augmentation: Augmentation | None = None
-        self.to_normalized_tensor = transforms.Compose([transforms.ToTensor(), normalize_transform()])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        aug = self.augmentation
-        image = TF.pad(Image.fromarray(self.images[index]), CROP_PADDING)
-        image = TF.crop(image, int(aug.top[index]), int(aug.left[index]), 32, 32)
-        if aug.flip[index]:
-            image = TF.hflip(image)
-        return self.to_normalized_tensor(image), int(self.labels[index])
-
-
-def normalize_transform() -> transforms.Normalize:
-    return transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
-
-
-def normalized_tensor(images: np.ndarray) -> Tensor:
-    """uint8 NHWC images -> normalised float NCHW tensor."""
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return pixels.sub_(mean).div_(std)
-
-
-class TrainBatches:
-    """This rank's shard of the training set as augmented batches on the device, reshuffled per epoch.
-
-    The shard and order come from DistributedSampler (seeded by --seed and the epoch), the crops and flips
-    from Augmentation; a DataLoader runs torchvision's transforms in worker processes.
-    """
-
-    def __init__(self, images: ImageSet, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
-        self.dataset = AugmentedImages(images.train_images, images.train_labels)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=cfg.seed)
-        self.loader = DataLoader(
-            self.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
-            pin_memory=device.type == "cuda", drop_last=False,
-        )
-        self.seed, self.device = cfg.seed, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.dataset.augmentation = Augmentation.draw(self.seed, epoch, len(self.dataset))
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for inputs, targets in self.loader:
-            yield inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-
-
-class TestBatches:
-    """This rank's share of the test set, without padding: over all ranks every image is seen once."""
-
-    def __init__(self, images: ImageSet, batch_size: int, rank: int, world_size: int, device: torch.device) -> None:
-        shard = slice(rank, None, world_size)
-        self.inputs = normalized_tensor(images.test_images[shard]).to(device)
-        self.targets = torch.from_numpy(images.test_labels[shard]).to(device)
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, len(self.targets), self.batch_size):
-            yield self.inputs[start:start + self.batch_size], self.targets[start:start + self.batch_size]

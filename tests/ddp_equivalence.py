@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hpml import data, dist, train
+from hpml import data, dist, loaders, train
 from hpml.config import TrainConfig
 
 
@@ -31,7 +31,8 @@ def main(batch_size: int, out: str) -> None:
     model = small_cnn()
     ddp_model = train.wrap_for_world(model, world)
     optimizer = train.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
-    batches = data.TrainBatches(images, cfg, world.rank, world.size, world.device)
+    batches = loaders.make_train_batches(images, "torch", cfg.batch_size, cfg.seed, world.rank, world.size,
+                                         world.device)
     for epoch in (1, 2):
         batches.set_epoch(epoch)
         train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from torchvision.datasets import CIFAR10
 
 from hpml import data
@@ -104,32 +103,3 @@ def test_subset_larger_than_training_set(npz_dir):
 def test_synthetic_subset_sizes():
     images = data.load_dataset(TrainConfig(dataset="synthetic", subset=512))
     assert len(images.train_labels) == 512 and len(images.test_labels) == 1_000
-
-
-def test_train_batches_augment_and_normalise(npz_dir):
-    images = data.load_cifar10(npz_dir)
-    cfg = TrainConfig(batch_size=64, workers=0)
-    batches = data.TrainBatches(images, cfg, rank=0, world_size=1, device=torch.device("cpu"))
-    batches.set_epoch(1)
-    shapes = [(x.shape, y.shape) for x, y in batches]
-    assert len(shapes) == len(batches) == 4
-    assert shapes[0] == (torch.Size([64, 3, 32, 32]), torch.Size([64]))
-    x, _ = next(iter(batches))
-    assert x.dtype == torch.float32 and -3 < x.mean() < 3
-
-
-def test_train_shards_are_disjoint_and_cover_the_set(npz_dir):
-    images = data.load_cifar10(npz_dir)
-    cfg = TrainConfig(batch_size=50, workers=0)
-    seen = []
-    for rank in range(2):
-        batches = data.TrainBatches(images, cfg, rank=rank, world_size=2, device=torch.device("cpu"))
-        batches.set_epoch(3)
-        seen.append(list(batches.sampler))
-    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 200
-
-
-def test_test_batches_cover_every_image_once_over_ranks(npz_dir):
-    images = data.load_cifar10(npz_dir)  # 50 test images over 3 ranks: 17 + 17 + 16
-    counts = [len(data.TestBatches(images, 8, rank, 3, torch.device("cpu"))) for rank in range(3)]
-    assert counts == [17, 17, 16]

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Training throughput: the classic reference setup against the suite's fast defaults, side by side.
+
+    python bench/throughput.py --model resnet18 --device cpu --json b.json
+    python bench/throughput.py --nproc 2            # also DDP scaling efficiency over 2 ranks
+
+Reference: DataLoader with --workers 2 and torchvision transforms, fp32, eager, NCHW. Fast: the defaults of
+run_hpc.py on this device. Both train the same model with the same code (hpml.train.Trainer) on CIFAR-shaped
+synthetic data; epochs of --steps steps alternate between the two setups, the first epoch of each is warm-up,
+and the figure is the median images/s over --repeats epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hpml import cli, data, dist, results  # noqa: E402
+from hpml.config import TrainConfig, parse_model_list  # noqa: E402
+from hpml.errors import UsageError  # noqa: E402
+from hpml.train import Trainer  # noqa: E402
+
+REFERENCE = {"loader": "torch", "workers": 2, "precision": "fp32", "channels_last": False, "compile": False}
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple:
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="all", help="model name, comma list or 'all' (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device to measure on (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="steps per timed epoch; the classic loader starts its workers every epoch, as in "
+                             "training, so very short epochs overstate its cost (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed epochs per setup after one warm-up epoch; the median is reported "
+                             "(default: %(default)s)")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="also measure DDP scaling efficiency with this many ranks under torchrun "
+                             "(default: off)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.nproc < 0:
+        raise UsageError(f"--nproc must be 0 (off) or more, got {args.nproc}")
+    if args.json:
+        results.check_writable(args.json.parent if str(args.json.parent) else ".")
+    return args, parse_model_list(args.model)
+
+
+def measure_model(name: str, args, world: dist.World, images: data.ImageSet) -> dict:
+    common = {"models": [name], "batch_size": args.batch_size, "device": args.device, "quiet": True}
+    trainers = {
+        "reference": Trainer(TrainConfig(**common, **REFERENCE).validate(), name, world, images),
+        "fast": Trainer(TrainConfig(**common).validate(), name, world, images),
+    }
+    rates: dict[str, list[float]] = {setup: [] for setup in trainers}
+    rounds = [("reference", "fast") if r % 2 == 0 else ("fast", "reference") for r in range(args.repeats + 1)]
+    with tqdm(total=2 * len(rounds), desc=name, unit="epoch", leave=False) as progress:
+        for epoch, order in enumerate(rounds, start=1):
+            for setup in order:
+                stats = trainers[setup].train_epoch(epoch, tqdm(disable=True))
+                if epoch > 1:  # the first epoch of each setup is warm-up
+                    rates[setup].append(stats["images"] / stats["epoch_time_s"])
+                progress.update(1)
+    reference, fast = (statistics.median(rates[s]) for s in ("reference", "fast"))
+    return {"reference_images_per_s": reference, "fast_images_per_s": fast, "speedup": fast / reference,
+            "fast_settings": trainers["fast"].speed.as_dict(),
+            "reference_settings": trainers["reference"].speed.as_dict()}
+
+
+def measure_ddp(name: str, args, nproc: int) -> float:
+    """Median images/s of run_distributed.py with `nproc` ranks (fast defaults), from its results JSON."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(dist.free_port()), str(REPO / "run_distributed.py"), "--model", name,
+                   "--dataset", "synthetic", "--subset", str(args.steps * args.batch_size * nproc),
+                   "--batch-size", str(args.batch_size), "--epochs", str(args.repeats + 1),
+                   "--device", args.device, "--quiet", "--output-dir", out]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun with {nproc} ranks failed:\n{done.stdout}\n{done.stderr}")
+        (record,) = results.load_all(out)[0]
+        return record["median_images_per_s"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, names = parse_args(argv)
+    world = dist.single_process(args.device)
+    images = data.synthetic_cifar10(args.steps * args.batch_size, 10)
+    report = {"device": device_name(world), "batch_size": args.batch_size, "steps_per_epoch": args.steps,
+              "repeats": args.repeats, "environment": results.environment(world.device), "models": {}}
+    print(f"{'model':<14}{'reference img/s':>17}{'fast img/s':>12}{'speedup':>9}")
+    for name in names:
+        figures = measure_model(name, args, world, images)
+        report["models"][name] = figures
+        print(f"{name:<14}{figures['reference_images_per_s']:>17.1f}{figures['fast_images_per_s']:>12.1f}"
+              f"{figures['speedup']:>8.2f}x")
+    if args.nproc:
+        report["ddp"] = {"nproc": args.nproc, "models": {}}
+        print(f"\n{'model':<14}{'1 rank img/s':>14}{f'{args.nproc} ranks img/s':>16}{'efficiency':>12}")
+        for name in names:
+            one, many = measure_ddp(name, args, 1), measure_ddp(name, args, args.nproc)
+            efficiency = many / (args.nproc * one)
+            report["ddp"]["models"][name] = {"one_rank_images_per_s": one, "n_rank_images_per_s": many,
+                                             "scaling_efficiency": efficiency}
+            print(f"{name:<14}{one:>14.1f}{many:>16.1f}{efficiency:>11.0%}")
+    if args.json:
+        results.write_json_atomic(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def device_name(world: dist.World) -> str:
+    env = results.environment(world.device)
+    return env["gpu"] if world.device.type == "cuda" else f"cpu: {env['cpu']} ({env['torch_threads']} threads)"
+
+
+if __name__ == "__main__":
+    cli.run_script(main)

@@ -1,0 +1,176 @@
+"""Training and test batches on the device: the classic DataLoader pipeline and the device-resident one.
+
+Both loaders take their order from DistributedSampler and their crops and flips from Augmentation, so for
+the same seed and epoch they produce the same images; they differ only in where the work runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from .data import ImageSet
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CROP_PADDING = 4
+IMAGE_SIZE = 32
+
+
+@dataclass
+class Augmentation:
+    """One epoch's random crop offsets (0..8 into the image padded by 4) and flips, one per training image.
+
+    Drawn from (seed, epoch) alone, so an image gets the same crop and flip whichever rank, loader or
+    world size processes it: runs resume exactly, and N ranks see what one process would see.
+    """
+
+    top: np.ndarray
+    left: np.ndarray
+    flip: np.ndarray
+
+    @classmethod
+    def draw(cls, seed: int, epoch: int, size: int) -> Augmentation:
+        rng = np.random.default_rng([seed, epoch, 0xA06])
+        top, left = rng.integers(0, 2 * CROP_PADDING + 1, size=(2, size))
+        return cls(top, left, rng.random(size) < 0.5)
+
+
+class AugmentedImages(Dataset):
+    """The classic pipeline: one PIL image at a time through torchvision's pad, crop, flip and normalise."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+        self.augmentation: Augmentation | None = None
+        self.to_normalized_tensor = transforms.Compose([
+            transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        aug = self.augmentation
+        image = TF.pad(Image.fromarray(self.images[index]), CROP_PADDING)
+        image = TF.crop(image, int(aug.top[index]), int(aug.left[index]), IMAGE_SIZE, IMAGE_SIZE)
+        if aug.flip[index]:
+            image = TF.hflip(image)
+        return self.to_normalized_tensor(image), int(self.labels[index])
+
+
+def normalize(pixels: Tensor) -> Tensor:
+    """uint8 NCHW -> float NCHW with CIFAR-10's channel mean and std."""
+    mean = torch.tensor(CIFAR10_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class TrainBatches:
+    """This rank's shard of the training set, reshuffled every epoch, as augmented batches on the device."""
+
+    def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
+                 device: torch.device, channels_last: bool = False) -> None:
+        self.size = len(images.train_labels)
+        self.sampler = DistributedSampler(range(self.size), num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed)
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.memory_format = memory_format(channels_last)
+        self.augmentation = Augmentation.draw(seed, 0, self.size)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.augmentation = Augmentation.draw(self.seed, epoch, self.size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+
+class TorchTrainBatches(TrainBatches):
+    """The classic pipeline: a DataLoader runs torchvision's transforms in `workers` processes."""
+
+    def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
+                 device: torch.device, channels_last: bool = False, workers: int = 2) -> None:
+        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last)
+        self.dataset = AugmentedImages(images.train_images, images.train_labels)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", drop_last=False)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.dataset.augmentation = self.augmentation
+        for inputs, targets in self.loader:
+            inputs = inputs.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            yield inputs, targets.to(self.device, non_blocking=True)
+
+
+class DeviceTrainBatches(TrainBatches):
+    """The whole training set on the device as one uint8 tensor; crop, flip and normalise run there in batches.
+
+    Every rank keeps all images (150 MB for CIFAR-10) because the per-epoch shuffle deals each rank a new
+    shard; the shard itself is DistributedSampler's, as in the classic pipeline.
+    """
+
+    def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
+                 device: torch.device, channels_last: bool = False) -> None:
+        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last)
+        pixels = torch.from_numpy(images.train_images).to(device).permute(0, 3, 1, 2)
+        self.padded = F.pad(pixels, [CROP_PADDING] * 4)  # zeros, like torchvision's pad
+        self.labels = torch.from_numpy(images.train_labels).to(device)
+        self.window = torch.arange(IMAGE_SIZE, device=device)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.tensor(list(self.sampler), device=self.device)
+        top, left, flip = (torch.from_numpy(a).to(self.device) for a in
+                           (self.augmentation.top, self.augmentation.left, self.augmentation.flip))
+        for index in order.split(self.batch_size):
+            yield self.crop_flip_normalize(index, top[index], left[index], flip[index]), self.labels[index]
+
+    def crop_flip_normalize(self, index: Tensor, top: Tensor, left: Tensor, flip: Tensor) -> Tensor:
+        rows = (top[:, None] + self.window)[:, None, :, None]  # (B, 1, 32, 1)
+        cols = left[:, None] + self.window
+        cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # a flip reads columns backwards
+        channels = torch.arange(3, device=self.device)[None, :, None, None]
+        crops = self.padded[index[:, None, None, None], channels, rows, cols]  # (B, 3, 32, 32) uint8
+        return normalize(crops).contiguous(memory_format=self.memory_format)
+
+
+class EvalBatches:
+    """This rank's share of the test set on the device, without padding: over all ranks every image once."""
+
+    def __init__(self, images: ImageSet, batch_size: int, rank: int, world_size: int, device: torch.device,
+                 channels_last: bool = False) -> None:
+        shard = slice(rank, None, world_size)
+        pixels = torch.from_numpy(images.test_images[shard]).to(device).permute(0, 3, 1, 2)
+        self.inputs = normalize(pixels).contiguous(memory_format=memory_format(channels_last))
+        self.targets = torch.from_numpy(images.test_labels[shard]).to(device)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(self.targets), self.batch_size):
+            yield self.inputs[start:start + self.batch_size], self.targets[start:start + self.batch_size]
+
+
+def make_train_batches(images: ImageSet, loader: str, batch_size: int, seed: int, rank: int, world_size: int,
+                       device: torch.device, channels_last: bool = False, workers: int = 2) -> TrainBatches:
+    """`loader` is "device" (device-resident, augmented in batches) or "torch" (DataLoader + torchvision)."""
+    if loader == "torch":
+        return TorchTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last, workers)
+    return DeviceTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last)

@@ -1,0 +1,49 @@
+"""Every speed setting trains a step on the CPU; per-device defaults; clear refusals."""
+
+import itertools
+
+import pytest
+import torch
+from tqdm import tqdm
+
+from hpml import data, dist, speed
+from hpml.config import TrainConfig
+from hpml.train import Trainer
+
+IMAGES = data.synthetic_cifar10(20, 10)
+WORLD = dist.single_process("cpu")
+
+
+def train_two_steps(**settings) -> dict:
+    cfg = TrainConfig(models=["resnet18"], batch_size=10, workers=0, device="cpu", **settings).validate()
+    trainer = Trainer(cfg, "resnet18", WORLD, IMAGES)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    stats = trainer.train_epoch(1, tqdm(disable=True))
+    assert stats["images"] == 20 and torch.isfinite(torch.tensor(stats["loss_sum"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    assert trainer.evaluate()["images"] == 10
+    return trainer.speed.as_dict()
+
+
+@pytest.mark.parametrize("loader, precision, channels_last",
+                         list(itertools.product(["device", "torch"], ["fp32", "bf16", "fp16"], [False, True])))
+def test_every_setting_trains_a_step(loader, precision, channels_last):
+    settings = train_two_steps(loader=loader, precision=precision, channels_last=channels_last)
+    assert settings == {"loader": loader, "precision": precision, "channels_last": channels_last, "compile": False}
+
+
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
+def test_compile_trains_a_step(precision):
+    assert train_two_steps(compile=True, precision=precision)["compile"] is True
+
+
+def test_auto_precision_follows_the_cpu():
+    settings = speed.resolve(TrainConfig(), torch.device("cpu"))
+    assert settings.precision == ("bf16" if speed.cpu_has_native_bf16() else "fp32")
+    assert settings.channels_last is True and settings.loader == "device" and settings.compile is False
+
+
+def test_compile_without_a_compiler_is_refused(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(speed.UsageError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+        speed.resolve(TrainConfig(compile=True), torch.device("cpu"))
