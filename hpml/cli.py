@@ -20,7 +20,7 @@ from .config import (
     default_output_dir,
     parse_model_list,
 )
-from .errors import UsageError
+from .errors import RunStopped, UsageError
 
 DEFAULTS = TrainConfig()
 
@@ -84,6 +84,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="folder for the results JSON files, one per run (default: results, or "
                             f"$SM_OUTPUT_DATA_DIR/results inside a SageMaker job; now {default_output_dir()})")
     add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary")
+    add_switch(group, "--resume", "continue the checkpoint of the same model and settings if there is one "
+                                  "(implied after a torchrun restart and inside SageMaker)")
+    group.add_argument("--checkpoint-dir", default=None,
+                       help="folder for checkpoints, one sub-folder per run, written every epoch and on "
+                            "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")
     fast = parser.add_argument_group("speed (the defaults are the fastest settings that keep accuracy)")
     fast.add_argument("--loader", choices=LOADERS, default=DEFAULTS.loader,
                       help="device: the training set lives on the device and is cropped, flipped and normalised "
@@ -124,6 +129,9 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     except UsageError as error:
         print(f"{parser_prog()}: error: {error}", file=sys.stderr)
         code = 2
+    except RunStopped as stop:
+        print(f"{parser_prog()}: {stop}", file=sys.stderr)
+        code = stop.exit_code
     except KeyboardInterrupt:
         print(f"{parser_prog()}: interrupted", file=sys.stderr)
         code = 130

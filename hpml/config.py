@@ -47,6 +47,8 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = field(default_factory=default_output_dir)
     quiet: bool = False
+    resume: bool = False
+    checkpoint_dir: str | None = None
     loader: str = "device"
     precision: str = "auto"
     channels_last: bool | None = None  # None: chosen per device

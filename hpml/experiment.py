@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from . import data, results, train
+from . import checkpoint, data, results, train
 from .config import TrainConfig
 from .dist import World
 
@@ -14,19 +17,47 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     """Train every model in cfg.models in turn; rank 0 writes one results JSON per model."""
     if world.is_main:
         results.check_writable(cfg.output_dir)
+        checkpoint.check_writable(cfg)
     images = load_dataset_once_per_node(cfg, world)
     if world.is_main and not cfg.quiet:
         log(f"data: {images.description}; {len(images.train_labels)} train / {len(images.test_labels)} test images")
     written = []
-    for name in cfg.models:
-        record = train.fit(cfg, name, world, images, log)
-        if world.is_main:
+    with stop_on_signals() as stop_requested:
+        for name in cfg.models:
+            record = train.fit(cfg, name, world, images, log, stop_requested)
+            if record is None or not world.is_main:
+                continue
             path = results.write_results(record, cfg.output_dir)
+            train.mark_finished(record, str(path), world)
             log(f"{name}: final test acc {record['final_test_acc']:.4f} (best {record['best_test_acc']:.4f}), "
                 f"{record['total_train_time_s']:.1f}s training, {record['median_images_per_s']:.0f} img/s "
                 f"-> {path}")
             written.append(path)
     return written
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """SIGINT and SIGTERM (SageMaker's warning before a spot reclaim) ask training to checkpoint and stop.
+
+    A second Ctrl-C stops at once.
+    """
+    requested = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        if requested.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def load_dataset_once_per_node(cfg: TrainConfig, world: World) -> data.ImageSet:

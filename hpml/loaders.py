@@ -89,13 +89,19 @@ class TrainBatches:
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.memory_format = memory_format(channels_last)
         self.augmentation = Augmentation.draw(seed, 0, self.size)
+        self.skip = 0
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
+        return -(-(len(self.sampler) - self.skip) // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Deal this epoch's shard and augmentation; skip its first batches when resuming mid-epoch."""
         self.sampler.set_epoch(epoch)
         self.augmentation = Augmentation.draw(self.seed, epoch, self.size)
+        self.skip = skip_batches * self.batch_size
+
+    def epoch_order(self) -> list[int]:
+        return list(self.sampler)[self.skip:]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         raise NotImplementedError
@@ -108,12 +114,13 @@ class TorchTrainBatches(TrainBatches):
                  device: torch.device, channels_last: bool = False, workers: int = 2) -> None:
         super().__init__(images, batch_size, seed, rank, world_size, device, channels_last)
         self.dataset = AugmentedImages(images.train_images, images.train_labels)
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", drop_last=False)
+        self.workers = workers
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.dataset.augmentation = self.augmentation
-        for inputs, targets in self.loader:
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.epoch_order(),
+                            num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=False)
+        for inputs, targets in loader:
             inputs = inputs.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield inputs, targets.to(self.device, non_blocking=True)
 
@@ -134,7 +141,7 @@ class DeviceTrainBatches(TrainBatches):
         self.window = torch.arange(IMAGE_SIZE, device=device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.tensor(list(self.sampler), device=self.device)
+        order = torch.tensor(self.epoch_order(), dtype=torch.int64, device=self.device)
         top, left, flip = (torch.from_numpy(a).to(self.device) for a in
                            (self.augmentation.top, self.augmentation.left, self.augmentation.flip))
         for index in order.split(self.batch_size):

@@ -21,6 +21,8 @@ from .errors import UsageError
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "run_id", "model", "mode", "world_size", "device", "config", "epochs",
                    "total_train_time_s", "final_test_acc", "best_test_acc")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "data_time_s",
                 "images_per_s")
 
@@ -104,6 +106,7 @@ def write_json_atomic(path: Path, data: dict, *, overwrite: bool = True) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
         with os.fdopen(fd, "w") as file:
             json.dump(data, file, indent=2, sort_keys=False, allow_nan=False)
             file.write("\n")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,10 +19,11 @@ from tqdm import tqdm
 
 import models
 
-from . import results, speed
+from . import checkpoint, results, speed
 from .config import TrainConfig
 from .data import ImageSet
-from .dist import World
+from .dist import World, in_sagemaker
+from .errors import RunStopped, UsageError
 from .loaders import EvalBatches, make_train_batches
 
 
@@ -60,22 +63,42 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+CHECK_EVERY = 10  # steps between checks for a stop signal or a non-finite loss (agreed over ranks)
+
+
+class StepControl:
+    """Lets a signal or a diverging loss stop every rank at the same step, so no rank waits on the others."""
+
+    def __init__(self, world: World, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        self.world, self.stop_requested = world, stop_requested
+
+    def verdict(self, loss_sum: Tensor) -> str | None:
+        """None to go on, "diverged" when any rank's loss is NaN or infinite, "stop" when any rank was signalled."""
+        diverged, stop = self.world.all_reduce(
+            [float(not torch.isfinite(loss_sum).item()), float(self.stop_requested())], op="max")
+        return "diverged" if diverged else "stop" if stop else None
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
                     device: torch.device, progress: tqdm,
                     autocast: contextlib.AbstractContextManager | None = None,
-                    scaler: torch.cuda.amp.GradScaler | None = None) -> dict:
-    """One pass over this rank's shard. Returns sums (loss, correct, images) and times in seconds.
+                    scaler: torch.cuda.amp.GradScaler | None = None,
+                    control: StepControl | None = None, partial: dict | None = None) -> dict:
+    """One pass over this rank's shard (or what is left of it after `partial`, a stopped epoch's sums).
 
-    data_time_s is the time the loop waited for the next batch; the epoch time is read after the
-    device has finished the last step.
+    Returns sums (loss, correct, images), the steps taken, times in seconds and `stopped` (None, "stop" or
+    "diverged"). data_time_s is the time the loop waited for the next batch; the epoch time is read after
+    the device has finished the last step.
     """
     model.train()
     autocast = autocast or contextlib.nullcontext()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    images, data_time = 0, 0.0
+    partial = partial or {}
+    loss_sum = torch.tensor(partial.get("loss_sum", 0.0), dtype=torch.float64, device=device)
+    correct = torch.tensor(partial.get("correct", 0), dtype=torch.int64, device=device)
+    images, steps = partial.get("images", 0), partial.get("steps", 0)
+    data_time, stopped = partial.get("data_time_s", 0.0), None
     synchronize(device)
-    start = time.perf_counter()
+    start = time.perf_counter() - partial.get("epoch_time_s", 0.0)
     batch_iter = iter(batches)
     while True:
         wait_start = time.perf_counter()
@@ -98,13 +121,20 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
         loss_sum += loss.detach() * len(targets)
         correct += (outputs.argmax(1) == targets).sum()
         images += len(targets)
+        steps += 1
         progress.update(1)
-        if not progress.disable and progress.n % 20 == 0:
+        if not progress.disable and steps % 20 == 0:
             progress.set_postfix(loss=f"{loss_sum.item() / images:.3f}", acc=f"{correct.item() / images:.3f}")
+        if control and steps % CHECK_EVERY == 0:
+            stopped = control.verdict(loss_sum)
+            if stopped:
+                break
+    if control and not stopped:
+        stopped = "diverged" if control.verdict(loss_sum) == "diverged" else None
     synchronize(device)
     epoch_time = time.perf_counter() - start
-    return {"loss_sum": loss_sum.item(), "correct": correct.item(), "images": images,
-            "epoch_time_s": epoch_time, "data_time_s": data_time}
+    return {"loss_sum": loss_sum.item(), "correct": correct.item(), "images": images, "steps": steps,
+            "epoch_time_s": epoch_time, "data_time_s": data_time, "stopped": stopped}
 
 
 @torch.no_grad()
@@ -141,49 +171,107 @@ class Trainer:
         self.scaler = speed.grad_scaler(self.speed, device)
         self.train_batches = make_train_batches(images, self.speed.loader, cfg.batch_size, cfg.seed, world.rank,
                                                 world.size, device, self.speed.channels_last, cfg.workers)
-        self.test_batches = EvalBatches(images, cfg.batch_size, world.rank, world.size, device,
+        self.eval_batches = EvalBatches(images, cfg.batch_size, world.rank, world.size, device,
                                         self.speed.channels_last)
 
     @property
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_epoch(self, epoch: int, progress: tqdm) -> dict:
+    def train_epoch(self, epoch: int, progress: tqdm, control: StepControl | None = None,
+                    partial: dict | None = None) -> dict:
+        """Train one epoch (the rest of it after `partial`); the schedule steps when the epoch completes."""
         seed_all(self.cfg.seed, epoch, self.world.rank)
-        self.train_batches.set_epoch(epoch)
+        self.train_batches.set_epoch(epoch, skip_batches=partial["steps"] if partial else 0)
         stats = train_one_epoch(self.train_model, self.optimizer, self.train_batches, self.world.device, progress,
-                                speed.autocast(self.speed, self.world.device), self.scaler)
-        self.scheduler.step()
+                                speed.autocast(self.speed, self.world.device), self.scaler, control, partial)
+        if not stats["stopped"]:
+            self.scheduler.step()
         return stats
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.test_batches, speed.autocast(self.speed, self.world.device))
+        return evaluate(self.model, self.eval_batches, speed.autocast(self.speed, self.world.device))
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
-def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet,
-        log: Callable[[str], None] = print) -> dict:
-    """Train `model_name` for cfg.epochs in `world`, evaluating every epoch; return the results record."""
+def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: Callable[[str], None] = print,
+        stop_requested: Callable[[], bool] = lambda: False) -> dict | None:
+    """Train `model_name` for cfg.epochs in `world`, evaluating and checkpointing every epoch.
+
+    Returns the results record, or None when --resume finds this run already finished. Raises RunStopped
+    after saving a checkpoint when a signal arrives, and when the loss stops being finite.
+    """
     wall_start = time.perf_counter()
-    started_at = results.utc_now()
     trainer = Trainer(cfg, model_name, world, images)
+    path = checkpoint.run_path(cfg, model_name, world)
+    run = {"run_id": results.new_run_id(model_name, "distributed" if world.distributed else "single", world.size),
+           "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0, "wall_time_s": 0.0}
+    if resuming(cfg) and path.exists():
+        state = checkpoint.load(path)
+        checkpoint.check_identity(state, checkpoint.identity(cfg, model_name, world), path)
+        if state["run"].get("results_file"):
+            log(f"{model_name}: already finished, results in {state['run']['results_file']}; skipping")
+            return None
+        trainer.load_state_dict(state["trainer"])
+        run = {**state["run"], "resumes": state["run"]["resumes"] + 1}
+        log(f"{model_name}: resuming from {path} after epoch {len(run['epochs'])}"
+            + (f", step {run['partial']['steps']} of epoch {len(run['epochs']) + 1}" if run["partial"] else ""))
+    elif world.is_main and path.exists():
+        log(f"{model_name}: starting afresh; {path} will be replaced (use --resume to continue it)")
+    done_by_rank = world.all_reduce([len(run["epochs"]), -len(run["epochs"])], op="max")
+    if done_by_rank[0] != -done_by_rank[1]:
+        raise UsageError(f"ranks found different checkpoints under {path.parent}; put --checkpoint-dir on a "
+                         "folder every node shares")
+
+    clock = wall_start  # wall time is banked in `run` at every save, so it adds up over resumes
+
+    def save(**changes: object) -> None:
+        nonlocal clock
+        run.update(changes, wall_time_s=run["wall_time_s"] + time.perf_counter() - clock)
+        clock = time.perf_counter()
+        if world.is_main:
+            checkpoint.save(path, {"identity": checkpoint.identity(cfg, model_name, world), "run": run,
+                                   "trainer": trainer.state_dict()})
+
+    control = StepControl(world, stop_requested)
     show_progress = world.is_main and not cfg.quiet and sys.stderr.isatty()
-    epochs: list[dict] = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(len(run["epochs"]) + 1, cfg.epochs + 1):
         epoch_lr = trainer.current_lr
         with tqdm(total=len(trainer.train_batches), desc=f"{model_name} {epoch}/{cfg.epochs}", unit="batch",
                   leave=False, disable=not show_progress, dynamic_ncols=True) as progress:
-            train = trainer.train_epoch(epoch, progress)
+            train = trainer.train_epoch(epoch, progress, control, run["partial"])
+        if train["stopped"] == "diverged":
+            kept = f"the last good checkpoint, after epoch {epoch - 1}, is {path}" if epoch > 1 else "no checkpoint"
+            raise RunStopped(f"{model_name}: the training loss became NaN or infinite in epoch {epoch}; stopped "
+                             f"({kept}); try a lower --lr or --precision fp32", exit_code=3)
+        if train["stopped"] == "stop":
+            save(partial={key: train[key] for key in ("steps", "loss_sum", "correct", "images", "epoch_time_s",
+                                                      "data_time_s")})
+            raise RunStopped(f"{model_name}: stopped by a signal at step {train['steps']} of epoch {epoch}; "
+                             f"checkpoint saved to {path}; rerun with --resume to continue", exit_code=130)
         eval_start = time.perf_counter()
         test = trainer.evaluate()
         eval_time = time.perf_counter() - eval_start
-        epochs.append(epoch_metrics(epoch, epoch_lr, train, test, eval_time, world))
+        run["epochs"].append(epoch_metrics(epoch, epoch_lr, train, test, eval_time, world))
+        save(partial=None)
         if not cfg.quiet and world.is_main:
-            log(format_epoch(model_name, cfg.epochs, epochs[-1]))
+            log(format_epoch(model_name, cfg.epochs, run["epochs"][-1]))
 
     mode = "distributed" if world.distributed else "single"
     record = {
         "schema_version": results.SCHEMA_VERSION,
-        "run_id": results.new_run_id(model_name, mode, world.size),
+        "run_id": run["run_id"],
         "model": model_name,
         "mode": mode,
         "backend": world.backend,
@@ -195,19 +283,37 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet,
         "lr": trainer.lr,
         "device": world.device.type,
         "speed": trainer.speed.as_dict(),
-        "started_at": started_at,
+        "started_at": run["started_at"],
         "finished_at": results.utc_now(),
+        "resumes": run["resumes"],
         "config": cfg.as_dict(),
         "data": images.summary(),
         "environment": results.environment(world.device),
         "params": trainer.params,
-        "epochs": epochs,
-        **results.summarize_epochs(epochs),
-        "total_wall_time_s": time.perf_counter() - wall_start,
+        "epochs": run["epochs"],
+        **results.summarize_epochs(run["epochs"]),
+        "total_wall_time_s": run["wall_time_s"] + time.perf_counter() - clock,
+        "checkpoint": str(path),
     }
     if world.sagemaker:
         record["sagemaker"] = world.sagemaker
+    if world.is_main:
+        checkpoint.save_final_weights(trainer.model, run["run_id"])
     return record
+
+
+def mark_finished(record: dict, results_file: str, world: World) -> None:
+    """Note in the run's checkpoint that its results are written, so --resume skips it from now on."""
+    if world.is_main:
+        path = Path(record["checkpoint"])
+        state = checkpoint.load(path)
+        state["run"]["results_file"] = results_file
+        checkpoint.save(path, {key: value for key, value in state.items() if key != "format_version"})
+
+
+def resuming(cfg: TrainConfig) -> bool:
+    """--resume, or implied: a torchrun restart after a failure, or a SageMaker job (spot interruptions)."""
+    return cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or in_sagemaker()
 
 
 def epoch_metrics(epoch: int, lr: float, train: dict, test: dict, eval_time: float, world: World) -> dict:

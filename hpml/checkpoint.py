@@ -1,0 +1,105 @@
+"""Checkpoints: one file per run, written atomically by rank 0, read back with weights_only=True.
+
+A checkpoint holds the model, optimizer, schedule and gradient scaler, the metrics of the epochs so far and,
+when a run was stopped by a signal, the position and running sums inside the epoch. No random-generator
+state is needed: every random stream (weights, shuffle, crops and flips) is drawn afresh from
+(--seed, epoch, rank) when an epoch starts, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .dist import SAGEMAKER_CHECKPOINT_DIR, World, in_sagemaker
+from .errors import UsageError
+
+FORMAT_VERSION = 1
+FILE_NAME = "last.pt"
+# What must match for a checkpoint to continue this run; speed settings may differ.
+IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed", "dataset", "subset", "scale_lr")
+
+
+def default_root(cfg: TrainConfig) -> Path:
+    """--checkpoint-dir, else /opt/ml/checkpoints in a SageMaker job (synced to S3), else <output-dir>/checkpoints."""
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir)
+    if in_sagemaker():
+        return Path(SAGEMAKER_CHECKPOINT_DIR)
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def run_path(cfg: TrainConfig, model_name: str, world: World) -> Path:
+    mode = "distributed" if world.distributed else "single"
+    return default_root(cfg) / f"{model_name}_{mode}_w{world.size}" / FILE_NAME
+
+
+def identity(cfg: TrainConfig, model_name: str, world: World) -> dict:
+    return {"model": model_name, "world_size": world.size,
+            **{name: getattr(cfg, name) for name in IDENTITY_FIELDS}}
+
+
+def save(path: Path, state: dict) -> None:
+    """torch.save to a temp file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save({"format_version": FORMAT_VERSION, **state}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: Path) -> dict:
+    """A checkpoint's contents; UsageError naming the file when it is corrupt, truncated or foreign."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UsageError(f"checkpoint {path} is corrupt or truncated ({reason}); delete it to start afresh") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "identity" not in state:
+        raise UsageError(f"checkpoint {path} is not an hpml checkpoint of format {FORMAT_VERSION}; "
+                         "delete it or use another --checkpoint-dir")
+    return state
+
+
+def check_identity(state: dict, expected: dict, path: Path) -> None:
+    """Refuse to continue a checkpoint made with other settings, naming the first difference."""
+    for name, value in expected.items():
+        saved = state["identity"].get(name)
+        if saved != value:
+            raise UsageError(f"checkpoint {path} was made with {name} {saved!r}, this run has {value!r}; "
+                             "rerun with the same settings, or use another --checkpoint-dir to start afresh")
+
+
+def check_writable(cfg: TrainConfig) -> None:
+    """Prove the checkpoint folder can be written before training starts."""
+    root = default_root(cfg)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"checkpoint folder {root} is not writable: {error.strerror or error}") from None
+
+
+def save_final_weights(model: torch.nn.Module, run_id: str) -> Path | None:
+    """In a SageMaker job, the trained weights go to $SM_MODEL_DIR, which SageMaker uploads as model.tar.gz."""
+    model_dir = os.environ.get("SM_MODEL_DIR")
+    if not model_dir:
+        return None
+    path = Path(model_dir) / f"{run_id}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,0 +1,143 @@
+"""Checkpoints and resume: exact continuation after SIGKILL or SIGTERM, elastic restart, refusals."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from hpml import checkpoint
+from tests.conftest import REPO, results_in, run_script
+from tests.test_distributed import free_port
+
+RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "480", "--batch-size", "32", "--epochs", "3",
+       "--workers", "0", "--seed", "3"]
+
+
+def start(*args: str, script: str = "run_hpc.py") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-u", script, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if text in line:
+            return line
+        if not line and process.poll() is not None:
+            pytest.fail(f"process ended before printing {text!r}: {process.stderr.read()}")
+    pytest.fail(f"no {text!r} within {timeout}s")
+
+
+def epoch_seconds(line: str) -> float:
+    return float(line.split("| ")[-1].split("s ")[0])
+
+
+def comparable(record: dict) -> list[dict]:
+    return [{k: v for k, v in e.items() if "time" not in k and "per_s" not in k} for e in record["epochs"]]
+
+
+def weights(output_dir) -> dict:
+    (path,) = output_dir.glob("checkpoints/*/last.pt")
+    return checkpoint.load(path)["trainer"]["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = run_script("run_hpc.py", *RUN, "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    (record,) = results_in(out)
+    return record, weights(out)
+
+
+def interrupt_in_epoch_2(out, sig: int) -> subprocess.Popen:
+    process = start(*RUN, "--output-dir", str(out))
+    first = wait_for_line(process, "epoch 1/3")
+    time.sleep(epoch_seconds(first) / 2)  # the middle of epoch 2
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_a_kill_in_epoch_2_is_bit_identical(sig, uninterrupted, tmp_path):
+    started = time.time()
+    stopped = interrupt_in_epoch_2(tmp_path, sig)
+    if sig == signal.SIGTERM:
+        err = stopped.stderr.read()
+        assert stopped.returncode == 130
+        assert "stopped by a signal at step" in err and "of epoch 2" in err and "--resume" in err
+        assert len(err.strip().splitlines()) == 1
+    else:
+        assert stopped.returncode == -signal.SIGKILL
+    assert not results_in(tmp_path)
+    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout
+    (record,) = results_in(tmp_path)
+    expected_record, expected_weights = uninterrupted
+    assert record["resumes"] == 1 and len(record["epochs"]) == 3
+    assert comparable(record) == comparable(expected_record)
+    resumed_weights = weights(tmp_path)
+    assert all(torch.equal(resumed_weights[name], expected_weights[name]) for name in expected_weights)
+    print(f"{signal.Signals(sig).name}: kill and resume took {time.time() - started:.1f}s")
+
+
+def test_resume_refuses_other_settings_and_skips_finished_runs(uninterrupted, tmp_path):
+    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--epochs", "1", "--quiet")
+    assert done.returncode == 0
+    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--epochs", "1", "--resume")
+    assert done.returncode == 0 and "already finished" in done.stdout
+    assert len(results_in(tmp_path)) == 1
+    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--epochs", "1", "--batch-size", "16",
+                      "--resume")
+    assert done.returncode == 2
+    assert "was made with batch_size 32, this run has 16" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_checkpoint_is_named_and_not_used(tmp_path):
+    path = tmp_path / "checkpoints" / "resnet18_single_w1" / "last.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--resume")
+    assert done.returncode == 2
+    assert f"checkpoint {path} is corrupt or truncated" in done.stderr
+    assert "Traceback" not in done.stderr and not results_in(tmp_path)
+
+
+def test_diverging_loss_stops_with_a_clear_message(tmp_path):
+    done = run_script("run_hpc.py", "--model", "resnet18", "--dataset", "synthetic", "--subset", "320",
+                      "--batch-size", "32", "--epochs", "2", "--workers", "0", "--optimizer", "sgd", "--lr", "1e30",
+                      "--output-dir", str(tmp_path))
+    assert done.returncode == 3
+    assert "the training loss became NaN or infinite in epoch 1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not results_in(tmp_path)
+
+
+def test_elastic_restart_resumes_and_completes(tmp_path):
+    # Restarts need torchrun's c10d rendezvous; the static one (--master_port) cannot re-form the group.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "run_distributed.py",
+               "--model", "resnet18", "--dataset", "synthetic", "--subset", "320", "--batch-size", "16",
+               "--epochs", "3", "--workers", "0", "--output-dir", str(tmp_path)]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(launcher, "epoch 1/3")
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if "run_distributed.py" in " ".join(p.cmdline())]
+        workers[-1].send_signal(signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, output
+    assert "resuming from" in output
+    (record,) = results_in(tmp_path)
+    assert record["resumes"] == 1 and [e["epoch"] for e in record["epochs"]] == [1, 2, 3]
+    assert record["world_size"] == 2
