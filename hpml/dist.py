@@ -103,7 +103,7 @@ def smddp_available() -> bool:
 def choose_backend(requested: str, device: torch.device, launcher: str) -> str:
     """The backend to use; UsageError when the requested one cannot work here."""
     if requested == "auto":
-        if in_sagemaker() and launcher != "none" and smddp_available():
+        if in_sagemaker() and launcher == "mpirun" and smddp_available():  # SageMaker starts SMDDP with mpirun
             return "smddp"
         return "nccl" if device.type == "cuda" else "gloo"
     if requested == "smddp":

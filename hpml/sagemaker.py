@@ -1,0 +1,655 @@
+"""Everything that talks to AWS: a SageMaker training job of run_distributed.py, its code and data in S3, its logs,
+and its results brought home.
+
+The SageMaker Python SDK is imported on first use, not with this module: importing it takes seconds and, without
+credentials in the environment, makes it probe the EC2 instance-metadata address. Only sagemaker_submission.py
+imports this module, so the training scripts never load the SDK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+
+import boto3
+import boto3.exceptions
+import botocore.credentials
+import botocore.exceptions
+import botocore.session
+from tqdm import tqdm
+
+from . import data, prices, results
+from .dist import SAGEMAKER_CHECKPOINT_DIR
+from .errors import UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY_POINT = "run_distributed.py"
+# The code a job needs, and nothing else (no data, results, tests, virtual environments or git history).
+CODE_PATHS = ("run_distributed.py", "run_hpc.py", "hpml", "models")
+# What the training code imports beyond the container's own torch, torchvision, numpy and pillow. SageMaker
+# pip-installs a requirements.txt found in the source folder: the repository's own lists torch, and installing it
+# would replace the container's CUDA build, so the job gets this list instead.
+JOB_REQUIREMENTS = ("psutil>=5.9", "nvidia-ml-py>=12.535", "tqdm>=4.64")
+S3_PREFIX = "hpml"
+DATA_CHANNEL = "training"  # the job sees it as $SM_CHANNEL_TRAINING, the training scripts' default data folder
+SUITE_TAG = {"Key": "hpml-suite", "Value": "hpml"}  # `list` and `collect --all` find this suite's jobs by it
+ENDED = ("Completed", "Stopped", "Failed")  # training job statuses after which SageMaker has uploaded the output
+
+DISTRIBUTIONS = {
+    "smddp": {"smdistributed": {"dataparallel": {"enabled": True}}},
+    "torchrun": {"torch_distributed": {"enabled": True}},
+    "none": None,
+}
+BACKENDS_FOR_DISTRIBUTION = {  # what run_distributed.py can start under each launcher
+    "smddp": ("auto", "smddp"),
+    "torchrun": ("auto", "smddp", "nccl", "gloo"),
+    "none": ("auto", "nccl", "gloo"),
+}
+# The newest PyTorch for which the pinned SDK offers SMDDP (its fw_utils.SM_DATAPARALLEL_SUPPORTED_FRAMEWORK_VERSIONS),
+# and the only Python of that container image.
+DEFAULT_FRAMEWORK_VERSION = "2.2.0"
+DEFAULT_PY_VERSION = "py310"
+TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
+NOTEBOOK_METADATA = Path("/opt/ml/metadata/resource-metadata.json")  # present in SageMaker notebooks and Studio
+
+NO_CREDENTIALS = ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN "
+                  "for temporary keys), run `aws configure` or `aws sso login`, choose a profile with --profile or "
+                  "AWS_PROFILE, or run where an IAM role provides them (EC2, a SageMaker notebook)")
+NO_REGION = "no AWS region: pass --region (e.g. us-east-1), set AWS_REGION, or run `aws configure`"
+
+ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+")
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+RUN_ID = re.compile(r"[\w.-]+")
+
+
+@dataclass
+class JobSpec:
+    """One training job as the user asked for it, checked."""
+
+    job_name: str
+    instance_type: str
+    instance_count: int
+    distribution: str
+    framework_version: str
+    py_version: str
+    hyperparameters: dict[str, str]
+    region: str
+    role: str | None  # None only in a dry run
+    bucket: str | None  # None: the account's default SageMaker bucket
+    s3_data: str | None  # the data channel; None for the synthetic data set
+    spot: bool
+    max_run: int
+    max_wait: int | None
+
+    @property
+    def shown_bucket(self) -> str:
+        """The bucket, or before submit has asked AWS for the account number, the default bucket's name pattern."""
+        return self.bucket or f"sagemaker-{self.region}-ACCOUNT_ID"
+
+    def estimated_cost(self) -> float | None:
+        """The most the job can cost on demand: it is stopped after max_run seconds."""
+        price = prices.hourly_price(self.instance_type)
+        return None if price is None else prices.cost_usd(self.max_run, self.instance_count, price)
+
+
+# ---- the SDK -------------------------------------------------------------------------------------------------------
+
+
+def sdk() -> ModuleType:
+    """The SageMaker SDK (2.x), imported quietly and without probing the network."""
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # 2.x is pinned on purpose, see requirements.txt
+    for name in ("sagemaker", "sagemaker.config"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # At import the SDK builds a session of its own, whose credential lookup ends at the instance-metadata address.
+    with _env("AWS_EC2_METADATA_DISABLED", "true"):
+        import sagemaker.pytorch
+    return sagemaker
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def aws_errors() -> Iterator[None]:
+    """What AWS refused, as a one-line UsageError."""
+    try:
+        yield
+    except botocore.exceptions.NoCredentialsError:
+        raise UsageError(NO_CREDENTIALS) from None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error) as error:
+        raise UsageError(f"AWS: {_one_line(error)}") from None
+
+
+# ---- checks that need no AWS ---------------------------------------------------------------------------------------
+
+
+def check_distribution(distribution: str, instance_type: str, instance_count: int, framework_version: str,
+                       py_version: str, backend: str, device: str, region: str) -> None:
+    """UsageError unless the pinned SDK can run this distribution on this instance type and container."""
+    if instance_count < 1:
+        raise UsageError(f"--instance-count must be 1 or more, got {instance_count}")
+    if not re.fullmatch(r"ml\.[a-z0-9-]+\.[a-z0-9-]+", instance_type):
+        raise UsageError(f"--instance-type must be a SageMaker instance type like ml.p4d.24xlarge, "
+                         f"got {instance_type!r}")
+    if distribution == "none" and instance_count > 1:
+        raise UsageError(f"--distribution none trains on one instance, got --instance-count {instance_count}; "
+                         "use --distribution smddp or torchrun for several")
+    allowed_backends = BACKENDS_FOR_DISTRIBUTION[distribution]
+    if backend not in allowed_backends:
+        raise UsageError(f"--backend {backend} does not work with --distribution {distribution}; "
+                         f"use one of {', '.join(allowed_backends)}")
+    if distribution == "smddp":
+        check_smddp(instance_type, framework_version, device)
+    with _quiet_sdk_errors():  # the checks the SDK makes when it builds the estimator, before anything is sent
+        sdk().image_uris.retrieve("pytorch", region=region, version=framework_version, py_version=py_version,
+                                  instance_type=instance_type, image_scope="training")
+        if DISTRIBUTIONS[distribution]:
+            sdk().fw_utils.validate_distribution(DISTRIBUTIONS[distribution], None, "pytorch", framework_version,
+                                                 py_version, None, {"instance_type": instance_type,
+                                                                    "entry_point": ENTRY_POINT})
+
+
+def check_smddp(instance_type: str, framework_version: str, device: str) -> None:
+    fw_utils = sdk().fw_utils
+    instance_types = [name for name in fw_utils.SM_DATAPARALLEL_SUPPORTED_INSTANCE_TYPES if name.startswith("ml.")]
+    if instance_type not in instance_types:
+        raise UsageError(f"SMDDP does not run on {instance_type}; supported instance types: "
+                         f"{', '.join(instance_types)} (or use --distribution torchrun)")
+    versions = fw_utils.SM_DATAPARALLEL_SUPPORTED_FRAMEWORK_VERSIONS["pytorch"]
+    if framework_version not in versions:
+        raise UsageError(f"SMDDP does not support PyTorch {framework_version}; supported --framework-version: "
+                         f"{', '.join(versions)}")
+    if device == "cpu":
+        raise UsageError("--device cpu: SMDDP trains on GPUs only; use --device auto or cuda")
+
+
+@contextlib.contextmanager
+def _quiet_sdk_errors() -> Iterator[None]:
+    """The SDK reports bad arguments as multi-line ValueErrors: make them one-line UsageErrors."""
+    try:
+        yield
+    except ValueError as error:
+        raise UsageError(_one_line(error)) from None
+
+
+def check_role(role: str) -> str:
+    if not ROLE_ARN.fullmatch(role):
+        raise UsageError(f"--role must be an IAM role ARN like arn:aws:iam::123456789012:role/NAME, got {role!r}")
+    return role
+
+
+def check_job_name(name: str) -> str:
+    if not JOB_NAME.fullmatch(name):
+        raise UsageError(f"--job-name must be 1-63 letters, digits and hyphens, starting with a letter or digit, "
+                         f"got {name!r}")
+    return name
+
+
+def check_bucket(name: str) -> str:
+    if not BUCKET_NAME.fullmatch(name) or ".." in name:
+        raise UsageError(f"--bucket must be an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens), "
+                         f"got {name!r}")
+    return name
+
+
+def parse_s3_uri(uri: str, flag: str) -> tuple[str, str]:
+    """(bucket, key prefix) of s3://bucket/prefix; UsageError for anything else."""
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", uri)
+    if not match or not BUCKET_NAME.fullmatch(match[1]) or ".." in match[1]:
+        raise UsageError(f"{flag} must be an S3 location like s3://my-bucket/cifar10/, got {uri!r}")
+    return match[1], match[2]
+
+
+def default_role(ask_aws: bool) -> str | None:
+    """$HPML_SAGEMAKER_ROLE; else inside a SageMaker notebook or Studio, the notebook's own role (which takes AWS
+    calls to find); else None."""
+    if os.environ.get("HPML_SAGEMAKER_ROLE"):
+        return os.environ["HPML_SAGEMAKER_ROLE"]
+    if ask_aws and NOTEBOOK_METADATA.exists():
+        with _quiet_sdk_errors():
+            return sdk().get_execution_role()
+    return None
+
+
+def job_name_for(models: list[str], distribution: str) -> str:
+    """hpml-<model>-<distribution>-<UTC time to the millisecond>, as the SDK names jobs."""
+    what = models[0] if len(models) == 1 else f"{len(models)}models"
+    return sdk().utils.name_from_base(f"hpml-{what}-{distribution}")
+
+
+# ---- code and data -------------------------------------------------------------------------------------------------
+
+
+def stage_source(folder: Path) -> list[Path]:
+    """Copy the job's code into `folder` with the job's requirements.txt; return the files, relative to it."""
+    for name in CODE_PATHS:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+        else:
+            shutil.copy2(source, folder / name)
+    (folder / "requirements.txt").write_text("\n".join(JOB_REQUIREMENTS) + "\n")
+    return sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
+
+
+@dataclass
+class DataUpload:
+    """A local CIFAR-10 folder and where its files go in S3: a prefix named by their content."""
+
+    folder: Path
+    files: list[tuple[Path, str, str]]  # (local file, key under the prefix, sha256)
+    prefix: str
+
+    @classmethod
+    def of(cls, folder: Path) -> DataUpload:
+        relative = cifar_files(folder)
+        data.load_cifar10(folder)  # the training scripts' own checks, before anything is uploaded
+        files = [(path, key, _sha256(path)) for path, key in relative]
+        digest = hashlib.sha256("".join(f"{key} {sha}\n" for _, key, sha in files).encode()).hexdigest()
+        return cls(folder, files, f"{S3_PREFIX}/data/cifar10-{digest[:16]}/")
+
+    @property
+    def size(self) -> int:
+        return sum(path.stat().st_size for path, _, _ in self.files)
+
+
+def cifar_files(folder: Path) -> list[tuple[Path, str]]:
+    """The files the training scripts read from a CIFAR-10 folder, each with its key in the job's data channel."""
+    if not folder.is_dir():
+        raise UsageError(f"no CIFAR-10 folder at {folder.resolve()}: pass --data-dir DIR to upload a local copy, "
+                         "--s3-data s3://BUCKET/PREFIX for one already in S3, or --dataset synthetic")
+    if (folder / "train.npz").exists() or (folder / "test.npz").exists():
+        names = ["train.npz", "test.npz"] + (["README.md"] if (folder / "README.md").exists() else [])
+        return [(folder / name, name) for name in names]
+    for batches in (folder / data.BATCHES_FOLDER, folder):
+        if (batches / "data_batch_1").exists():
+            names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+            return [(batches / name, f"{data.BATCHES_FOLDER}/{name}") for name in names]
+    raise UsageError(f"no CIFAR-10 in {folder.resolve()}: expected train.npz and test.npz, or "
+                     f"{data.BATCHES_FOLDER}/; pass --s3-data for data already in S3, or --dataset synthetic")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- AWS sessions --------------------------------------------------------------------------------------------------
+
+
+def boto_session(region: str | None, profile: str | None) -> boto3.Session:
+    """A boto3 session from the standard credential chain; UsageError for an unknown profile."""
+    try:
+        return boto3.Session(profile_name=profile, region_name=region)
+    except botocore.exceptions.ProfileNotFound as error:
+        raise UsageError(f"{error} (see ~/.aws/config; pass --profile NAME or unset AWS_PROFILE)") from None
+
+
+def resolve_region(region: str | None, profile: str | None) -> str | None:
+    """--region, else the profile's or environment's region (read from local config only), else None."""
+    return region or boto_session(None, profile).region_name
+
+
+def aws_session(region: str | None, profile: str | None) -> boto3.Session:
+    """A session with a region and credentials, or a one-line UsageError saying how to configure them."""
+    session = boto_session(region, profile)
+    if not session.region_name:
+        raise UsageError(NO_REGION)
+    try:
+        credentials = session.get_credentials()
+    except botocore.exceptions.BotoCoreError as error:
+        raise UsageError(f"cannot load AWS credentials: {_one_line(error)}") from None
+    if credentials is None:
+        raise UsageError(NO_CREDENTIALS)
+    return session
+
+
+def _offline_session(region: str, profile: str | None) -> boto3.Session:
+    """A session that has no credentials and never looks for any: a dry run cannot call AWS by accident."""
+    core = botocore.session.Session(profile=profile)
+    core.register_component("credential_provider", botocore.credentials.CredentialResolver([]))
+    return boto3.Session(botocore_session=core, region_name=region)
+
+
+def sagemaker_session(boto: boto3.Session, bucket: str, session_class: type | None = None):
+    """An SDK session with telemetry off and `bucket` as its default bucket."""
+    session_class = session_class or sdk().session.Session
+    return session_class(boto_session=boto, default_bucket=bucket, sagemaker_config=TELEMETRY_OFF)
+
+
+def ensure_bucket(boto: boto3.Session, bucket: str | None) -> str:
+    """--bucket if it exists and is reachable; else the account's sagemaker-<region>-<account> bucket, created
+    when missing, and refused when someone else owns that name (as the SDK's default_bucket does)."""
+    s3 = boto.client("s3")
+    if bucket:
+        try:
+            s3.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as error:
+            raise UsageError(f"--bucket {bucket}: {_client_error_text(error)}") from None
+        return bucket
+    # The SDK finds the account through a fixed regional STS address; boto3's client honours the standard endpoint
+    # settings (AWS_ENDPOINT_URL and friends) as well.
+    account = boto.client("sts").get_caller_identity()["Account"]
+    bucket = f"sagemaker-{boto.region_name}-{account}"
+    try:
+        s3.head_bucket(Bucket=bucket, ExpectedBucketOwner=account)
+    except botocore.exceptions.ClientError as error:
+        if _status(error) != 404:
+            raise UsageError(f"default bucket {bucket}: {_client_error_text(error)}; pass --bucket") from None
+        where = {} if boto.region_name == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": boto.region_name}}
+        s3.create_bucket(Bucket=bucket, **where)
+        print(f"created S3 bucket {bucket}")
+    return bucket
+
+
+def _status(error: botocore.exceptions.ClientError) -> int | None:
+    return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _client_error_text(error: botocore.exceptions.ClientError) -> str:
+    if _status(error) == 404:
+        return "no such bucket"
+    if _status(error) == 403:
+        return "access denied (not your bucket, or your credentials lack S3 access)"
+    return _one_line(error)
+
+
+def check_s3_data(boto: boto3.Session, uri: str) -> None:
+    bucket, prefix = parse_s3_uri(uri, "--s3-data")
+    try:
+        listing = boto.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except botocore.exceptions.ClientError as error:
+        raise UsageError(f"--s3-data {uri}: {_client_error_text(error)}") from None
+    if not listing.get("KeyCount"):
+        raise UsageError(f"--s3-data {uri}: no files there; upload CIFAR-10 (train.npz and test.npz) first, "
+                         f"or pass --data-dir to upload a local copy")
+
+
+def upload_data(boto: boto3.Session, bucket: str, upload: DataUpload, log: Callable[[str], None] = print) -> str:
+    """Put the data set's files under their content-named prefix unless the same files are there; its S3 URI."""
+    s3 = boto.client("s3")
+    missing = [(path, key, sha) for path, key, sha in upload.files
+               if not _same_object(s3, bucket, upload.prefix + key, path, sha)]
+    uri = f"s3://{bucket}/{upload.prefix}"
+    if not missing:
+        log(f"data: already in {uri} (same sizes and SHA-256), not uploaded again")
+        return uri
+    total = sum(path.stat().st_size for path, _, _ in missing)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"uploading data to {uri}") as bar:
+        for path, key, sha in missing:
+            s3.upload_file(str(path), bucket, upload.prefix + key, ExtraArgs={"Metadata": {"sha256": sha}},
+                           Callback=bar.update)
+    return uri
+
+
+def _same_object(s3, bucket: str, key: str, path: Path, sha: str) -> bool:
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as error:
+        if _status(error) == 404:
+            return False
+        raise
+    return head["ContentLength"] == path.stat().st_size and head.get("Metadata", {}).get("sha256") == sha
+
+
+# ---- the job -------------------------------------------------------------------------------------------------------
+
+
+def s3_locations(bucket: str, job_name: str) -> dict[str, str]:
+    root = f"s3://{bucket}/{S3_PREFIX}"
+    return {"output": f"{root}/output", "code": f"{root}/code", "checkpoints": f"{root}/checkpoints/{job_name}"}
+
+
+def estimator(spec: JobSpec, session, bucket: str, source_dir: str):
+    """The SDK's PyTorch estimator for the job."""
+    where = s3_locations(bucket, spec.job_name)
+    with _quiet_sdk_errors():
+        return sdk().pytorch.PyTorch(
+            entry_point=ENTRY_POINT,
+            source_dir=source_dir,
+            role=spec.role,
+            instance_type=spec.instance_type,
+            instance_count=spec.instance_count,
+            framework_version=spec.framework_version,
+            py_version=spec.py_version,
+            distribution=DISTRIBUTIONS[spec.distribution],
+            hyperparameters=spec.hyperparameters,
+            output_path=where["output"],
+            code_location=where["code"],
+            checkpoint_s3_uri=where["checkpoints"],
+            checkpoint_local_path=SAGEMAKER_CHECKPOINT_DIR,
+            use_spot_instances=spec.spot,
+            max_run=spec.max_run,
+            max_wait=spec.max_wait if spec.spot else None,
+            tags=[SUITE_TAG],
+            # SageMaker Debugger and Profiler hooks would run inside the timed training loop: keep them out.
+            debugger_hook_config=False,
+            disable_profiler=True,
+            sagemaker_session=session,
+        )
+
+
+def _inputs(spec: JobSpec) -> dict[str, str] | None:
+    return {DATA_CHANNEL: spec.s3_data} if spec.s3_data else None
+
+
+def dry_run_request(spec: JobSpec, profile: str | None) -> dict:
+    """The CreateTrainingJob request that submit would send, built by the SDK itself, with nothing sent.
+
+    The SDK builds the request in Session.train and hands it to Session._intercept_create_request, the hook its
+    pipeline sessions override to capture requests; here it is kept instead of sent. The source folder is given
+    as the S3 location where submit uploads it, so the SDK does not upload it.
+    """
+
+    class DryRunSession(sdk().session.Session):
+        request: dict | None = None
+
+        def _intercept_create_request(self, request, create, func_name=None):
+            self.request = request
+
+    bucket = spec.shown_bucket
+    session = sagemaker_session(_offline_session(spec.region, profile), bucket, DryRunSession)
+    source = f"{s3_locations(bucket, spec.job_name)['code']}/{spec.job_name}/source/sourcedir.tar.gz"
+    with _quiet_sdk_errors():
+        estimator(spec, session, bucket, source).fit(_inputs(spec), wait=False, job_name=spec.job_name)
+    return session.request
+
+
+def submit(spec: JobSpec, session) -> None:
+    """Upload the code and start the job (the SDK does both); return once SageMaker has accepted it."""
+    with tempfile.TemporaryDirectory(prefix="hpml-source-") as folder:
+        stage_source(Path(folder))
+        job = estimator(spec, session, spec.bucket, folder)
+        with _quiet_sdk_errors():
+            job.fit(_inputs(spec), wait=False, job_name=spec.job_name)
+
+
+def stream_logs(session, job_name: str) -> dict:
+    """Print the job's CloudWatch logs until it ends; its final description."""
+    try:
+        session.logs_for_job(job_name, wait=True, log_type="All")
+    except sdk().exceptions.UnexpectedStatusException:
+        pass  # a failed or stopped job: its description says why
+    return session.describe_training_job(job_name)
+
+
+def console_url(region: str, job_name: str) -> str:
+    return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/jobs/{job_name}"
+
+
+# ---- finding and collecting jobs -----------------------------------------------------------------------------------
+
+
+def suite_jobs(boto: boto3.Session, limit: int | None = None) -> list[dict]:
+    """This suite's jobs (tagged at submit), newest first, with everything DescribeTrainingJob tells."""
+    client = boto.client("sagemaker")
+    query = {"Resource": "TrainingJob", "SortBy": "CreationTime", "SortOrder": "Descending",
+             "SearchExpression": {"Filters": [{"Name": f"Tags.{SUITE_TAG['Key']}", "Operator": "Equals",
+                                               "Value": SUITE_TAG["Value"]}]}}
+    jobs: list[dict] = []
+    while limit is None or len(jobs) < limit:
+        page = client.search(**query, MaxResults=100 if limit is None else min(100, limit - len(jobs)))
+        jobs += [result["TrainingJob"] for result in page.get("Results", [])]
+        if not page.get("NextToken"):
+            break
+        query["NextToken"] = page["NextToken"]
+    jobs.sort(key=lambda job: job["CreationTime"], reverse=True)
+    return jobs[:limit]
+
+
+def describe(boto: boto3.Session, job_name: str) -> dict:
+    try:
+        return boto.client("sagemaker").describe_training_job(TrainingJobName=job_name)
+    except botocore.exceptions.ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "ValidationException":
+            raise UsageError(f"no training job named {job_name!r} in {boto.region_name}") from None
+        raise
+
+
+def job_models(description: dict) -> str:
+    """The --model a job was given (hyperparameters are JSON-encoded by the SDK)."""
+    text = description.get("HyperParameters", {}).get("model", '"?"')
+    with contextlib.suppress(ValueError):
+        text = json.loads(text)
+    return str(text)
+
+
+def collected_jobs(output_dir: Path) -> set[str]:
+    """Names of the jobs whose results are already in `output_dir`."""
+    records, _ = results.load_all(output_dir) if output_dir.is_dir() else ([], [])
+    return {record["sagemaker"]["job_name"] for record in records if (record.get("sagemaker") or {}).get("job_name")}
+
+
+def collect_job(boto: boto3.Session, description: dict, output_dir: Path,
+                log: Callable[[str], None] = print) -> list[Path]:
+    """Bring a finished job's results JSON files (and their monitor files) into `output_dir`, with the job's time
+    and cost added to each record; files already there are left alone. The new files."""
+    name, status = description["TrainingJobName"], description["TrainingJobStatus"]
+    if status not in ENDED:
+        log(f"{name}: {status}, not finished yet; collect it when it has ended")
+        return []
+    bucket, prefix = parse_s3_uri(description["OutputDataConfig"]["S3OutputPath"], "S3OutputPath")
+    key = "/".join(part for part in (prefix.rstrip("/"), name, "output", "output.tar.gz") if part)
+    with tempfile.TemporaryFile() as archive:
+        try:
+            boto.client("s3").download_fileobj(bucket, key, archive)
+        except botocore.exceptions.ClientError as error:
+            if _status(error) != 404:
+                raise
+            log(f"{name}: {status}, but s3://{bucket}/{key} does not exist"
+                + (f" ({description['FailureReason']})" if description.get("FailureReason") else ""))
+            return []
+        archive.seek(0)
+        with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+            files = _results_files(tar)
+    return _write_collected(files, description, output_dir, log)
+
+
+def _results_files(tar: tarfile.TarFile) -> dict[str, bytes]:
+    """The regular files directly under results/ in a job's output archive, by name."""
+    found = {}
+    for member in tar.getmembers():
+        parts = [part for part in PurePosixPath(member.name).parts if part not in ("", ".")]
+        if member.isfile() and len(parts) == 2 and parts[0] == "results":
+            found[parts[1]] = tar.extractfile(member).read()
+    return found
+
+
+def _write_collected(files: dict[str, bytes], description: dict, output_dir: Path,
+                     log: Callable[[str], None]) -> list[Path]:
+    name = description["TrainingJobName"]
+    records = {filename: record for filename, content in files.items()
+               if filename.endswith(".json") and (record := _as_record(content))}
+    if not records:
+        log(f"{name}: no results JSON in the job's output")
+        return []
+    fields = job_fields(description, runs=len(records))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for record in records.values():
+        run_id = record["run_id"]
+        record["sagemaker"] = {**(record.get("sagemaker") or {}), **fields}
+        try:
+            written.append(results.write_results(results.validate_record(record), output_dir))
+        except FileExistsError:
+            log(f"{name}: {run_id} is already in {output_dir}, left as it is")
+            continue
+        log(f"{name}: {record['model']} final test acc {record['final_test_acc']:.4f} -> {written[-1]}")
+        for companion, content in files.items():
+            if companion.startswith(f"{run_id}.") and companion not in records:
+                written += _write_new_file(output_dir / companion, content)
+    run_ids = [record["run_id"] for record in records.values()]
+    for stray in sorted(set(files) - set(records)):
+        if not any(stray.startswith(f"{run_id}.") for run_id in run_ids):
+            log(f"{name}: results/{stray} skipped: neither a results record nor a file of one")
+    return written
+
+
+def _as_record(content: bytes) -> dict | None:
+    """A results record with a run_id that is a safe file name, or None."""
+    try:
+        record = results.validate_record(json.loads(content))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        return None
+    return record if RUN_ID.fullmatch(str(record["run_id"])) else None
+
+
+def job_fields(description: dict, runs: int) -> dict:
+    """What a results record gets to know about the job that ran it: where, how long, what it cost."""
+    bill = prices.job_bill(description)
+    del bill["estimated_cost_usd"]  # the job has ended: cost_usd is the figure
+    job_cost = bill.pop("cost_usd")
+    return {
+        "job_name": description["TrainingJobName"],
+        "region": description["TrainingJobArn"].split(":")[3],
+        "status": description["TrainingJobStatus"],
+        "training_image": description.get("AlgorithmSpecification", {}).get("TrainingImage"),
+        **bill,
+        "job_cost_usd": job_cost,
+        "runs_in_job": runs,  # job_cost_usd is the whole job's: it trained this many runs one after another
+        "collected_at": results.utc_now(),
+    }
+
+
+def _write_new_file(path: Path, content: bytes) -> list[Path]:
+    """Write `content` to a new file through a temporary file; [] if `path` exists (nothing is overwritten)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(content)
+        os.link(tmp, path)
+    except FileExistsError:
+        return []
+    finally:
+        os.unlink(tmp)
+    return [path]

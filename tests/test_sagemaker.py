@@ -1,0 +1,530 @@
+"""sagemaker_submission.py against a local moto server: the SDK and boto3 really talk HTTP to 127.0.0.1.
+
+moto records training jobs but runs nothing: a job is "Completed" at once, with no billable time and no output,
+so the tests put a results archive where SageMaker would upload the job's output, and cost figures from real
+job descriptions are checked on their own (test_job_bill_*).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from moto.server import ThreadedMotoServer
+
+import sagemaker_submission
+from hpml import cli, prices
+from hpml import sagemaker as aws
+from tests.conftest import REPO, fake_images, results_in, run_script
+
+ROLE = "arn:aws:iam::123456789012:role/hpml-test"
+BUCKET = "hpml-test-bucket"
+REGION = "us-east-1"
+JOB_ARGS = ["--model", "resnet18", "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--optimizer", "sgd",
+            "--seed", "7", "--quiet"]
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "HPML_SAGEMAKER_ROLE",
+                 "HPML_CIFAR10")
+
+
+# ---- a moto server and a shell pointed at it -----------------------------------------------------------------------
+
+
+def no_aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No credentials, profile or region from this machine: only what a test sets."""
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="module")
+def moto_account(tmp_path_factory) -> boto3.Session:
+    """One moto account for this module, with dummy credentials and a bucket; the environment points the SDK and
+    boto3 at it. Tests use their own job names, and compare before and after instead of expecting it empty."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines in the captured output
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        no_aws_config(monkeypatch, tmp_path_factory.mktemp("aws"))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+        session = boto3.Session()
+        session.client("s3").create_bucket(Bucket=BUCKET)
+        yield session
+    server.stop()
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the script in this process, as its __main__ does; (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        cli.run_script(sagemaker_submission.main, list(argv))
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def submit(capsys, *argv: str) -> tuple[int, str, str]:
+    return run(capsys, "submit", *JOB_ARGS, "--region", REGION, *argv)
+
+
+def s3_keys(session: boto3.Session, bucket: str = BUCKET) -> list[str]:
+    return [item["Key"] for item in session.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def everything_in(session: boto3.Session) -> tuple[list[str], list[str]]:
+    """The account's training jobs and S3 objects, to show that a refused command sent nothing."""
+    buckets = [bucket["Name"] for bucket in session.client("s3").list_buckets()["Buckets"]]
+    jobs = session.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
+    return sorted(job["TrainingJobName"] for job in jobs), sorted(f"{b}/{key}" for b in buckets
+                                                                  for key in s3_keys(session, b))
+
+
+def describe(session: boto3.Session, job_name: str) -> dict:
+    return session.client("sagemaker").describe_training_job(TrainingJobName=job_name)
+
+
+def decoded(hyperparameters: dict) -> dict:
+    """The hyperparameters as the job's script receives them (the SDK JSON-encodes each value)."""
+    return {key: json.loads(value) for key, value in hyperparameters.items()}
+
+
+# ---- submit --------------------------------------------------------------------------------------------------------
+
+MAIN_JOB = "hpml-submit-test"
+MAIN_JOB_ARGS = ["--instance-count", "2", "--bucket", BUCKET, "--role", ROLE, "--spot", "--max-run", "3600",
+                 "--max-wait", "5400", "--schedule", "cosine", "--subset", "500", "--dist-timeout", "120",
+                 "--scale-lr", "--job-name", MAIN_JOB]
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cifar")
+    for split, n, seed in (("train", 200, 1), ("test", 50, 2)):
+        images, labels = fake_images(n, seed)
+        np.savez(folder / f"{split}.npz", images=images, labels=labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def main_job(moto_account, cifar_dir) -> dict:
+    """A job submitted with a local data folder, spot, two instances and a range of training flags."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        with pytest.raises(SystemExit) as done:
+            cli.run_script(sagemaker_submission.main, ["submit", *JOB_ARGS, "--region", REGION, "--data-dir",
+                                                       str(cifar_dir), *MAIN_JOB_ARGS])
+        output = sys.stdout.getvalue()
+    assert done.value.code == 0, output
+    return {"output": output, "description": describe(moto_account, MAIN_JOB)}
+
+
+def test_submit_prints_the_job_its_link_and_cost(main_job):
+    assert f"submitted {MAIN_JOB}: ml.p4d.24xlarge × 2, smddp, PyTorch 2.2.0, spot" in main_job["output"]
+    assert f"console.aws.amazon.com/sagemaker/home?region={REGION}#/jobs/{MAIN_JOB}" in main_job["output"]
+    assert f"python sagemaker_submission.py collect {MAIN_JOB}" in main_job["output"]
+    assert "cost: at most $75.38" in main_job["output"]  # 1 h × 2 × $37.688
+
+
+def test_submit_sends_instances_spot_checkpoints_and_tags(moto_account, main_job):
+    job = main_job["description"]
+    assert job["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+    assert job["ResourceConfig"]["InstanceCount"] == 2
+    assert job["RoleArn"] == ROLE
+    assert job["AlgorithmSpecification"]["TrainingImage"].endswith("/pytorch-training:2.2.0-gpu-py310")
+    hyperparameters = decoded(job["HyperParameters"])
+    assert hyperparameters["sagemaker_distributed_dataparallel_enabled"] is True
+    assert hyperparameters["sagemaker_program"] == "run_distributed.py"
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 5400}
+    assert job["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/hpml/checkpoints/{MAIN_JOB}",
+                                       "LocalPath": "/opt/ml/checkpoints"}
+    assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/hpml/output"
+    assert aws.SUITE_TAG in moto_account.client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]
+
+
+def test_submit_forwards_every_training_flag(main_job):
+    hyperparameters = decoded(main_job["description"]["HyperParameters"])
+    assert {key: hyperparameters[key] for key in ("model", "epochs", "batch-size", "lr", "optimizer", "seed",
+                                                  "quiet", "schedule", "subset", "scale-lr")} == {
+        "model": "resnet18", "epochs": "3", "batch-size": "64", "lr": "0.05", "optimizer": "sgd", "seed": "7",
+        "quiet": "true", "schedule": "cosine", "subset": "500", "scale-lr": "true"}
+    assert not {"data-dir", "output-dir", "checkpoint-dir"} & set(hyperparameters)
+    # What SageMaker's training toolkit runs: run_distributed.py --name value ... for each hyperparameter.
+    job_argv = [text for key, value in hyperparameters.items() if not key.startswith("sagemaker_")
+                for text in (f"--{key}", value)]
+    here = [*JOB_ARGS, *MAIN_JOB_ARGS[MAIN_JOB_ARGS.index("--schedule"):MAIN_JOB_ARGS.index("--job-name")]]
+    in_job, locally = (cli.config_from_args(parser_of_run_distributed().parse_args(argv)) for argv in (job_argv, here))
+    assert in_job.as_dict() == locally.as_dict()
+    assert in_job.schedule == "cosine" and in_job.subset == 500 and in_job.scale_lr is True
+
+
+def parser_of_run_distributed() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser()
+    cli.add_training_args(parser)
+    cli.add_distributed_args(parser)
+    return parser
+
+
+def test_submit_uploads_the_data_and_only_the_code(moto_account, main_job):
+    (channel,) = main_job["description"]["InputDataConfig"]
+    assert channel["ChannelName"] == "training"
+    data_prefix = channel["DataSource"]["S3DataSource"]["S3Uri"].removeprefix(f"s3://{BUCKET}/")
+    assert data_prefix.startswith("hpml/data/cifar10-")
+    assert sorted(key.removeprefix(data_prefix) for key in s3_keys(moto_account) if key.startswith(data_prefix)) == [
+        "test.npz", "train.npz"]
+    hyperparameters = decoded(main_job["description"]["HyperParameters"])
+    source_key = hyperparameters["sagemaker_submit_directory"].removeprefix(f"s3://{BUCKET}/")
+    archive = moto_account.client("s3").get_object(Bucket=BUCKET, Key=source_key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        names = tar.getnames()
+        requirements = tar.extractfile("requirements.txt").read().decode()
+    assert {"run_distributed.py", "run_hpc.py", "hpml/cli.py", "hpml/train.py", "models/resnet.py"} <= set(names)
+    assert not [name for name in names if name.split("/")[0] in ("tests", "results", "data", ".git", ".venv")]
+    assert not [name for name in names if "__pycache__" in name]
+    assert "tqdm" in requirements and not [line for line in requirements.splitlines()
+                                           if re.match(r"(torch|torchvision|numpy)\b", line)]
+
+
+def test_second_submit_does_not_upload_the_same_data_again(moto_account, capsys, main_job, cifar_dir):
+    before = {item["Key"]: item["LastModified"] for item in
+              moto_account.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="hpml/data/")["Contents"]}
+    code, out, err = submit(capsys, "--data-dir", str(cifar_dir), "--bucket", BUCKET, "--role", ROLE,
+                            "--job-name", "hpml-second")
+    assert code == 0, err
+    assert "not uploaded again" in out
+    after = {item["Key"]: item["LastModified"] for item in
+             moto_account.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="hpml/data/")["Contents"]}
+    assert after == before
+    assert describe(moto_account, "hpml-second")["InputDataConfig"] == main_job["description"]["InputDataConfig"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_job(moto_account) -> dict:
+    """A torchrun job on the synthetic data set, its role from $HPML_SAGEMAKER_ROLE, without --bucket."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("HPML_SAGEMAKER_ROLE", ROLE)
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        with pytest.raises(SystemExit) as done:
+            cli.run_script(sagemaker_submission.main, [
+                "submit", *JOB_ARGS, "--region", REGION, "--dataset", "synthetic", "--distribution", "torchrun",
+                "--instance-type", "ml.g5.12xlarge", "--job-name", "hpml-torchrun"])
+        output = sys.stdout.getvalue()
+    assert done.value.code == 0, output
+    return describe(moto_account, "hpml-torchrun")
+
+
+def test_torchrun_job_without_bucket_or_role_flags(moto_account, torchrun_job):
+    hyperparameters = decoded(torchrun_job["HyperParameters"])
+    assert hyperparameters["sagemaker_torch_distributed_enabled"] is True
+    assert "sagemaker_distributed_dataparallel_enabled" not in hyperparameters
+    assert torchrun_job["RoleArn"] == ROLE
+    assert "InputDataConfig" not in torchrun_job  # the synthetic set is made inside the job
+    default_bucket = "sagemaker-us-east-1-123456789012"  # moto's account
+    assert torchrun_job["OutputDataConfig"]["S3OutputPath"] == f"s3://{default_bucket}/hpml/output"
+    assert [key for key in s3_keys(moto_account, default_bucket) if key.endswith("sourcedir.tar.gz")]
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--instance-type", "ml.g5.xlarge"], "SMDDP does not run on ml.g5.xlarge; supported instance types: "
+                                          "ml.p3.16xlarge, ml.p3dn.24xlarge, ml.p4d.24xlarge, ml.p4de.24xlarge"),
+    (["--framework-version", "2.3.0"], "SMDDP does not support PyTorch 2.3.0; supported --framework-version:"),
+    (["--py-version", "py39"], "py39"),
+    (["--instance-count", "0"], "--instance-count must be 1 or more, got 0"),
+    (["--distribution", "none", "--instance-count", "2"], "--distribution none trains on one instance"),
+    (["--s3-data", "s3://Not_A_Bucket/cifar10"], "--s3-data must be an S3 location like s3://my-bucket/cifar10/, "
+                                                 "got 's3://Not_A_Bucket/cifar10'"),
+    (["--s3-data", "https://example.com/cifar10"], "got 'https://example.com/cifar10'"),
+    (["--s3-data", f"s3://{BUCKET}/empty/"], f"--s3-data s3://{BUCKET}/empty/: no files there"),
+    (["--model", "resnet99"], "unknown model 'resnet99'"),
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--role", "hpml-role"], "--role must be an IAM role ARN"),
+    (["--bucket", "Bad_Bucket"], "--bucket must be an S3 bucket name"),
+    (["--bucket", "no-such-bucket-here"], "--bucket no-such-bucket-here: no such bucket"),
+    (["--max-wait", "9000"], "--max-wait applies to spot jobs only"),
+    (["--spot", "--max-run", "3600", "--max-wait", "60"], "--max-wait must be at least --max-run (3600), got 60"),
+    (["--backend", "gloo"], "--backend gloo does not work with --distribution smddp"),
+    (["--job-name", "no_underscores"], "--job-name must be"),
+    (["--checkpoint-dir", "/tmp/ckpt"], "--checkpoint-dir /tmp/ckpt: a SageMaker job keeps its checkpoints in "
+                                        "/opt/ml/checkpoints"),
+    (["--distribution", "torchrun", "--instance-type", "ml.m5.xlarge"], "torch_distributed is supported only for GPU"),
+    (["--data-dir", "/nonexistent/cifar"], "no CIFAR-10 folder at /nonexistent/cifar"),
+    (["--profile", "nosuchprofile"], "nosuchprofile"),
+])
+def test_bad_input_is_one_line_and_sends_nothing(moto_account, capsys, flags, expected):
+    before = everything_in(moto_account)
+    base = {"--role": ROLE, "--bucket": BUCKET, "--s3-data": f"s3://{BUCKET}/hpml/"}
+    for flag in flags:
+        base.pop(flag, None)
+    if "--data-dir" in flags:
+        base.pop("--s3-data")
+    code, _, err = submit(capsys, *[text for pair in base.items() for text in pair], *flags)
+    assert code == 2
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert everything_in(moto_account) == before
+
+
+def test_missing_role_is_one_line_and_sends_nothing(moto_account, capsys):
+    before = everything_in(moto_account)
+    code, _, err = submit(capsys, "--dataset", "synthetic", "--bucket", BUCKET)
+    assert code == 2 and err.count("\n") == 1
+    assert "no IAM role for the job: pass --role" in err and "HPML_SAGEMAKER_ROLE" in err
+    assert everything_in(moto_account) == before
+
+
+def test_no_credentials_is_one_line_and_sends_nothing(moto_account, capsys, monkeypatch):
+    before = everything_in(moto_account)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    code, _, err = submit(capsys, "--dataset", "synthetic", "--bucket", BUCKET, "--role", ROLE)
+    assert code == 2 and err.count("\n") == 1
+    assert "no AWS credentials found" in err and "aws configure" in err and "--profile" in err
+    monkeypatch.undo()
+    assert everything_in(moto_account) == before
+
+
+# ---- the dry run ---------------------------------------------------------------------------------------------------
+
+
+class ConnectionCounter:
+    """A TCP listener on 127.0.0.1 that counts the connections made to it."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.count = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.count += 1
+            connection.close()
+
+
+def test_dry_run_needs_no_credentials_and_connects_nowhere(tmp_path, monkeypatch):
+    no_aws_config(monkeypatch, tmp_path)
+    counter = ConnectionCounter()
+    env = {**os.environ, "AWS_ENDPOINT_URL": counter.url, "AWS_EC2_METADATA_SERVICE_ENDPOINT": counter.url}
+    del env["AWS_EC2_METADATA_DISABLED"]  # an instance-metadata probe would reach the counter
+    done = run_script("sagemaker_submission.py", "submit", "--dry-run", "--model", "resnet18", "--instance-count",
+                      "2", env=env, timeout=120)
+    counter.server.close()
+    assert done.returncode == 0, done.stderr
+    assert counter.count == 0
+    request = json.loads(done.stdout[done.stdout.index("{"):done.stdout.index("\nNotes:")])
+    assert request["ResourceConfig"]["InstanceCount"] == 2
+    assert request["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+    assert request["AlgorithmSpecification"]["TrainingImage"].endswith("pytorch-training:2.2.0-gpu-py310")
+    assert json.loads(request["HyperParameters"]["sagemaker_distributed_dataparallel_enabled"]) is True
+    assert json.loads(request["HyperParameters"]["model"]) == "resnet18"
+    assert request["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert "role: none given yet" in done.stdout and "region: none configured" in done.stdout
+    assert "cost: at most $150.75" in done.stdout  # 2 h × 2 × $37.688
+
+
+def test_dry_run_prints_what_submit_sends(moto_account, capsys, main_job, cifar_dir):
+    before = everything_in(moto_account)
+    code, out, err = submit(capsys, "--data-dir", str(cifar_dir), *MAIN_JOB_ARGS, "--dry-run")
+    assert code == 0, err
+    assert everything_in(moto_account) == before
+    request = json.loads(out[out.index("{"):out.index("\nNotes:")])
+    sent = main_job["description"]
+    for field in ("HyperParameters", "ResourceConfig", "InputDataConfig", "OutputDataConfig", "StoppingCondition",
+                  "CheckpointConfig", "RoleArn", "EnableManagedSpotTraining"):
+        assert sent[field] == request[field], field
+    assert sent["AlgorithmSpecification"]["TrainingImage"] == request["AlgorithmSpecification"]["TrainingImage"]
+    assert "data: 2 files" in out and "cost: at most $75.38" in out
+
+
+# ---- collect and list ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_record(tmp_path_factory) -> dict:
+    """A real results record from a short run_hpc.py run on synthetic data."""
+    out = tmp_path_factory.mktemp("run")
+    done = run_script("run_hpc.py", "--model", "mobilenetv2", "--dataset", "synthetic", "--subset", "10",
+                      "--batch-size", "10", "--epochs", "1", "--workers", "0", "--quiet", "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    (record,) = results_in(out)
+    return record
+
+
+def put_job_output(session: boto3.Session, bucket: str, job_name: str, files: dict[str, bytes]) -> None:
+    """Pack files as SageMaker packs the job's output folder, and put them where it uploads them."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    session.client("s3").put_object(Bucket=bucket, Key=f"hpml/output/{job_name}/output/output.tar.gz",
+                                    Body=buffer.getvalue())
+
+
+def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchrun_job, run_record, tmp_path):
+    record = {**run_record, "sagemaker": {"job_name": MAIN_JOB, "current_host": "algo-1", "gpus_per_host": 8}}
+    run_id = record["run_id"]
+    monitor = b"time_s,gpu,util_percent\n0.0,0,97\n"
+    put_job_output(moto_account, BUCKET, MAIN_JOB, {
+        f"results/{run_id}.json": json.dumps(record).encode(),
+        f"results/{run_id}.utilization.csv": monitor,
+        "results/notes.txt": b"not a result",
+        "model/ignored.json": b"{}",
+    })
+    out_dir = tmp_path / "results"
+    code, out, err = run(capsys, "collect", MAIN_JOB, "--output-dir", str(out_dir))
+    assert code == 0, err
+    assert "results/notes.txt skipped" in out
+    assert sorted(path.name for path in out_dir.iterdir()) == [f"{run_id}.json", f"{run_id}.utilization.csv"]
+    assert (out_dir / f"{run_id}.utilization.csv").read_bytes() == monitor
+    collected = json.loads((out_dir / f"{run_id}.json").read_text())
+    assert collected["epochs"] == run_record["epochs"] and collected["run_id"] == run_id
+    job = collected["sagemaker"]
+    assert job["job_name"] == MAIN_JOB and job["current_host"] == "algo-1"  # what the job wrote is kept
+    assert job["instance_type"] == "ml.p4d.24xlarge" and job["instance_count"] == 2 and job["spot"] is True
+    assert job["status"] == "Completed" and job["region"] == REGION and job["runs_in_job"] == 1
+    assert job["price_per_instance_hour_usd"] == 37.688 and job["price_source"] == prices.PRICE_SOURCE
+    # moto reports no billable time, so there is no cost rather than a made-up one
+    assert job["billable_time_s"] is None and job["job_cost_usd"] is None
+    assert "reported no billable time" in out
+
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out_dir.iterdir()}
+    code, out, _ = run(capsys, "collect", MAIN_JOB, "--output-dir", str(out_dir))
+    assert code == 0 and f"{run_id} is already in" in out
+    code, out, _ = run(capsys, "collect", "--all", "--output-dir", str(out_dir))
+    assert code == 0 and "(1 already in" in out and MAIN_JOB not in out
+    assert "hpml-torchrun: Completed, but s3://sagemaker-us-east-1-123456789012/hpml/output/hpml-torchrun/output/" \
+           "output.tar.gz does not exist" in out
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out_dir.iterdir()} == before
+
+
+def test_collect_of_unknown_job_is_one_line(moto_account, capsys, tmp_path):
+    code, _, err = run(capsys, "collect", "hpml-nope", "--output-dir", str(tmp_path))
+    assert code == 2 and "no training job named 'hpml-nope'" in err and err.count("\n") == 1
+
+
+def test_list_shows_this_suites_jobs(moto_account, capsys, main_job, torchrun_job):
+    moto_account.client("sagemaker").create_training_job(  # a job of someone else, without the suite's tag
+        TrainingJobName="other-job", RoleArn=ROLE,
+        AlgorithmSpecification={"TrainingImage": "x", "TrainingInputMode": "File"},
+        OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/other"}, StoppingCondition={"MaxRuntimeInSeconds": 60},
+        ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 1})
+    code, out, err = run(capsys, "list", "--json")
+    assert code == 0, err
+    rows = {row["job_name"]: row for row in json.loads(out)}
+    assert "other-job" not in rows
+    assert {key: rows[MAIN_JOB][key] for key in ("status", "model", "instance_type", "instance_count", "spot")} == {
+        "status": "Completed", "model": "resnet18", "instance_type": "ml.p4d.24xlarge", "instance_count": 2,
+        "spot": True}
+    assert rows["hpml-torchrun"]["instance_type"] == "ml.g5.12xlarge"
+    code, out, _ = run(capsys, "list", "--limit", "50")
+    assert code == 0 and MAIN_JOB in out and "ml.p4d.24xlarge × 2 spot" in out and "other-job" not in out
+    assert out.splitlines()[0].split() == ["JOB", "STATUS", "MODEL", "INSTANCES", "CREATED", "DURATION", "BILLABLE",
+                                           "COST"]
+
+
+def test_wait_streams_the_logs_then_collects(moto_account, capsys, run_record, tmp_path):
+    logs, group, stream = moto_account.client("logs"), "/aws/sagemaker/TrainingJobs", "hpml-wait/algo-1-1700000000"
+    logs.create_log_group(logGroupName=group)
+    logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    logs.put_log_events(logGroupName=group, logStreamName=stream,
+                        logEvents=[{"timestamp": int(time.time() * 1000), "message": "epoch 1/1 test acc 0.4200"}])
+    put_job_output(moto_account, BUCKET, "hpml-wait",
+                   {f"results/{run_record['run_id']}.json": json.dumps(run_record).encode()})
+    code, out, err = submit(capsys, "--dataset", "synthetic", "--bucket", BUCKET, "--role", ROLE,
+                            "--job-name", "hpml-wait", "--wait", "--output-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    assert "epoch 1/1 test acc 0.4200" in out
+    assert out.index("epoch 1/1") < out.index("hpml-wait: Completed")
+    assert [record["run_id"] for record in results_in(tmp_path / "r")] == [run_record["run_id"]]
+
+
+# ---- cost, versions, imports ---------------------------------------------------------------------------------------
+
+
+def test_cost_is_billable_seconds_times_count_times_price():
+    assert prices.cost_usd(3600, 2, 37.688) == pytest.approx(75.376)
+    assert prices.cost_usd(90, 1, 3.825) == pytest.approx(0.095625)
+
+
+def test_job_bill_of_a_finished_spot_job():
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    description = {"TrainingJobStatus": "Completed", "EnableManagedSpotTraining": True,
+                   "ResourceConfig": {"InstanceType": "ml.p4d.24xlarge", "InstanceCount": 2},
+                   "TrainingTimeInSeconds": 1000, "BillableTimeInSeconds": 300, "TrainingStartTime": start,
+                   "TrainingEndTime": start + timedelta(seconds=1000)}
+    bill = prices.job_bill(description)
+    assert bill["cost_usd"] == pytest.approx(300 * 2 * 37.688 / 3600)
+    assert bill["spot_savings_percent"] == pytest.approx(70)
+    assert bill["estimated_cost_usd"] is None and bill["price_source"] == prices.PRICE_SOURCE
+    text = sagemaker_submission.bill_text(bill)
+    assert "300 s billable × 2 at $37.688/h on demand = $6.28" in text and "managed spot saved 70%" in text
+
+
+def test_job_bill_of_a_running_job_and_of_an_unpriced_instance():
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    running = {"TrainingJobStatus": "InProgress", "TrainingStartTime": start,
+               "ResourceConfig": {"InstanceType": "ml.p3.16xlarge", "InstanceCount": 4}}
+    bill = prices.job_bill(running, now=start + timedelta(minutes=30))
+    assert bill["cost_usd"] is None and bill["estimated_cost_usd"] == pytest.approx(0.5 * 4 * 28.152)
+    unpriced = {**running, "ResourceConfig": {"InstanceType": "ml.p4de.24xlarge", "InstanceCount": 1}}
+    assert prices.job_bill(unpriced, now=start + timedelta(minutes=30))["estimated_cost_usd"] is None
+
+
+def test_defaults_are_what_the_pinned_sdk_offers_smddp_for():
+    sdk = aws.sdk()
+    assert sdk.__version__.startswith("2.")
+    assert aws.DEFAULT_FRAMEWORK_VERSION in sdk.fw_utils.SM_DATAPARALLEL_SUPPORTED_FRAMEWORK_VERSIONS["pytorch"]
+    assert "ml.p4d.24xlarge" in sdk.fw_utils.SM_DATAPARALLEL_SUPPORTED_INSTANCE_TYPES
+    image = sdk.image_uris.retrieve("pytorch", region=REGION, version=aws.DEFAULT_FRAMEWORK_VERSION,
+                                    py_version=aws.DEFAULT_PY_VERSION, instance_type="ml.p4d.24xlarge",
+                                    image_scope="training")
+    assert image.endswith(f"pytorch-training:{aws.DEFAULT_FRAMEWORK_VERSION}-gpu-{aws.DEFAULT_PY_VERSION}")
+
+
+def test_only_the_submission_script_loads_the_sdk():
+    """The training and plotting scripts never import the SageMaker SDK or boto3; the submission script imports
+    the SDK only when a command needs it."""
+    scripts = [path.stem for path in REPO.glob("*.py") if path.stem != "sagemaker_submission"]
+    code = (f"import sys, importlib\nfor name in {scripts!r}: importlib.import_module(name)\n"
+            "import hpml, pkgutil\n"
+            "for module in pkgutil.iter_modules(hpml.__path__):\n"
+            "    module.name != 'sagemaker' and importlib.import_module('hpml.' + module.name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sagemaker', 'boto3', 'botocore')))\n"
+            "import sagemaker_submission\n"
+            "print('sagemaker' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "False"]
+
+
+@pytest.mark.parametrize("command", ["submit", "collect", "list"])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as done:
+        sagemaker_submission.main([command, "--help"])
+    assert done.value.code == 0
+    assert "--region" in capsys.readouterr().out
