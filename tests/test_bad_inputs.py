@@ -1,0 +1,99 @@
+"""The bad-input sweep: every script, each bad flag, data file, checkpoint or path gives one clear line.
+
+Each case runs a script as a user would, in a folder that already holds a results file, and checks:
+exit code != 0, exactly one line on stderr naming the problem, no traceback, and the results untouched.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpml import checkpoint, results
+from tests.conftest import run_script
+from tests.test_results import record
+
+SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory) -> Path:
+    """A results folder with an existing run, bad data folders, a blocked path and bad checkpoints."""
+    root = tmp_path_factory.mktemp("bad")
+    results.write_results(record("existing-run"), root / "results")
+    (root / "a-file").write_text("not a folder")
+    rng = np.random.default_rng(0)
+    for name in ("corrupt", "shape", "tiny"):
+        (root / name).mkdir()
+        for split in ("train", "test"):
+            np.savez(root / name / f"{split}.npz", images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+                     labels=np.arange(30) % 10)
+    (root / "corrupt" / "train.npz").write_bytes(b"PK\x03\x04 cut short")
+    np.savez(root / "shape" / "test.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.uint8))
+    truncated = root / "truncated" / "resnet18_single_w1" / "last.pt"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes(b"PK\x03\x04")
+    other = root / "other" / "resnet18_single_w1" / "last.pt"
+    identity = {"model": "resnet18", "world_size": 1, "batch_size": 64, "lr": 0.1, "optimizer": "adadelta",
+                "schedule": "none", "epochs": 1, "seed": 0, "dataset": "synthetic", "subset": 20, "scale_lr": False}
+    checkpoint.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
+    return root
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# (script, arguments with {root} for the fixture folder, text the one line must contain)
+CASES = [
+    ("run_hpc.py", ["--model", "alexnet"], "unknown model 'alexnet'"),
+    ("run_hpc.py", ["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    ("run_hpc.py", ["--batch-size", "-1"], "--batch-size must be a positive integer, got -1"),
+    ("run_hpc.py", ["--lr", "-0.1"], "--lr must be a positive number, got -0.1"),
+    ("run_hpc.py", ["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+    ("run_hpc.py", ["--workers", "-2"], "--workers must be 0 or more, got -2"),
+    ("run_hpc.py", ["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    ("run_hpc.py", ["--loader", "gpu"], "argument --loader: invalid choice: 'gpu'"),
+    ("run_hpc.py", ["--quiet", "maybe"], "expected true or false, got 'maybe'"),
+    ("run_hpc.py", ["--device", "cuda"], "--device cuda: no CUDA device is available here"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/tiny", "--subset", "500"],
+     "--subset 500 is larger than the training set (30 images)"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/corrupt"], "cannot read {root}/corrupt/train.npz"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/shape"], "images must be uint8 (N, 32, 32, 3)"),
+    ("run_hpc.py", ["--output-dir", "{root}/a-file/results"], "output folder {root}/a-file/results is not writable"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/a-file/ckpt"], "checkpoint folder {root}/a-file/ckpt is not writable"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/truncated", "--resume"],
+     "checkpoint {root}/truncated/resnet18_single_w1/last.pt is corrupt or truncated"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/other", "--resume"], "was made with batch_size 64, this run has 10"),
+    ("run_distributed.py", ["--backend", "nccl"], "--backend nccl needs CUDA GPUs"),
+    ("run_distributed.py", ["--backend", "smddp"], "the SMDDP library (smdistributed.dataparallel) is not installed"),
+    ("run_distributed.py", ["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds"),
+    ("plot_hpml.py", ["--results-dir", "{root}/tiny"], "no valid results"),
+    ("plot_hpml.py", ["--results-dir", "{root}/results", "--dpi", "0"], "--dpi"),
+    ("sagemaker_submission.py", ["submit", "--dry-run", "--instance-count", "0"], "--instance-count"),
+    ("sagemaker_submission.py", ["submit", "--dry-run", "--s3-data", "bucket/prefix"], "bucket/prefix"),
+    ("sagemaker_submission.py", ["submit", "--dry-run", "--instance-type", "ml.g5.xlarge"], "ml.p4d.24xlarge"),
+    ("sagemaker_submission.py", ["submit", "--dry-run", "--model", "lenet"], "unknown model 'lenet'"),
+    ("bench/throughput.py", ["--steps", "0"], "--steps must be a positive integer, got 0"),
+]
+TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
+
+
+@pytest.mark.parametrize("script, args, message", CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in CASES])
+def test_bad_input(script, args, message, place):
+    if ("cuda" in args or "nccl" in args) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = [a.format(root=place) for a in args]
+    if script in TRAINING_SCRIPTS:  # a small run into the results folder, unless the case sets the flag
+        defaults = {**SMALL_RUN, "--output-dir": str(place / "results")}
+        args += [item for flag, value in defaults.items() if flag not in args for item in (flag, value)]
+    before = snapshot(place / "results")
+    done = run_script(script, *args, env={"AWS_EC2_METADATA_DISABLED": "true"})
+    err = done.stderr.strip()
+    assert done.returncode != 0
+    assert message.format(root=place) in err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert snapshot(place / "results") == before
