@@ -86,6 +86,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary")
     add_switch(group, "--resume", "continue the checkpoint of the same model and settings if there is one "
                                   "(implied after a torchrun restart and inside SageMaker)")
+    group.add_argument("--utilization", "--monitor", dest="utilization", type=parse_bool, nargs="?", const=True,
+                       default=False, metavar="BOOL",
+                       help="sample GPU (NVML) and CPU use while training: a utilization summary in the results "
+                            "JSON and the samples in <run_id>.utilization.csv beside it. Under torchrun spell it "
+                            "--utilization: torchrun claims options starting with --monitor for itself")
+    group.add_argument("--sample-interval", type=float, default=DEFAULTS.sample_interval,
+                       help="seconds between --utilization samples (default: %(default)s)")
     group.add_argument("--checkpoint-dir", default=None,
                        help="folder for checkpoints, one sub-folder per run, written every epoch and on "
                             "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")

@@ -48,6 +48,8 @@ class TrainConfig:
     output_dir: str = field(default_factory=default_output_dir)
     quiet: bool = False
     resume: bool = False
+    utilization: bool = False  # --utilization / --monitor
+    sample_interval: float = 1.0
     checkpoint_dir: str | None = None
     loader: str = "device"
     precision: str = "auto"
@@ -67,6 +69,8 @@ class TrainConfig:
         _require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
         _require(self.subset is None or self.subset >= 10,
                  f"--subset must be at least 10 (one image per class), got {self.subset}")
+        _require(math.isfinite(self.sample_interval) and self.sample_interval > 0,
+                 f"--sample-interval must be a positive number of seconds, got {self.sample_interval}")
         _require(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
                  f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         for name, value, allowed in [

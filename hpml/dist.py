@@ -42,6 +42,14 @@ class World:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def gather_lists(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order (on every rank); the list itself in a world of one."""
+        if not self.distributed:
+            return list(items)
+        gathered: list[list | None] = [None] * self.size
+        torch_dist.all_gather_object(gathered, items)
+        return [item for rank_items in gathered for item in rank_items]
+
     def barrier(self) -> None:
         if self.distributed:
             torch_dist.barrier()

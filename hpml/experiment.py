@@ -5,10 +5,10 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from . import checkpoint, data, results, train
+from . import checkpoint, data, monitor, results, train
 from .config import TrainConfig
 from .dist import World
 
@@ -24,7 +24,10 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     written = []
     with stop_on_signals() as stop_requested:
         for name in cfg.models:
-            record = train.fit(cfg, name, world, images, log, stop_requested)
+            with monitoring(cfg, world) as sampler:
+                record = train.fit(cfg, name, world, images, log, stop_requested)
+            if record is not None and sampler is not None:
+                add_utilization(record, sampler, world, cfg.output_dir)
             if record is None or not world.is_main:
                 continue
             path = results.write_results(record, cfg.output_dir)
@@ -34,6 +37,24 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
                 f"-> {path}")
             written.append(path)
     return written
+
+
+def monitoring(cfg: TrainConfig, world: World) -> monitor.Monitor | nullcontext:
+    """With --utilization, a sampler of this rank's own GPU (or the host alone on the CPU) around the run."""
+    if not cfg.utilization:
+        return nullcontext()
+    gpus = [world.device.index or 0] if world.device.type == "cuda" else []
+    return monitor.Monitor(cfg.sample_interval, gpu_indices=gpus, rank=world.rank)
+
+
+def add_utilization(record: dict, sampler: monitor.Monitor, world: World, output_dir: str) -> None:
+    """Gather every rank's samples on rank 0: the summary goes into the record, the rows into a CSV beside it."""
+    rows = world.gather_lists(sampler.samples)
+    if world.is_main:
+        csv_name = f"{record['run_id']}.utilization.csv"
+        monitor.write_samples_csv(Path(output_dir) / csv_name, rows)
+        record["utilization"] = monitor.summarize(rows, sampler.interval, nvml_error=sampler.nvml_error,
+                                                  samples_csv=csv_name)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import psutil
 import pytest
 import torch
 
+from hpml.monitor import read_samples_csv
 from hpml.train import seed_all
 from tests.conftest import REPO, results_in, run_script
 from tests.ddp_equivalence import small_cnn
@@ -39,13 +40,14 @@ def two_rank_run(tmp_path_factory):
                  labels=np.arange(n) % 10)
     out = tmp_path_factory.mktemp("results")
     done = torchrun("run_distributed.py", "--model", "resnet18", "--data-dir", str(folder), "--batch-size", "20",
-                    "--epochs", "2", "--workers", "0", "--output-dir", str(out))
+                    "--epochs", "2", "--workers", "0", "--utilization", "--sample-interval", "0.2",
+                    "--output-dir", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    return done, results_in(out)
+    return done, results_in(out), out
 
 
 def test_two_ranks_write_one_results_file(two_rank_run):
-    _, records = two_rank_run
+    _, records, _ = two_rank_run
     (record,) = records
     assert record["mode"] == "distributed" and record["backend"] == "gloo" and record["world_size"] == 2
     assert record["nodes"] == 1 and record["launcher"] == "torchrun"
@@ -54,14 +56,22 @@ def test_two_ranks_write_one_results_file(two_rank_run):
 
 
 def test_every_training_and_test_image_counted_exactly_once(two_rank_run):
-    _, (record,) = two_rank_run
+    _, (record,), _ = two_rank_run
     for epoch in record["epochs"]:
         assert epoch["train_images"] == 80
         assert epoch["test_images"] == 51
 
 
+def test_monitor_gathers_every_ranks_samples_on_rank_zero(two_rank_run):
+    _, (record,), out = two_rank_run
+    summary = record["utilization"]
+    assert summary["samples"] >= 2 and summary["mean_cpu_pct"] is not None
+    rows = read_samples_csv(out / summary["samples_csv"])
+    assert {row["rank"] for row in rows} == {0, 1}
+
+
 def test_only_rank_zero_logs(two_rank_run):
-    done, _ = two_rank_run
+    done, _, _ = two_rank_run
     assert done.stdout.count("resnet18 epoch 1/2") == 1
     assert done.stdout.count("final test acc") == 1
 

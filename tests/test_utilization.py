@@ -1,0 +1,160 @@
+"""utilization.py as a user runs it: one snapshot, a timed CSV log, the JSON summary, Ctrl-C, bad flags, and the
+GPU table through a stand-in pynvml."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import utilization
+from hpml import cli, monitor
+from tests.conftest import REPO, run_script
+from tests.test_monitor import FAKE_PYNVML
+
+SUMMARY_FIELDS = ["interval_s", "samples", "samples_csv", "nvml", "nvml_error", "gpus", "mean_gpu_util_pct",
+                  "max_gpu_util_pct", "peak_gpu_mem_mib", "mean_cpu_pct", "peak_ram_mib"]
+
+
+@pytest.fixture
+def without_nvml(tmp_path):
+    """Subprocess environment where `import pynvml` fails, whatever this machine has."""
+    (tmp_path / "pynvml.py").write_text("raise ImportError('no NVML here')\n")
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+@pytest.fixture
+def with_fake_gpus(tmp_path):
+    """Subprocess environment whose pynvml is the two-GPU stand-in."""
+    folder = tmp_path / "fake"
+    folder.mkdir()
+    (folder / "pynvml.py").write_text(FAKE_PYNVML)
+    return {"PYTHONPATH": str(folder)}
+
+
+def test_once_without_nvml_says_so_in_one_line_and_shows_cpu_and_ram(without_nvml):
+    done = run_script("utilization.py", "--once", env=without_nvml)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    (notice,) = done.stderr.strip().splitlines()
+    assert "no NVIDIA GPU readable" in notice and "showing CPU and RAM only" in notice
+    header, line = done.stdout.strip().splitlines()
+    assert header.split() == ["t", "s", "CPU", "%", "RAM", "MiB"]
+    assert 0 <= float(line.split()[1]) <= 100
+
+
+def test_duration_and_interval_write_timed_csv_rows(tmp_path):
+    csv_path = tmp_path / "u.csv"
+    done = run_script("utilization.py", "--duration", "2", "--interval", "0.5", "--csv", str(csv_path))
+    assert done.returncode == 0, done.stderr
+    rows = monitor.read_samples_csv(csv_path)
+    assert csv_path.read_text().startswith(",".join(monitor.CSV_FIELDS) + "\n")
+    assert 3 <= len(rows) <= 4 and rows[-1]["elapsed_s"] >= 1.999
+    assert all(row["cpu_pct"] is not None and row["ram_total_mib"] > 0 for row in rows)
+    assert len(done.stdout.strip().splitlines()) == len(rows) + 1  # header and one line per sample
+
+
+def test_json_summary_on_stdout_and_csv_appends(tmp_path, capsys):
+    csv_path = tmp_path / "u.csv"
+    for _ in range(2):
+        assert exit_code(["--duration", "0.3", "--interval", "0.1", "--csv", str(csv_path), "--json"]) == 0
+        out = capsys.readouterr()
+        summary = json.loads(out.out)
+        assert "CPU %" in out.err  # the live table moved to stderr
+    assert list(summary) == SUMMARY_FIELDS
+    assert summary["samples"] in (2, 3) and summary["interval_s"] == 0.1 and summary["samples_csv"] == str(csv_path)
+    assert summary["mean_cpu_pct"] is not None and summary["peak_ram_mib"] > 0
+    lines = csv_path.read_text().splitlines()
+    assert lines.count(",".join(monitor.CSV_FIELDS)) == 1 and len(monitor.read_samples_csv(csv_path)) >= 6
+
+
+def test_gpu_table_and_summary_through_nvml(with_fake_gpus, tmp_path):
+    csv_path = tmp_path / "gpus.csv"
+    done = run_script("utilization.py", "--once", "--json", "--csv", str(csv_path), env=with_fake_gpus)
+    assert done.returncode == 0, done.stderr
+    table = done.stderr.strip().splitlines()
+    assert "util %" in table[0] and "Fake GPU 80GB" in table[1] and "Fake GPU 16GB" in table[2]
+    assert "10240 / 81920" in table[1] and "300.5" in table[1]
+    summary = json.loads(done.stdout)
+    assert summary["nvml"] is True and summary["nvml_error"] is None and summary["samples"] == 1
+    assert [(g["gpu"], g["name"], g["mem_total_mib"]) for g in summary["gpus"]] == [
+        (0, "Fake GPU 80GB", 81920.0), (1, "Fake GPU 16GB", 16384.0)]
+    assert summary["peak_gpu_mem_mib"] == 10240.0
+    assert [row["gpu"] for row in monitor.read_samples_csv(csv_path)] == [0, 1]
+
+
+def test_ctrl_c_ends_the_live_view_cleanly(without_nvml):
+    process = subprocess.Popen([sys.executable, str(REPO / "utilization.py"), "--interval", "0.2", "--json"],
+                               cwd=REPO, env={**os.environ, **without_nvml, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "CPU %" not in process.stderr.readline():  # the table is on stderr with --json
+            assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in err
+    assert json.loads(out)["samples"] >= 1
+
+
+def test_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    table = utilization.Table(screen, 1.0)
+    row = dict.fromkeys(monitor.CSV_FIELDS)
+    row.update(timestamp="2024-01-01T00:00:00.000+00:00", elapsed_s=1.0, host="node1", cpu_pct=12.5,
+               ram_used_mib=100.0, ram_total_mib=200.0)
+    table.show([row])
+    table.show([row])
+    assert screen.getvalue().count("\x1b[H\x1b[J") == 2 and "every 1 s, Ctrl-C to stop" in screen.getvalue()
+    assert "12.5" in screen.getvalue() and "100 / 200" in screen.getvalue()
+
+
+def exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as stop:
+        cli.run_script(utilization.main, argv)
+    return stop.value.code
+
+
+BAD_FLAGS = [
+    (["--interval", "0"], "--interval must be a positive number of seconds, got 0.0"),
+    (["--interval", "-1"], "--interval must be a positive number of seconds, got -1.0"),
+    (["--interval", "nan"], "--interval must be a positive number of seconds, got nan"),
+    (["--interval", "fast"], "invalid float value: 'fast'"),
+    (["--duration", "-2"], "--duration must be a positive number of seconds, got -2.0"),
+    (["--duration", "0"], "--duration must be a positive number of seconds, got 0.0"),
+    (["--once", "--duration", "3"], "not allowed with argument --once"),
+    (["--every", "2"], "unrecognized arguments: --every 2"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_is_one_clear_line(argv, message, capsys):
+    assert exit_code(argv) == 2
+    out, err = capsys.readouterr()
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == ""
+
+
+def test_unwritable_csv_paths_fail_before_sampling(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("notes\n")
+    for path, message in ((blocker / "u.csv", "a-file is a file, not a folder"), (tmp_path, "is a folder"),
+                          (blocker, "header differs")):
+        assert exit_code(["--once", "--csv", str(path)]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and len(err.strip().splitlines()) == 1 and out == ""  # no table: nothing sampled
+    assert blocker.read_text() == "notes\n"
+
+
+def test_every_flag_has_help():
+    done = run_script("utilization.py", "--help")
+    assert done.returncode == 0
+    for flag in ("--once", "--duration", "--interval", "--csv", "--json"):
+        assert flag in done.stdout
+    assert "%(default)" not in done.stdout and "default: 1.0" in done.stdout

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""GPU monitoring through NVML, with host CPU and RAM: a live table, one snapshot, a CSV log, a JSON summary.
+
+`python utilization.py --help` lists every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from hpml import cli, monitor
+from hpml.errors import UsageError
+
+CPU_WINDOW_S = 0.25  # --once: CPU % is an average over a window, so wait this long before the one reading
+HEADER_EVERY = 20  # lines between repeated headers when the output is not a terminal, as nvidia-smi dmon does
+GPU_COLUMNS = (("t s", 7), ("gpu", 3), ("name", 22), ("util %", 6), ("memory MiB", 17), ("power W", 7),
+               ("temp C", 6), ("SM MHz", 6), ("CPU %", 6), ("RAM MiB", 15))
+HOST_COLUMNS = (("t s", 7), ("CPU %", 6), ("RAM MiB", 15))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = cli.ArgumentParser(
+        description="Watch every NVIDIA GPU through NVML (utilization, memory, power, temperature, SM clock) and "
+                    "the host's CPU and RAM. Without a driver it says so and shows CPU and RAM only.")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    when.add_argument("--duration", type=float, default=None, metavar="S",
+                      help="stop after S seconds (default: run until Ctrl-C)")
+    parser.add_argument("--interval", type=float, default=1.0, metavar="S",
+                        help="seconds between samples (default: %(default)s)")
+    parser.add_argument("--csv", default=None, metavar="FILE",
+                        help="append every sample to FILE, one row per GPU (header written when the file is new)")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON summary at the end (mean/max utilization, peak memory per GPU) on "
+                             "stdout; the live table then goes to stderr")
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        raise UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
+    return args
+
+
+class Table:
+    """The live view: redrawn in place on a terminal, one line per GPU per sample otherwise."""
+
+    def __init__(self, stream: TextIO, interval: float):
+        self.stream = stream
+        self.interval = interval
+        self.redraw = stream.isatty()
+        self.lines = 0
+
+    def show(self, rows: list[dict]) -> None:
+        self.columns = GPU_COLUMNS if rows[0]["gpu"] is not None else HOST_COLUMNS
+        lines = [self.format_row(row) for row in rows]
+        if self.redraw:
+            title = f"{rows[0]['host']}  {rows[0]['timestamp']}  every {self.interval:g} s, Ctrl-C to stop"
+            print("\x1b[H\x1b[J" + "\n".join([title, self.header(), *lines]), file=self.stream, flush=True)
+            return
+        if self.lines % HEADER_EVERY == 0:
+            print(self.header(), file=self.stream)
+        print("\n".join(lines), file=self.stream, flush=True)
+        self.lines += len(lines)
+
+    def header(self) -> str:
+        return "  ".join(title.rjust(width) if title != "name" else title.ljust(width)
+                         for title, width in self.columns)
+
+    def format_row(self, row: dict) -> str:
+        cells = {
+            "t s": f"{row['elapsed_s']:.1f}",
+            "gpu": _cell(row["gpu"]),
+            "name": (row["gpu_name"] or "-")[:22],
+            "util %": _cell(row["gpu_util_pct"]),
+            "memory MiB": f"{_cell(row['mem_used_mib'], '.0f')} / {_cell(row['mem_total_mib'], '.0f')}",
+            "power W": _cell(row["power_w"], ".1f"),
+            "temp C": _cell(row["temp_c"]),
+            "SM MHz": _cell(row["sm_clock_mhz"]),
+            "CPU %": _cell(row["cpu_pct"], ".1f"),
+            "RAM MiB": f"{_cell(row['ram_used_mib'], '.0f')} / {_cell(row['ram_total_mib'], '.0f')}",
+        }
+        return "  ".join(cells[title].ljust(width) if title == "name" else cells[title].rjust(width)
+                         for title, width in self.columns)
+
+
+def _cell(value: float | None, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def announce_gpus(gpus: list[monitor.Gpu], nvml_error: str | None) -> None:
+    """One line on stderr when there is no GPU to show."""
+    if nvml_error is not None:
+        print(f"{Path(sys.argv[0]).name}: no NVIDIA GPU readable (NVML: {nvml_error}); showing CPU and RAM only",
+              file=sys.stderr)
+    elif not gpus:
+        print(f"{Path(sys.argv[0]).name}: NVML found no NVIDIA GPU; showing CPU and RAM only", file=sys.stderr)
+
+
+def snapshot(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | None]:
+    with monitor.Sampler() as sampler:
+        announce_gpus(sampler.gpus, sampler.nvml_error)
+        time.sleep(CPU_WINDOW_S)
+        rows = sampler.read()
+    Table(view, args.interval).show(rows)
+    if args.csv:
+        monitor.write_samples_csv(args.csv, rows, append=True)
+    return rows, sampler.nvml_error
+
+
+def watch(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | None]:
+    """Sample until --duration has passed or Ctrl-C; each sample is shown and appended to --csv at once."""
+    table = Table(view, args.interval)
+    finished = threading.Event()
+
+    def record(rows: list[dict]) -> None:
+        try:
+            if args.csv:
+                monitor.write_samples_csv(args.csv, rows, append=True)
+            table.show(rows)
+        except BaseException:
+            finished.set()  # the monitor re-raises this when the block ends
+            raise
+        if args.duration is not None and rows[0]["elapsed_s"] >= args.duration - 1e-3:
+            finished.set()
+
+    sampling = monitor.Monitor(args.interval, on_sample=record)
+    try:
+        with sampling:
+            announce_gpus(sampling.gpus, sampling.nvml_error)
+            finished.wait()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a live view ends: the samples so far still count
+    return sampling.samples, sampling.nvml_error
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.csv:
+        monitor.check_csv_path(args.csv)
+    view = sys.stderr if args.json else sys.stdout
+    try:
+        rows, nvml_error = (snapshot if args.once else watch)(args, view)
+    except OSError as error:
+        raise UsageError(f"cannot write --csv {args.csv}: {error.strerror or error}") from None
+    if args.json:
+        summary = monitor.summarize(rows, args.interval, nvml_error=nvml_error, samples_csv=args.csv)
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_script(main)
