@@ -1,0 +1,555 @@
+"""The study's figures and summary table, made from results JSON files (and monitor samples beside them).
+
+Runs are grouped by model, mode, backend, world size, nodes, device type and workload (data set, its size and
+the number of epochs), so a CPU smoke run never shares a median with a GPU run. A group's numbers are medians
+over its repeated runs, with min-max as error bars. A distributed group's speedup is the median training time
+of the single-device group with the same model, device type and workload divided by its own median; with the
+grouping above there is at most one such group. Scaling efficiency is speedup / world size. Figures draw one
+panel per setup (device type and workload), so that only comparable bars stand side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure, SubFigure
+
+import models
+
+from . import cli, monitor, results
+from .errors import UsageError
+
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+HATCHES = ("", "//", "..", "xx")
+DATASET_NAMES = {"cifar10": "CIFAR-10", "synthetic": "synthetic data (not CIFAR-10)"}
+# Config values that should be equal within a group; a mix is reported, since the median would blur it.
+CHECKED_SETTINGS = ("batch_size", "lr", "optimizer", "schedule")
+Lines = dict[str, tuple[list[float], list[float]]]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median of repeated runs, with their minimum and maximum."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Spread:
+        values = list(values)
+        return cls(statistics.median(values), min(values), max(values))
+
+    def scaled(self, factor: float) -> Spread:
+        return Spread(self.median * factor, self.low * factor, self.high * factor)
+
+    def text(self, fmt: str) -> str:
+        if self.low == self.high:
+            return format(self.median, fmt)
+        return f"{self.median:{fmt}} ({self.low:{fmt}}–{self.high:{fmt}})"
+
+
+@dataclass
+class Group:
+    """Repeated runs of one configuration."""
+
+    model: str
+    mode: str
+    backend: str | None
+    world_size: int
+    nodes: int
+    device: str
+    workload: str
+    runs: list[dict] = field(default_factory=list)
+    baseline: Group | None = None
+    compared: bool = False  # a single-device group that some other group's speedup is measured against
+
+    @property
+    def setup(self) -> tuple[str, str]:
+        """What must match for two groups to be compared: device type and workload. One panel each."""
+        return (self.device, self.workload)
+
+    @property
+    def series(self) -> tuple:
+        """How the runs were spread over devices: one colour per series in every figure, single first."""
+        return (self.mode != "single", self.device, self.world_size, self.nodes, self.backend or "", self.mode)
+
+    def spread(self, name: str) -> Spread:
+        return Spread.of(run[name] for run in self.runs)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.baseline is None or self.baseline is self:
+            return None
+        return self.baseline.spread("total_train_time_s").median / self.spread("total_train_time_s").median
+
+    @property
+    def efficiency(self) -> float | None:
+        speedup = self.speedup
+        return None if speedup is None else speedup / self.world_size
+
+    @property
+    def epochs(self) -> int:
+        return len(self.runs[0]["epochs"])
+
+
+# ---- grouping ----------------------------------------------------------------------------------
+
+def workload_of(record: dict) -> str:
+    """The data and length of a run: what must match for two runs to be compared."""
+    data = record.get("data") or {}
+    description = data.get("description") or record["config"].get("dataset", "unknown data")
+    sizes = f"{data['train_size']:,} train / {data['test_size']:,} test images, " if "train_size" in data else ""
+    return f"{description}; {sizes}{len(record['epochs'])} epochs"
+
+
+def model_order(name: str) -> tuple[int, str]:
+    """The study's order (vgg16, resnet18, ...), then any other model by name."""
+    known = models.names()
+    return (known.index(name) if name in known else len(known), name)
+
+
+def group_runs(records: list[dict], warn: Callable[[str], None]) -> list[Group]:
+    """Groups ordered by setup, model and series, with baselines attached."""
+    groups: dict[tuple, Group] = {}
+    for record in records:
+        group = Group(model=record["model"], mode=record["mode"], backend=record.get("backend"),
+                      world_size=int(record["world_size"]), nodes=int(record.get("nodes") or 1),
+                      device=record["device"], workload=workload_of(record))
+        groups.setdefault((group.setup, model_order(group.model), group.series), group).runs.append(record)
+    ordered = [groups[key] for key in sorted(groups)]
+    for group in ordered:
+        for setting in CHECKED_SETTINGS:
+            values = {str(run.get(setting, run["config"].get(setting))) for run in group.runs}
+            if len(values) > 1:
+                warn(f"{label(group)} of {group.model} mixes runs with different {setting} "
+                     f"({', '.join(sorted(values))}); its medians span them")
+        group.baseline = next((other for other in ordered if other.mode == "single" and other.world_size == 1
+                               and other.model == group.model and other.setup == group.setup), None)
+        if group.baseline is not None and group.baseline is not group:
+            group.baseline.compared = True
+    return ordered
+
+
+def by_setup(groups: list[Group]) -> list[list[Group]]:
+    panels: dict[tuple, list[Group]] = {}
+    for group in groups:
+        panels.setdefault(group.setup, []).append(group)
+    return list(panels.values())
+
+
+def model_names(groups: list[Group]) -> list[str]:
+    return sorted({group.model for group in groups}, key=model_order)
+
+
+def label(group: Group) -> str:
+    """How a series reads in a legend: '1 GPU (single)', '4 GPUs on 2 nodes (DDP, nccl)'."""
+    nouns = ("GPU", "GPUs") if group.device == "cuda" else ("CPU process", "CPU processes")
+    count = f"{group.world_size} {nouns[group.world_size > 1]}"
+    if group.nodes > 1:
+        count += f" on {group.nodes} nodes"
+    if group.mode == "single":
+        return f"{count} (single)"
+    how = "DDP" if group.mode == "distributed" else group.mode
+    return f"{count} ({how}, {group.backend})" if group.backend else f"{count} ({how})"
+
+
+# ---- what the numbers were measured on ---------------------------------------------------------
+
+def hardware_of(record: dict) -> str:
+    env = record.get("environment") or {}
+    sagemaker = record.get("sagemaker") or {}
+    where = f"SageMaker {sagemaker['instance_type']}: " if sagemaker.get("instance_type") else ""
+    if record["device"] == "cuda":
+        gpus = env.get("gpu_count")
+        return f"{where}GPU {env.get('gpu') or 'unknown'}" + (f" ({gpus} per node)" if gpus else "")
+    cores = env.get("cpu_count")
+    return f"{where}CPU {env.get('cpu') or 'unknown'}" + (f" ({cores} cores)" if cores else "") + ", no GPU"
+
+
+def setup_lines(groups: list[Group]) -> list[str]:
+    """Footer lines naming every hardware, data set and software version behind a figure."""
+    records = [run for group in groups for run in group.runs]
+    hardware = sorted({hardware_of(run) for run in records})
+    software = sorted({f"torch {run['environment']['torch']}" for run in records
+                       if "torch" in (run.get("environment") or {})})
+    batches = sorted({run.get("batch_size", run["config"].get("batch_size")) for run in records})
+    lines = [f"Hardware: {'; '.join(hardware)}" + (f" · {', '.join(software)}" if software else "")]
+    lines += [f"Data: {workload}" for workload in sorted({group.workload for group in groups})]
+    lines.append(f"Batch: {'/'.join(map(str, batches))} images per process and step")
+    return lines
+
+
+def title_tag(groups: list[Group]) -> str:
+    """The short form for a title: 'CPU only (AMD EPYC) · synthetic data ...' or 'GPU (NVIDIA H100) · CIFAR-10 ...'."""
+    records = [run for group in groups for run in group.runs]
+    gpus = sorted({(run.get("environment") or {}).get("gpu") or "GPU" for run in records if run["device"] == "cuda"})
+    cpus = sorted({(run.get("environment") or {}).get("cpu") or "CPU" for run in records if run["device"] != "cuda"})
+    parts = []
+    if gpus:
+        parts.append(f"GPU ({', '.join(gpus)})")
+    if cpus:
+        parts.append(f"CPU{' only' if not gpus else ''} ({', '.join(cpus)})")
+    datasets = sorted({DATASET_NAMES.get(run["config"].get("dataset"), "unknown data") for run in records})
+    sizes = sorted({(run.get("data") or {}).get("train_size") for run in records} - {None})
+    epochs = sorted({group.epochs for group in groups})
+    return (f"{' and '.join(parts)} · {' + '.join(datasets)}"
+            + (f", {'/'.join(f'{n:,}' for n in sizes)} training images" if sizes else "")
+            + f" · {'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''}")
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+def new_figure(width: float, height: float, title: str, groups: list[Group], notes: Iterable[str] = ()) -> SubFigure:
+    """The area to draw in, inside a figure whose title names the hardware and data and whose footer gives details.
+
+    A subfigure, so that constrained layout stacks title, legend ("outside upper center" of the subfigure),
+    axes and footer without overlaps.
+    """
+    figure = Figure(figsize=(width, height), layout="constrained")
+    figure.suptitle(f"{title}\n{title_tag(groups)}", fontsize=11)
+    footer = [wrapped for line in [*setup_lines(groups), *notes] for wrapped in textwrap.wrap(line, int(width * 16))]
+    figure.supxlabel("\n".join(footer), x=0.01, ha="left", fontsize=7.5, color="#333333")
+    return figure.subfigures(1, 1)
+
+
+def add_legend(body: SubFigure, entries: int) -> None:
+    body.legend(loc="outside upper center", ncols=min(4, entries), fontsize=8, frameon=False)
+
+
+def colours(groups: list[Group]) -> dict[tuple, tuple[str, str]]:
+    """Colour and hatch per series, in series order (single first): the same in every figure."""
+    series = sorted({group.series for group in groups})
+    return {key: (OKABE_ITO[i % len(OKABE_ITO)], HATCHES[i // len(OKABE_ITO) % len(HATCHES)])
+            for i, key in enumerate(series)}
+
+
+def bar_positions(panel: list[Group]) -> dict[int, float]:
+    """x of each group's bar: models at 0, 1, 2...; the panel's series side by side within a model."""
+    names, series = model_names(panel), sorted({group.series for group in panel})
+    width = 0.8 / len(series)
+    return {id(group): names.index(group.model) - 0.4 + width * (series.index(group.series) + 0.5)
+            for group in panel}
+
+
+def bar_width(panel: list[Group]) -> float:
+    return 0.8 / len({group.series for group in panel}) * 0.92
+
+
+def bar_panels(body: SubFigure, groups: list[Group], ylabel: str, value: Callable[[Group], Spread],
+               annotate: Callable[[Group, Spread], str | None],
+               label_above: Callable[[Group], float] | None = None) -> list[tuple[Axes, list[Group]]]:
+    """One axes per setup: bars per model and series, min-max error bars, a label above each bar (above its
+    error bar, or above `label_above(group)` when that is higher)."""
+    palette, panels = colours(groups), by_setup(groups)
+    axes = body.subplots(len(panels), 1, squeeze=False)[:, 0]
+    seen = set()
+    for ax, panel in zip(axes, panels, strict=True):
+        positions, width = bar_positions(panel), bar_width(panel)
+        for group in panel:
+            x, spread = positions[id(group)], value(group)
+            colour, hatch = palette[group.series]
+            ax.bar(x, spread.median, width, color=colour, hatch=hatch, edgecolor="white",
+                   label=None if group.series in seen else label(group))
+            seen.add(group.series)
+            if spread.high > spread.low:
+                ax.errorbar(x, spread.median, yerr=[[spread.median - spread.low], [spread.high - spread.median]],
+                            color="black", capsize=3, linewidth=1)
+            text = annotate(group, spread)
+            if text:
+                y = max(spread.high, label_above(group)) if label_above else spread.high
+                ax.annotate(text, (x, y), xytext=(0, 4), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7.5)
+        names = model_names(panel)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        top = max(value(group).high for group in panel)
+        ax.set_ylim(0, top * 1.3 if top > 0 else 1)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        if len(panels) > 1:
+            ax.set_title(title_tag(panel), fontsize=9)
+    axes[-1].set_xlabel("model")
+    return list(zip(axes, panels, strict=True))
+
+
+def bar_figure_size(groups: list[Group]) -> tuple[float, float]:
+    panels = by_setup(groups)
+    width = max(1.5 + len(model_names(panel)) * max(1.4, 0.62 * len({g.series for g in panel})) for panel in panels)
+    return max(7.5, width), 2.0 + 3.3 * len(panels)
+
+
+def median_note(groups: list[Group]) -> str:
+    counts = sorted({len(group.runs) for group in groups})
+    runs = "/".join(map(str, counts))
+    return f"Bars: median of {runs} run{'s' if counts != [1] else ''} per group; error bars: min–max over the runs."
+
+
+def time_figure(groups: list[Group]) -> Figure:
+    seconds = max(group.spread("total_train_time_s").high for group in groups)
+    unit, scale = ("min", 1 / 60) if seconds > 1200 else ("s", 1.0)
+
+    def annotate(group: Group, _: Spread) -> str | None:
+        return None if group.speedup is None else f"×{group.speedup:.2f}\n{group.efficiency:.0%} eff."
+
+    body = new_figure(*bar_figure_size(groups), "Training time per model", groups, [
+        median_note(groups),
+        "Distributed bars: speedup (×) over the single-device run of the same model, device type and data, and "
+        "scaling efficiency (speedup ÷ world size). Training time excludes evaluation."])
+    bar_panels(body, groups, f"training time ({unit}, lower is better)",
+               lambda group: group.spread("total_train_time_s").scaled(scale), annotate)
+    add_legend(body, len(colours(groups)))
+    return body.figure
+
+
+def accuracy_figure(groups: list[Group]) -> Figure:
+    body = new_figure(*bar_figure_size(groups), "Test accuracy per model", groups, [
+        median_note(groups).replace("Bars:", "Bars: final-epoch accuracy,"),
+        "◆: best accuracy over the epochs (median over the runs)."])
+    drawn = bar_panels(body, groups, "test accuracy (%)", lambda group: group.spread("final_test_acc").scaled(100),
+                       lambda _, spread: f"{spread.median:.1f}",
+                       label_above=lambda group: group.spread("best_test_acc").median * 100)
+    for ax, panel in drawn:
+        positions = bar_positions(panel)
+        for group in panel:
+            ax.plot(positions[id(group)], group.spread("best_test_acc").median * 100, marker="D", color="black",
+                    markersize=4, linestyle="none", label="best epoch" if group is groups[0] else None)
+        top = max(group.spread("best_test_acc").high for group in panel) * 100
+        ax.set_ylim(0, min(108, max(top * 1.2, 10)))
+    add_legend(body, len(colours(groups)) + 1)
+    return body.figure
+
+
+def curve(group: Group, x_of: Callable[[dict], list[float]]) -> tuple[list[float], list[Spread]]:
+    """Per epoch: x (median over the runs) and test accuracy in % (median, min, max over the runs)."""
+    xs = [statistics.median(values) for values in zip(*(x_of(run) for run in group.runs), strict=True)]
+    accs = zip(*([e["test_acc"] * 100 for e in run["epochs"]] for run in group.runs), strict=True)
+    return xs, [Spread.of(values) for values in accs]
+
+
+def epoch_numbers(run: dict) -> list[float]:
+    return [e["epoch"] for e in run["epochs"]]
+
+
+def elapsed_training(run: dict) -> list[float]:
+    total, points = 0.0, []
+    for epoch in run["epochs"]:
+        total += epoch["epoch_time_s"]
+        points.append(total)
+    return points
+
+
+def short_setup(group: Group) -> str:
+    """'GPU, 50,000 images, 20 epochs': tells the rows of different setups apart."""
+    size = (group.runs[0].get("data") or {}).get("train_size")
+    return f"{'GPU' if group.device == 'cuda' else 'CPU'}, {f'{size:,} images, ' if size else ''}{group.epochs} epochs"
+
+
+def curves_figure(groups: list[Group]) -> Figure:
+    """A row per setup and model; test accuracy against epoch (left) and against training time (right)."""
+    rows = [[g for g in panel if g.model == name] for panel in by_setup(groups) for name in model_names(panel)]
+    several = len(by_setup(groups)) > 1
+    palette = colours(groups)
+    body = new_figure(10, 1.8 + 2.5 * len(rows), "Test accuracy during training", groups, [
+        "Lines: median over the runs of a group; shaded: min–max. Time axis: cumulative training time "
+        "(evaluation excluded), so the gap between lines is the time saved."])
+    axes = body.subplots(len(rows), 2, squeeze=False, sharey="row")
+    seen = set()
+    for (left, right), row in zip(axes, rows, strict=True):
+        for group in row:
+            colour, _ = palette[group.series]
+            for ax, x_of in ((left, epoch_numbers), (right, elapsed_training)):
+                xs, accs = curve(group, x_of)
+                ax.plot(xs, [a.median for a in accs], "-" if group.mode == "single" else "--", color=colour,
+                        marker="o", markersize=3, label=None if group.series in seen or ax is right else label(group))
+                if len(group.runs) > 1:
+                    ax.fill_between(xs, [a.low for a in accs], [a.high for a in accs], color=colour, alpha=0.2,
+                                    linewidth=0)
+            seen.add(group.series)
+        left.set_ylabel(f"{row[0].model}{chr(10) + short_setup(row[0]) if several else ''}\ntest accuracy (%)",
+                        fontsize=9)
+        left.xaxis.get_major_locator().set_params(integer=True)
+        right.set_xlim(0, max(elapsed_training(run)[-1] for group in row for run in group.runs) * 1.05)
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.set_ylim(bottom=0)
+    axes[-1][0].set_xlabel("epoch")
+    axes[-1][1].set_xlabel("training time (s)")
+    axes[0][0].set_title("against epoch", fontsize=10)
+    axes[0][1].set_title("against wall-clock training time", fontsize=10)
+    add_legend(body, len(palette))
+    return body.figure
+
+
+# ---- utilization -------------------------------------------------------------------------------
+
+def sample_lines(samples: list[dict]) -> tuple[str, Lines]:
+    """('GPU', {'GPU 0': (seconds, percent), ...}) when GPU utilization was sampled, else ('CPU', {'host': ...}).
+
+    `samples` are rows of hpml.monitor.read_samples_csv: one per GPU per sample, one per sample without GPUs,
+    from one or several ranks. A GPU (or, without GPUs, a host) seen by several ranks is drawn once, from the
+    lowest of those ranks.
+    """
+    gpu_rows = [row for row in samples if row["gpu_util_pct"] is not None]
+    kind, rows, column = ("GPU", gpu_rows, "gpu_util_pct") if gpu_rows else ("CPU", samples, "cpu_pct")
+    rows = [row for row in rows if row[column] is not None and row["elapsed_s"] is not None]
+
+    def source(row: dict) -> tuple:
+        return (row["host"] or "", row["gpu"]) if kind == "GPU" else (row["host"] or "",)
+
+    owner: dict[tuple, int] = {}
+    for row in rows:
+        owner[source(row)] = min(owner.get(source(row), row["rank"] or 0), row["rank"] or 0)
+    several_hosts = len({row["host"] for row in rows}) > 1
+    lines: Lines = {}
+    for row in sorted(rows, key=lambda row: (source(row), row["elapsed_s"])):
+        if (row["rank"] or 0) != owner[source(row)]:
+            continue
+        name = f"{row['host'] + ' ' if several_hosts else ''}GPU {row['gpu']}" if kind == "GPU" else row["host"]
+        xs, ys = lines.setdefault(name or "host", ([], []))
+        xs.append(row["elapsed_s"])
+        ys.append(row[column])
+    return kind, lines
+
+
+def representative_samples(groups: list[Group], results_dir: Path,
+                           warn: Callable[[str], None]) -> list[tuple[Group, dict, str, Lines]]:
+    """Per group, the monitor samples of its run with the median training time among the runs that have them."""
+    found = []
+    for group in groups:
+        runs = sorted((run for run in group.runs if (run.get("utilization") or {}).get("samples_csv")),
+                      key=lambda run: run["total_train_time_s"])
+        for run in runs[len(runs) // 2:] + runs[:len(runs) // 2]:  # the median first, the others if it fails
+            path = results_dir / Path(run["utilization"]["samples_csv"]).name
+            try:
+                kind, lines = sample_lines(monitor.read_samples_csv(path))
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                warn(f"{path}: monitor samples not read ({error}); left out of Utilization.png")
+                continue
+            if lines:
+                found.append((group, run, kind, lines))
+                break
+    return found
+
+
+def utilization_figure(found: list[tuple[Group, dict, str, Lines]]) -> Figure:
+    columns = 1 if len(found) == 1 else 2
+    rows = -(-len(found) // columns)
+    body = new_figure(6 * columns + 1, 1.8 + 2.6 * rows, "Utilization during training",
+                      [group for group, *_ in found], [
+        "GPU utilization from NVML (% of time a kernel ran), per GPU; a run without GPU samples shows the "
+        "CPU utilization the monitor sampled instead, labelled as such. One run per group: the one with the "
+        "median training time among those with samples."])
+    axes = body.subplots(rows, columns, squeeze=False).flatten()
+    for ax, (group, run, kind, lines) in zip(axes, found, strict=False):
+        for index, (name, (xs, ys)) in enumerate(lines.items()):
+            ax.plot(xs, ys, color=OKABE_ITO[index % len(OKABE_ITO)], linewidth=1.2, label=name)
+        ax.set_title(f"{group.model} · {label(group)}\n{run['run_id']}", fontsize=8.5)
+        ax.set_ylabel("GPU utilization (%)" if kind == "GPU" else "host CPU utilization (%)\n(no GPU samples)")
+        ax.set_xlabel("time since monitor start (s)")
+        ax.set_ylim(0, max(105, max(max(ys) for _, ys in lines.values()) * 1.05))
+        ax.grid(alpha=0.3)
+        if 1 < len(lines) <= 8:
+            ax.legend(fontsize=7, loc="best")
+    for ax in axes[len(found):]:
+        ax.set_visible(False)
+    return body.figure
+
+
+# ---- summary table -----------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = ("model", "mode", "backend", "world size", "device", "epochs", "runs", "total time (s)", "images/s",
+                   "speedup", "efficiency", "final acc (%)", "best acc (%)", "time to best (s)")
+
+
+def summary_row(group: Group) -> tuple[str, ...]:
+    gpu = (group.runs[0].get("environment") or {}).get("gpu")
+    speedup = group.speedup
+    return (group.model, group.mode, group.backend or "—", str(group.world_size),
+            f"{group.device} ({gpu})" if gpu else group.device, str(group.epochs), str(len(group.runs)),
+            group.spread("total_train_time_s").text(".1f"), group.spread("median_images_per_s").text(".0f"),
+            "baseline" if group.compared else "—" if speedup is None else f"{speedup:.2f}×",
+            "—" if speedup is None else f"{group.efficiency:.0%}",
+            group.spread("final_test_acc").scaled(100).text(".1f"),
+            group.spread("best_test_acc").scaled(100).text(".1f"), group.spread("time_to_best_s").text(".1f"))
+
+
+def summary_markdown(groups: list[Group], results_dir: Path) -> str:
+    lines = ["# hpml results summary", "",
+             f"{sum(len(g.runs) for g in groups)} runs from `{results_dir}`, in {len(groups)} groups. "
+             "Numbers are medians over a group's runs (min–max in brackets when they differ). Speedup = median "
+             "training time of the single-device group with the same model, device type and data ÷ this group's; "
+             "efficiency = speedup ÷ world size. Training time excludes evaluation; images/s is the median over the "
+             "epochs after the first."]
+    for panel in by_setup(groups):
+        lines += ["", f"## {title_tag(panel)}", "", *(f"- {line}" for line in setup_lines(panel)), "",
+                  "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+        lines += ["| " + " | ".join(summary_row(group)) + " |" for group in panel]
+    return "\n".join(lines) + "\n"
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Let `write` fill a temp file in the same folder, then rename it over `path`: never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_figure(figure: Figure, path: Path, dpi: int) -> Path:
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi))
+
+
+def write_text(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def warn_to_stderr(message: str) -> None:
+    print(f"{cli.parser_prog()}: warning: {message}", file=sys.stderr)
+
+
+def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
+             warn: Callable[[str], None] = warn_to_stderr, log: Callable[[str], None] = print) -> list[Path]:
+    """Read every results JSON in `results_dir`; write the figures and summary.md to `output_dir`."""
+    source = Path(results_dir)
+    if not source.is_dir():
+        raise UsageError(f"--results-dir {results_dir}: no such folder; point it at the folder the training "
+                         "scripts wrote their results JSON files to")
+    records, skipped = results.load_all(source)
+    for message in skipped:
+        warn(f"skipped {message}")
+    if not records:
+        raise UsageError(f"--results-dir {results_dir}: no valid results JSON files found "
+                         f"({len(skipped)} skipped); run run_hpc.py or run_distributed.py first")
+    target = results.check_writable(output_dir)
+    groups = group_runs(records, warn)
+    log(f"{len(records)} runs in {len(groups)} groups from {source}")
+    written = [save_figure(time_figure(groups), target / "Time.png", dpi),
+               save_figure(accuracy_figure(groups), target / "Accuracy.png", dpi),
+               save_figure(curves_figure(groups), target / "Curves.png", dpi)]
+    found = representative_samples(groups, source, warn)
+    if found:
+        written.append(save_figure(utilization_figure(found), target / "Utilization.png", dpi))
+    else:
+        log("Utilization.png not made: no run has monitor samples")
+    written.append(write_text(target / "summary.md", summary_markdown(groups, source)))
+    for path in written:
+        log(f"wrote {path}")
+    return written

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""The study's figures and summary table from results JSON files. `python plot_hpml.py --help` lists every flag."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hpml import cli
+from hpml.errors import UsageError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.ArgumentParser(
+        description="Read every results JSON in --results-dir (runs of run_hpc.py, run_distributed.py and "
+                    "collected SageMaker jobs), group repeated runs, and write Time.png, Accuracy.png, Curves.png, "
+                    "Utilization.png (when monitor samples exist) and summary.md to --output-dir.",
+        epilog="Runs are grouped by model, mode, backend, world size, nodes, device type and data (data set, its "
+               "size, epochs); a group's numbers are medians over its runs, min-max as error bars. Speedup = median "
+               "training time of the single-device group with the same model, device type and data / the group's; "
+               "scaling efficiency = speedup / world size.")
+    parser.add_argument("--results-dir", default="results",
+                        help="folder holding the results JSON files (and the monitor's .utilization.csv files "
+                             "beside them); other or malformed JSON files there are skipped with a warning "
+                             "(default: %(default)s)")
+    parser.add_argument("--output-dir", default="results_img",
+                        help="folder for the figures and summary.md, created if needed; files of the same name "
+                             "are replaced (default: %(default)s)")
+    parser.add_argument("--dpi", type=int, default=150,
+                        help="resolution of the PNG figures in dots per inch, 50 to 600 (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not 50 <= args.dpi <= 600:
+        raise UsageError(f"--dpi must be between 50 and 600, got {args.dpi}")
+    from hpml import plots  # after the flags are checked: importing matplotlib takes a moment
+
+    plots.make_all(args.results_dir, args.output_dir, dpi=args.dpi)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_script(main)

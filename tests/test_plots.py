@@ -1,0 +1,185 @@
+"""plot_hpml.py on results made by really running run_hpc.py and run_distributed.py (torchrun, gloo) briefly."""
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import plot_hpml
+from hpml import cli, plots
+from hpml.dist import free_port
+from tests.conftest import REPO, results_in, run_script
+
+TINY_RUN = ["--dataset", "synthetic", "--subset", "20", "--batch-size", "10", "--epochs", "2", "--workers", "0",
+            "--quiet"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    """shufflenetv2 on one process and on two (torchrun, gloo); the single run has monitor samples."""
+    folder = tmp_path_factory.mktemp("results")
+    # One thread, as torchrun gives each rank: two threads on a busy 2-core machine can run 50x slower.
+    done = run_script("run_hpc.py", "--model", "shufflenet", *TINY_RUN, "--utilization", "--sample-interval", "0.25",
+                      "--output-dir", str(folder), env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "run_distributed.py", "--model", "shufflenet", *TINY_RUN, "--output-dir", str(folder)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr
+    (single,) = folder.glob("shufflenetv2_single_*.json")
+    assert json.loads(single.read_text())["utilization"]["samples"] >= 1
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plotted(results_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("img")
+    done = run_script("plot_hpml.py", "--results-dir", str(results_dir), "--output-dir", str(out))
+    return out, done
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def table_rows(summary: str) -> list[dict]:
+    """The rows of every markdown table in summary.md, as dicts keyed by the header cells."""
+    rows, header = [], None
+    for line in summary.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(line) <= set("|-"):
+            rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def test_writes_every_figure_and_the_summary(plotted):
+    out, done = plotted
+    assert done.returncode == 0, done.stderr
+    for name in ("Time.png", "Accuracy.png", "Curves.png", "Utilization.png"):
+        width, height = png_size(out / name)
+        assert 900 <= width <= 4000 and 600 <= height <= 4000, (name, width, height)
+        assert (out / name).stat().st_size > 30_000, name  # a blank canvas of that size compresses far below
+        assert f"wrote {out / name}" in done.stdout
+    assert (out / "summary.md").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_summary_has_a_row_per_group_and_the_measured_speedup(plotted, results_dir):
+    out, _ = plotted
+    rows = {(row["model"], row["mode"], row["world size"]): row for row in table_rows((out / "summary.md").read_text())}
+    assert set(rows) == {("shufflenetv2", "single", "1"), ("shufflenetv2", "distributed", "2")}
+    runs = {(r["model"], r["mode"]): r for r in results_in(results_dir)}
+    speedup = runs["shufflenetv2", "single"]["total_train_time_s"] / runs["shufflenetv2", "distributed"][
+        "total_train_time_s"]
+    distributed = rows["shufflenetv2", "distributed", "2"]
+    assert distributed["speedup"] == f"{speedup:.2f}×"
+    assert distributed["efficiency"] == f"{speedup / 2:.0%}"
+    assert distributed["backend"] == "gloo" and distributed["runs"] == "1"
+    assert distributed["total time (s)"] == f"{runs['shufflenetv2', 'distributed']['total_train_time_s']:.1f}"
+    assert distributed["final acc (%)"] == f"{runs['shufflenetv2', 'distributed']['final_test_acc'] * 100:.1f}"
+    assert rows["shufflenetv2", "single", "1"]["speedup"] == "baseline"
+
+
+def test_figures_and_summary_name_the_hardware_and_data(results_dir, plotted):
+    groups = plots.group_runs(results_in(results_dir), warn=pytest.fail)
+    tag = plots.title_tag(groups)
+    assert "CPU only" in tag and "synthetic data (not CIFAR-10)" in tag
+    assert "20 training images" in tag and "2 epochs" in tag
+    footer = "\n".join(plots.setup_lines(groups))
+    cpu = results_in(results_dir)[0]["environment"]["cpu"]
+    assert f"CPU {cpu}" in footer and "no GPU" in footer and "Batch: 10 images per process" in footer
+    summary = (plotted[0] / "summary.md").read_text()
+    assert f"CPU {cpu}" in summary and "synthetic CIFAR-shaped data (not CIFAR-10)" in summary
+
+
+def test_medians_and_ranges_of_repeated_runs():
+    spread = plots.Spread.of([3.0, 10.0, 4.0])
+    assert (spread.median, spread.low, spread.high) == (4.0, 3.0, 10.0)
+    assert spread.text(".1f") == "4.0 (3.0–10.0)" and plots.Spread.of([2.0, 2.0]).text(".1f") == "2.0"
+
+
+def test_malformed_and_foreign_files_are_warned_about_and_skipped(results_dir, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(results_dir, folder)
+    (folder / "broken.json").write_text('{"run_id": "cut off')
+    (folder / "foreign.json").write_text(json.dumps({"name": "a package.json", "version": "1.0"}))
+    done = run_script("plot_hpml.py", "--results-dir", str(folder), "--output-dir", str(tmp_path / "img"))
+    assert done.returncode == 0, done.stderr
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 2, done.stderr
+    assert "broken.json" in warnings[0] and "foreign.json: missing fields" in warnings[1]
+    assert all(line.startswith("plot_hpml.py: warning: skipped ") for line in warnings)
+    assert len(table_rows((tmp_path / "img" / "summary.md").read_text())) == 2
+
+
+@pytest.mark.parametrize("mode", ["single", "distributed"])
+def test_a_model_with_one_mode_has_no_speedup(mode, results_dir, tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for path in results_dir.glob(f"shufflenetv2_{mode}_*"):
+        shutil.copy(path, folder)
+    plots.make_all(folder, tmp_path / "img")
+    (row,) = table_rows((tmp_path / "img" / "summary.md").read_text())
+    assert row["mode"] == mode and row["speedup"] == "—" and row["efficiency"] == "—"
+    made = sorted(p.name for p in (tmp_path / "img").iterdir())
+    if mode == "distributed":  # only the single run has monitor samples
+        assert made == ["Accuracy.png", "Curves.png", "Time.png", "summary.md"]
+        assert "Utilization.png not made: no run has monitor samples" in capsys.readouterr().out
+    else:
+        assert "Utilization.png" in made
+
+
+@pytest.mark.parametrize("make_input, flags, message", [
+    (lambda d: d.mkdir(), [], "no valid results JSON files found (0 skipped)"),
+    (lambda d: (d.mkdir(), (d / "a.json").write_text("[1, 2]")), [], "no valid results JSON files found (1 skipped)"),
+    (lambda d: None, [], "no such folder"),
+    (lambda d: d.mkdir(), ["--dpi", "5"], "--dpi must be between 50 and 600, got 5"),
+    (lambda d: d.mkdir(), ["--dpi", "many"], "argument --dpi: invalid int value: 'many'"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(make_input, flags, message, tmp_path, capsys):
+    make_input(tmp_path / "results")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_script(plot_hpml.main, ["--results-dir", str(tmp_path / "results"), "--output-dir",
+                                        str(tmp_path / "img"), *flags])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "img" / "Time.png").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(results_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_script(plot_hpml.main, ["--results-dir", str(results_dir), "--output-dir", str(blocker / "img")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"output folder .*file/img is not writable", err)
+
+
+def test_a_failed_write_keeps_the_older_file(tmp_path):
+    older = tmp_path / "Time.png"
+    older.write_bytes(b"older good figure")
+
+    def crash_half_way(tmp: str) -> None:
+        Path(tmp).write_bytes(PNG_SIGNATURE)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        plots.write_atomic(older, crash_half_way)
+    assert older.read_bytes() == b"older good figure" and [p.name for p in tmp_path.iterdir()] == ["Time.png"]
