@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from . import files
 from .config import TrainConfig
 from .dist import SAGEMAKER_CHECKPOINT_DIR, World, in_sagemaker
 from .errors import UsageError
@@ -46,19 +46,8 @@ def identity(cfg: TrainConfig, model_name: str, world: World) -> dict:
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save to a temp file beside `path`, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save({"format_version": FORMAT_VERSION, **state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through a temp file and a rename: a crash never leaves half a checkpoint."""
+    files.write_atomic(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
 
 
 def load(path: Path) -> dict:
@@ -85,13 +74,7 @@ def check_identity(state: dict, expected: dict, path: Path) -> None:
 
 def check_writable(cfg: TrainConfig) -> None:
     """Prove the checkpoint folder can be written before training starts."""
-    root = default_root(cfg)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise UsageError(f"checkpoint folder {root} is not writable: {error.strerror or error}") from None
+    files.check_writable(default_root(cfg), "checkpoint folder")
 
 
 def save_final_weights(model: torch.nn.Module, run_id: str) -> Path | None:

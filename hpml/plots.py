@@ -10,10 +10,8 @@ panel per setup (device type and workload), so that only comparable bars stand s
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
-import tempfile
 import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from matplotlib.figure import Figure, SubFigure
 
 import models
 
-from . import cli, monitor, results
+from . import cli, files, monitor, results
 from .errors import UsageError
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -499,26 +497,12 @@ def summary_markdown(groups: list[Group], results_dir: Path) -> str:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Let `write` fill a temp file in the same folder, then rename it over `path`: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_figure(figure: Figure, path: Path, dpi: int) -> Path:
-    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi))
+    return files.write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi))
 
 
 def write_text(path: Path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return files.write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def warn_to_stderr(message: str) -> None:

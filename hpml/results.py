@@ -8,7 +8,6 @@ import platform
 import socket
 import statistics
 import subprocess
-import tempfile
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,13 +15,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .errors import UsageError
+from . import files
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "run_id", "model", "mode", "world_size", "device", "config", "epochs",
                    "total_train_time_s", "final_test_acc", "best_test_acc")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "data_time_s",
                 "images_per_s")
 
@@ -90,38 +87,14 @@ def summarize_epochs(epochs: list[dict]) -> dict:
 
 
 def check_writable(folder: str | Path) -> Path:
-    """Create `folder` if needed and prove a file can be written there; UsageError otherwise."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise UsageError(f"output folder {folder} is not writable: {error.strerror or error}") from None
-    return path
+    """Create the output folder if needed and prove a file can be written there; UsageError otherwise."""
+    return files.check_writable(folder, "output folder")
 
 
 def write_json_atomic(path: Path, data: dict, *, overwrite: bool = True) -> Path:
-    """Write JSON to a temp file in the same folder, then rename it into place: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
-        with os.fdopen(fd, "w") as file:
-            json.dump(data, file, indent=2, sort_keys=False, allow_nan=False)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if `path` exists: never overwrite another run
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON through a temp file and a rename: never half a file; NaN is refused, not written."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return files.write_atomic(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
 
 
 def write_results(record: dict, output_dir: str | Path) -> Path:

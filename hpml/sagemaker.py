@@ -29,7 +29,7 @@ import botocore.exceptions
 import botocore.session
 from tqdm import tqdm
 
-from . import data, prices, results
+from . import data, files, prices, results
 from .dist import SAGEMAKER_CHECKPOINT_DIR
 from .errors import UsageError
 
@@ -643,13 +643,8 @@ def job_fields(description: dict, runs: int) -> dict:
 
 def _write_new_file(path: Path, content: bytes) -> list[Path]:
     """Write `content` to a new file through a temporary file; [] if `path` exists (nothing is overwritten)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(content)
-        os.link(tmp, path)
+        files.write_atomic(path, lambda tmp: tmp.write_bytes(content), overwrite=False)
     except FileExistsError:
         return []
-    finally:
-        os.unlink(tmp)
     return [path]

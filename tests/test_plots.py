@@ -170,16 +170,3 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(results_dir, tmp_pa
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"output folder .*file/img is not writable", err)
-
-
-def test_a_failed_write_keeps_the_older_file(tmp_path):
-    older = tmp_path / "Time.png"
-    older.write_bytes(b"older good figure")
-
-    def crash_half_way(tmp: str) -> None:
-        Path(tmp).write_bytes(PNG_SIGNATURE)
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        plots.write_atomic(older, crash_half_way)
-    assert older.read_bytes() == b"older good figure" and [p.name for p in tmp_path.iterdir()] == ["Time.png"]

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from hpml import results
+from hpml.errors import UsageError
 
 
 def record(run_id: str = "r1", **overrides) -> dict:
@@ -56,5 +57,5 @@ def test_load_all_skips_malformed_and_foreign_files(tmp_path):
 
 def test_check_writable_refuses_a_path_below_a_file(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(results.UsageError, match="not writable"):
+    with pytest.raises(UsageError, match="not writable"):
         results.check_writable(tmp_path / "file" / "sub")

@@ -1,0 +1,49 @@
+"""Writing a file so that a crash never leaves half of it, and proving a folder can be written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import UsageError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+    """Let `write` fill a temp file beside `path`, flush it to disk, then rename it into place.
+
+    With overwrite=False an existing `path` is left alone and FileExistsError raised.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
+        write(tmp)
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if `path` exists
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and prove a file can be written there; UsageError naming `what` otherwise."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{what} {folder} is not writable: {error.strerror or error}") from None
+    return path
