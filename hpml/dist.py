@@ -143,6 +143,13 @@ def setup(cfg: TrainConfig, log=print) -> World:
     elif launcher == "mpirun" and backend != "smddp":
         raise UsageError(f"--backend {backend} under mpirun: start the ranks with torchrun (or srun + torchrun); "
                          "mpirun is supported for SageMaker's SMDDP only")
+    elif launcher == "torchrun":
+        store, rank, size = next(torch_dist.rendezvous("env://", timeout=timeout))
+        # A torchrun restart re-forms the group in the same store: without a fresh prefix per attempt, a new
+        # rank can read a dead rank's address from the attempt before and fail to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"hpml/attempt_{attempt}/", store),
+                                      rank=rank, world_size=size, timeout=timeout)
     else:
         torch_dist.init_process_group(backend, timeout=timeout)
     size = torch_dist.get_world_size()
