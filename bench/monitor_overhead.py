@@ -4,7 +4,8 @@
 Trials without the monitor and with it at each interval are interleaved (the order rotates every repeat) so a
 machine that speeds up or slows down affects all alike; the ratio is the median over repeats of
 (seconds per step with the monitor) / (seconds per step without). Also printed: what one sample costs and what
-starting and stopping the monitor costs.
+starting and stopping the monitor costs. Process CPU time (every thread, the monitor's included) is reported
+beside wall time: on a shared machine it is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -62,15 +63,16 @@ class Trainer:
         self.labels = torch.randint(0, 10, (batch_size,), device=device)
         self.loss = nn.CrossEntropyLoss()
 
-    def seconds_per_step(self, steps: int) -> float:
+    def seconds_per_step(self, steps: int) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) per step."""
         self.sync()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
             self.loss(self.model(self.images), self.labels).backward()
             self.optimizer.step()
         self.sync()
-        return (time.perf_counter() - started) / steps
+        return (time.perf_counter() - started) / steps, (time.process_time() - cpu_started) / steps
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Trainer(args.model, device, args.batch_size)
     trainer.seconds_per_step(2)  # warm-up: allocator, kernels, caches
     conditions: list[float | None] = [None, *args.intervals]
-    times: dict[float | None, list[float]] = {condition: [] for condition in conditions}
+    times: dict[float | None, list[tuple[float, float]]] = {condition: [] for condition in conditions}
     samples: dict[float, int] = dict.fromkeys(args.intervals, 0)
     for repeat in range(args.repeats):
         for condition in conditions[repeat % len(conditions):] + conditions[:repeat % len(conditions)]:
@@ -114,17 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 times[condition].append(trainer.seconds_per_step(args.steps))
             samples[condition] += len({row["timestamp"] for row in sampling.samples})
         print(f"repeat {repeat + 1}/{args.repeats}: "
-              + ", ".join(f"{label(c)} {times[c][-1]:.4f} s/step" for c in conditions), file=sys.stderr, flush=True)
+              + ", ".join(f"{label(c)} {times[c][-1][0]:.4f} s/step" for c in conditions), file=sys.stderr, flush=True)
     per_read, start_stop, sampled = sample_cost(device)
-    baseline = statistics.median(times[None])
     print(f"{args.model} on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
           f"{args.steps} steps per trial, {args.repeats} interleaved repeats; sampling {sampled}")
-    print(f"without monitor:        {baseline:.4f} s/step (median)")
-    for interval in args.intervals:
-        ratios = [on / off for on, off in zip(times[interval], times[None], strict=True)]
-        print(f"monitor every {interval:>4g} s:  {statistics.median(times[interval]):.4f} s/step (median), "
-              f"ratio {statistics.median(ratios):.3f} (median of paired trials; min {min(ratios):.3f}, "
-              f"max {max(ratios):.3f}), {samples[interval]} samples taken")
+    for kind, which in (("wall", 0), ("process CPU", 1)):
+        print(f"{kind} time without monitor: {statistics.median(t[which] for t in times[None]):.4f} s/step (median)")
+        for interval in args.intervals:
+            ratios = [on[which] / off[which] for on, off in zip(times[interval], times[None], strict=True)]
+            print(f"  monitor every {interval:>4g} s: {statistics.median(t[which] for t in times[interval]):.4f} "
+                  f"s/step, ratio {statistics.median(ratios):.3f} (median of paired trials; min {min(ratios):.3f}, "
+                  f"max {max(ratios):.3f})")
+    print("samples taken: " + ", ".join(f"{samples[i]} at {i:g} s" for i in args.intervals))
     print(f"one sample costs {per_read * 1e3:.2f} ms of the sampling thread; starting and stopping the monitor "
           f"{start_stop * 1e3:.1f} ms")
     return 0
