@@ -11,7 +11,6 @@ import math
 import os
 import socket
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,10 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import TextIO
 
 import psutil
 
+from . import files
 from .errors import UsageError
 
 CSV_FIELDS = ("timestamp", "elapsed_s", "host", "rank", "gpu", "gpu_name", "gpu_util_pct", "mem_used_mib",
@@ -311,30 +310,22 @@ def write_samples_csv(path: str | Path, rows: Iterable[dict], append: bool = Fal
     """Write rows in the CSV_FIELDS format. append=True adds to an existing file (header only when it is new
     or empty); append=False replaces the file atomically (temp file, then rename)."""
     path = Path(path)
+    if not append:
+        return files.write_atomic(path, lambda tmp: _write_rows(tmp, "w", rows))
     path.parent.mkdir(parents=True, exist_ok=True)
-    if append:
-        if path.exists():
-            _check_header(path)
-        with open(path, "a", newline="") as file:
-            _write_rows(file, rows, header=file.tell() == 0)
-        return path
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as file:
-            _write_rows(file, rows, header=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if path.exists():
+        _check_header(path)
+    return _write_rows(path, "a", rows)
+
+
+def _write_rows(path: Path, mode: str, rows: Iterable[dict]) -> Path:
+    """Write (mode "w") or append (mode "a") rows, with the header when the file starts empty."""
+    with open(path, mode, newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if file.tell() == 0:
+            writer.writeheader()
+        writer.writerows(rows)
     return path
-
-
-def _write_rows(file: TextIO, rows: Iterable[dict], header: bool) -> None:
-    writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
 
 
 def read_samples_csv(path: str | Path) -> list[dict]:
