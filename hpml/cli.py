@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .config import (
@@ -134,16 +135,17 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     try:
         code = main(argv)
     except UsageError as error:
-        print(f"{parser_prog()}: error: {error}", file=sys.stderr)
+        print(f"{script_name()}: error: {error}", file=sys.stderr)
         code = 2
     except RunStopped as stop:
-        print(f"{parser_prog()}: {stop}", file=sys.stderr)
+        print(f"{script_name()}: {stop}", file=sys.stderr)
         code = stop.exit_code
     except KeyboardInterrupt:
-        print(f"{parser_prog()}: interrupted", file=sys.stderr)
+        print(f"{script_name()}: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code or 0)
 
 
-def parser_prog() -> str:
-    return argparse.ArgumentParser().prog
+def script_name() -> str:
+    """The running script's file name, to start its one-line messages with."""
+    return Path(sys.argv[0]).name

@@ -7,8 +7,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import models
-
 from .errors import UsageError
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
@@ -91,6 +89,8 @@ class TrainConfig:
 
 def parse_model_list(text: str) -> list[str]:
     """'all', one name, or a comma list of names/aliases -> canonical names, in order, no repeats."""
+    import models  # here, not at the top: models imports torch, which scripts that only parse flags skip
+
     if text.strip().lower() == "all":
         return models.names()
     chosen: list[str] = []

@@ -506,7 +506,7 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def warn_to_stderr(message: str) -> None:
-    print(f"{cli.parser_prog()}: warning: {message}", file=sys.stderr)
+    print(f"{cli.script_name()}: warning: {message}", file=sys.stderr)
 
 
 def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
