@@ -135,7 +135,10 @@ def watch(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | Non
     try:
         with sampling:
             announce_gpus(sampling.gpus, sampling.nvml_error)
-            finished.wait()
+            # Wake up now and then: a Ctrl-C that the OS hands to the sampling thread is only acted on once the
+            # main thread runs Python again, and an untimed wait would never return.
+            while not finished.wait(timeout=0.2):
+                pass
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a live view ends: the samples so far still count
     return sampling.samples, sampling.nvml_error

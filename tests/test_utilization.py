@@ -86,9 +86,12 @@ def test_gpu_table_and_summary_through_nvml(with_fake_gpus, tmp_path):
 
 
 def test_ctrl_c_ends_the_live_view_cleanly(without_nvml):
+    # A shell without job control starts background jobs (a CI run started with `&`, say) with SIGINT ignored,
+    # and children inherit that: give the view the default disposition, as a terminal's Ctrl-C would find it.
     process = subprocess.Popen([sys.executable, str(REPO / "utilization.py"), "--interval", "0.2", "--json"],
                                cwd=REPO, env={**os.environ, **without_nvml, "PYTHONUNBUFFERED": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while "CPU %" not in process.stderr.readline():  # the table is on stderr with --json
             assert process.poll() is None
