@@ -8,6 +8,7 @@ state is needed: every random stream (weights, shuffle, crops and flips) is draw
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -22,6 +23,7 @@ from .errors import UsageError
 
 FORMAT_VERSION = 1
 FILE_NAME = "last.pt"
+FINISHED_FILE = "finished.json"  # beside last.pt once the run's results are written
 # What must match for a checkpoint to continue this run; speed settings may differ.
 IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed", "dataset", "subset", "scale_lr")
 
@@ -61,6 +63,25 @@ def load(path: Path) -> dict:
         raise UsageError(f"checkpoint {path} is not an hpml checkpoint of format {FORMAT_VERSION}; "
                          "delete it or use another --checkpoint-dir")
     return state
+
+
+def mark_finished(path: Path, results_file: str) -> None:
+    """Note beside the run's checkpoint that its results are written, so that --resume skips the run."""
+    files.write_atomic(path.with_name(FINISHED_FILE),
+                       lambda tmp: tmp.write_text(json.dumps({"results_file": results_file}) + "\n"))
+
+
+def finished_results_file(path: Path) -> str | None:
+    """The results file of the run whose checkpoint is `path`, if it finished; else None."""
+    try:
+        return json.loads(path.with_name(FINISHED_FILE).read_text())["results_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def clear_finished(path: Path) -> None:
+    """A run starting afresh in the folder of a finished one is not finished."""
+    path.with_name(FINISHED_FILE).unlink(missing_ok=True)
 
 
 def check_identity(state: dict, expected: dict, path: Path) -> None:

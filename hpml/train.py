@@ -8,7 +8,6 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -220,15 +219,18 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     if resuming(cfg) and path.exists():
         state = checkpoint.load(path)
         checkpoint.check_identity(state, checkpoint.identity(cfg, model_name, world), path)
-        if state["run"].get("results_file"):
-            log(f"{model_name}: already finished, results in {state['run']['results_file']}; skipping")
+        finished = checkpoint.finished_results_file(path)
+        if finished:
+            log(f"{model_name}: already finished, results in {finished}; skipping")
             return None
         trainer.load_state_dict(state["trainer"])
         run = {**state["run"], "resumes": state["run"]["resumes"] + 1}
         log(f"{model_name}: resuming from {path} after epoch {len(run['epochs'])}"
             + (f", step {run['partial']['steps']} of epoch {len(run['epochs']) + 1}" if run["partial"] else ""))
-    elif world.is_main and path.exists():
-        log(f"{model_name}: starting afresh; {path} will be replaced (use --resume to continue it)")
+    elif world.is_main:
+        checkpoint.clear_finished(path)
+        if path.exists():
+            log(f"{model_name}: starting afresh; {path} will be replaced (use --resume to continue it)")
     done_by_rank = world.all_reduce([len(run["epochs"]), -len(run["epochs"])], op="max")
     if done_by_rank[0] != -done_by_rank[1]:
         raise UsageError(f"ranks found different checkpoints under {path.parent}; put --checkpoint-dir on a "
@@ -300,15 +302,6 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     if world.is_main:
         checkpoint.save_final_weights(trainer.model, run["run_id"])
     return record
-
-
-def mark_finished(record: dict, results_file: str, world: World) -> None:
-    """Note in the run's checkpoint that its results are written, so --resume skips it from now on."""
-    if world.is_main:
-        path = Path(record["checkpoint"])
-        state = checkpoint.load(path)
-        state["run"]["results_file"] = results_file
-        checkpoint.save(path, {key: value for key, value in state.items() if key != "format_version"})
 
 
 def resuming(cfg: TrainConfig) -> bool:

@@ -141,3 +141,14 @@ def test_elastic_restart_resumes_and_completes(tmp_path):
     (record,) = results_in(tmp_path)
     assert record["resumes"] == 1 and [e["epoch"] for e in record["epochs"]] == [1, 2, 3]
     assert record["world_size"] == 2
+
+
+def test_a_finished_mark_is_kept_beside_the_checkpoint_and_cleared_for_a_fresh_start(tmp_path):
+    path = tmp_path / "resnet18_single_w1" / checkpoint.FILE_NAME
+    assert checkpoint.finished_results_file(path) is None
+    checkpoint.mark_finished(path, "results/run.json")
+    assert checkpoint.finished_results_file(path) == "results/run.json"
+    checkpoint.clear_finished(path)
+    assert checkpoint.finished_results_file(path) is None
+    path.with_name(checkpoint.FINISHED_FILE).write_text("{not json")
+    assert checkpoint.finished_results_file(path) is None
