@@ -3,11 +3,12 @@
 
     python bench/throughput.py --model resnet18 --device cpu --json b.json
     python bench/throughput.py --nproc 2            # also DDP scaling efficiency over 2 ranks
+    python bench/throughput.py --ablate             # also the fast defaults with one setting changed at a time
 
-Reference: DataLoader with --workers 2 and torchvision transforms, fp32, eager, NCHW. Fast: the defaults of
-run_hpc.py on this device. Both train the same model with the same code (hpml.train.Trainer) on CIFAR-shaped
-synthetic data; epochs of --steps steps alternate between the two setups, the first epoch of each is warm-up,
-and the figure is the median images/s over --repeats epochs.
+Reference: DataLoader with --workers 2 and torchvision transforms, fp32, eager (no CUDA graphs), NCHW. Fast:
+the defaults of run_hpc.py on this device. Both train the same model with the same code (hpml.train.Trainer) on
+CIFAR-shaped synthetic data; epochs of --steps steps alternate between the setups, the first epoch of each is
+warm-up, and the figure is the median images/s over --repeats epochs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +32,15 @@ from hpml.config import TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
-REFERENCE = {"loader": "torch", "workers": 2, "precision": "fp32", "channels_last": False, "compile": False}
+REFERENCE = {"loader": "torch", "workers": 2, "precision": "fp32", "channels_last": False, "compile": False,
+             "cuda_graphs": False}
+ABLATIONS = {  # the fast defaults with one setting changed: what each setting is worth on this device
+    "fast, fp32": {"precision": "fp32"},
+    "fast, NCHW": {"channels_last": False},
+    "fast, torch loader": {"loader": "torch", "workers": 2},
+    "fast + compile": {"compile": True},  # replaces CUDA graphs on a GPU
+}
+CUDA_ABLATIONS = {"fast, no CUDA graphs": {"cuda_graphs": False}}
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple:
@@ -48,6 +58,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple:
     parser.add_argument("--nproc", type=int, default=0,
                         help="also measure DDP scaling efficiency with this many ranks under torchrun "
                              "(default: off)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also measure the fast defaults with one setting changed at a time: "
+                             + "; ".join([*ABLATIONS, *CUDA_ABLATIONS]) + " (on CUDA only); compiling adds a "
+                             "minute or more per model")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "steps", "repeats"):
@@ -62,23 +76,28 @@ def parse_args(argv: Sequence[str] | None) -> tuple:
 
 def measure_model(name: str, args, world: dist.World, images: data.ImageSet) -> dict:
     common = {"models": [name], "batch_size": args.batch_size, "device": args.device, "quiet": True}
-    trainers = {
-        "reference": Trainer(TrainConfig(**common, **REFERENCE).validate(), name, world, images),
-        "fast": Trainer(TrainConfig(**common).validate(), name, world, images),
-    }
+    ablations = {**ABLATIONS, **(CUDA_ABLATIONS if world.device.type == "cuda" else {})} if args.ablate else {}
+    setups = {"reference": REFERENCE, "fast": {}, **ablations}
+    trainers = {setup: Trainer(TrainConfig(**common, **changes).validate(), name, world, images)
+                for setup, changes in setups.items()}
     rates: dict[str, list[float]] = {setup: [] for setup in trainers}
-    rounds = [("reference", "fast") if r % 2 == 0 else ("fast", "reference") for r in range(args.repeats + 1)]
-    with tqdm(total=2 * len(rounds), desc=name, unit="epoch", leave=False) as progress:
-        for epoch, order in enumerate(rounds, start=1):
-            for setup in order:
+    order = list(trainers)
+    with tqdm(total=len(order) * (args.repeats + 1), desc=name, unit="epoch", leave=False) as progress:
+        for epoch in range(1, args.repeats + 2):
+            for setup in order[epoch % len(order):] + order[:epoch % len(order)]:  # a new order every round
                 stats = trainers[setup].train_epoch(epoch, tqdm(disable=True))
-                if epoch > 1:  # the first epoch of each setup is warm-up
+                if epoch > 1:  # the first epoch of each setup is warm-up (and compiles)
                     rates[setup].append(stats["images"] / stats["epoch_time_s"])
                 progress.update(1)
-    reference, fast = (statistics.median(rates[s]) for s in ("reference", "fast"))
-    return {"reference_images_per_s": reference, "fast_images_per_s": fast, "speedup": fast / reference,
-            "fast_settings": trainers["fast"].speed.as_dict(),
-            "reference_settings": trainers["reference"].speed.as_dict()}
+    median = {setup: statistics.median(rates[setup]) for setup in rates}
+    figures = {"reference_images_per_s": median["reference"], "fast_images_per_s": median["fast"],
+               "speedup": median["fast"] / median["reference"],
+               "fast_settings": trainers["fast"].speed.as_dict(),
+               "reference_settings": trainers["reference"].speed.as_dict()}
+    if ablations:
+        figures["ablations"] = {setup: {"images_per_s": median[setup], "vs_fast": median[setup] / median["fast"]}
+                                for setup in ablations}
+    return figures
 
 
 def measure_ddp(name: str, args, nproc: int) -> float:
@@ -99,6 +118,9 @@ def measure_ddp(name: str, args, nproc: int) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args, names = parse_args(argv)
     world = dist.single_process(args.device)
+    if args.nproc > 1 and world.device.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank); this machine has "
+                         f"{torch.cuda.device_count()}")
     images = data.synthetic_cifar10(args.steps * args.batch_size, 10)
     report = {"device": device_name(world), "batch_size": args.batch_size, "steps_per_epoch": args.steps,
               "repeats": args.repeats, "environment": results.environment(world.device), "models": {}}
@@ -108,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["models"][name] = figures
         print(f"{name:<14}{figures['reference_images_per_s']:>17.1f}{figures['fast_images_per_s']:>12.1f}"
               f"{figures['speedup']:>8.2f}x")
+        for setup, ablation in figures.get("ablations", {}).items():
+            print(f"  {setup:<26}{ablation['images_per_s']:>12.1f}{ablation['vs_fast']:>8.2f}x of fast")
     if args.nproc:
         report["ddp"] = {"nproc": args.nproc, "models": {}}
         print(f"\n{'model':<14}{'1 rank img/s':>14}{f'{args.nproc} ranks img/s':>16}{'efficiency':>12}")

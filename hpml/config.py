@@ -53,6 +53,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | None = None  # None: chosen per device
     compile: bool = False
+    cuda_graphs: bool | None = None  # None: on for CUDA unless compiling
     # Used by run_distributed.py only; a single-device run leaves them at their defaults.
     backend: str = "auto"
     dist_timeout: float = 300.0

@@ -24,6 +24,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CROP_PADDING = 4
 IMAGE_SIZE = 32
+EVAL_BATCH_SIZE = 1000  # evaluation batches: any size gives the same sums (BatchNorm in eval mode); big is fast
+AUGMENT_CHUNK = 32  # batches the device loader crops and flips in one go, so a step costs no extra launches
 
 
 @dataclass
@@ -67,11 +69,15 @@ class AugmentedImages(Dataset):
         return self.to_normalized_tensor(image), int(self.labels[index])
 
 
-def normalize(pixels: Tensor) -> Tensor:
-    """uint8 NCHW -> float NCHW with CIFAR-10's channel mean and std."""
-    mean = torch.tensor(CIFAR10_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255 - mean) / std
+class Normalize:
+    """uint8 NCHW -> float NCHW with CIFAR-10's channel mean and std (kept on the device: no copy per batch)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: Tensor) -> Tensor:
+        return (pixels.float() / 255 - self.mean) / self.std
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -139,31 +145,33 @@ class DeviceTrainBatches(TrainBatches):
         self.padded = F.pad(pixels, [CROP_PADDING] * 4)  # zeros, like torchvision's pad
         self.labels = torch.from_numpy(images.train_labels).to(device)
         self.window = torch.arange(IMAGE_SIZE, device=device)
+        self.channels = torch.arange(3, device=device)[None, :, None, None]
+        self.normalize = Normalize(device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.tensor(self.epoch_order(), dtype=torch.int64, device=self.device)
         top, left, flip = (torch.from_numpy(a).to(self.device) for a in
                            (self.augmentation.top, self.augmentation.left, self.augmentation.flip))
-        for index in order.split(self.batch_size):
-            yield self.crop_flip_normalize(index, top[index], left[index], flip[index]), self.labels[index]
+        for index in order.split(self.batch_size * AUGMENT_CHUNK):
+            inputs = self.crop_flip_normalize(index, top[index], left[index], flip[index])
+            yield from zip(inputs.split(self.batch_size), self.labels[index].split(self.batch_size), strict=True)
 
     def crop_flip_normalize(self, index: Tensor, top: Tensor, left: Tensor, flip: Tensor) -> Tensor:
         rows = (top[:, None] + self.window)[:, None, :, None]  # (B, 1, 32, 1)
         cols = left[:, None] + self.window
         cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # a flip reads columns backwards
-        channels = torch.arange(3, device=self.device)[None, :, None, None]
-        crops = self.padded[index[:, None, None, None], channels, rows, cols]  # (B, 3, 32, 32) uint8
-        return normalize(crops).contiguous(memory_format=self.memory_format)
+        crops = self.padded[index[:, None, None, None], self.channels, rows, cols]  # (B, 3, 32, 32) uint8
+        return self.normalize(crops).contiguous(memory_format=self.memory_format)
 
 
 class EvalBatches:
     """This rank's share of the test set on the device, without padding: over all ranks every image once."""
 
-    def __init__(self, images: ImageSet, batch_size: int, rank: int, world_size: int, device: torch.device,
-                 channels_last: bool = False) -> None:
+    def __init__(self, images: ImageSet, rank: int, world_size: int, device: torch.device,
+                 channels_last: bool = False, batch_size: int = EVAL_BATCH_SIZE) -> None:
         shard = slice(rank, None, world_size)
         pixels = torch.from_numpy(images.test_images[shard]).to(device).permute(0, 3, 1, 2)
-        self.inputs = normalize(pixels).contiguous(memory_format=memory_format(channels_last))
+        self.inputs = Normalize(device)(pixels).contiguous(memory_format=memory_format(channels_last))
         self.targets = torch.from_numpy(images.test_labels[shard]).to(device)
         self.batch_size = batch_size
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import TrainConfig
 from .errors import UsageError
@@ -21,6 +21,7 @@ class SpeedSettings:
     precision: str
     channels_last: bool
     compile: bool
+    cuda_graphs: bool
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +47,12 @@ def resolve(cfg: TrainConfig, device: torch.device) -> SpeedSettings:
     if cfg.compile:
         check_compile_supported(device)
     channels_last = True if cfg.channels_last is None else cfg.channels_last
-    return SpeedSettings(cfg.loader, precision, channels_last, cfg.compile)
+    cuda_graphs = device.type == "cuda" and not cfg.compile if cfg.cuda_graphs is None else cfg.cuda_graphs
+    if cuda_graphs and device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device, got {device.type}; drop it or use --device cuda")
+    if cuda_graphs and cfg.compile:
+        raise UsageError("--cuda-graphs and --compile cannot be combined; choose one")
+    return SpeedSettings(cfg.loader, precision, channels_last, cfg.compile, cuda_graphs)
 
 
 def check_compile_supported(device: torch.device) -> None:
@@ -63,7 +69,8 @@ def autocast(settings: SpeedSettings, device: torch.device) -> contextlib.Abstra
     if settings.precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    # A CUDA graph must record every cast, so autocast may not reuse casts from its cache.
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=not settings.cuda_graphs)
 
 
 def grad_scaler(settings: SpeedSettings, device: torch.device) -> torch.cuda.amp.GradScaler | None:
@@ -77,3 +84,27 @@ def grad_scaler(settings: SpeedSettings, device: torch.device) -> torch.cuda.amp
 
 def prepare_model(model: nn.Module, settings: SpeedSettings) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if settings.channels_last else model
+
+
+class GraphedModel(nn.Module):
+    """The model's training forward and backward captured once as CUDA graphs, replayed for every full batch.
+
+    Eager PyTorch launches a few hundred small kernels per step, and on a fast GPU the Python that launches
+    them becomes the bottleneck; a replay is one launch. Batches of another size (an epoch's last, partial
+    batch) and evaluation run the model eagerly. The optimizer step stays eager.
+    """
+
+    def __init__(self, model: nn.Module, batch: Tensor, autocast: contextlib.AbstractContextManager) -> None:
+        super().__init__()
+        self.model, self.batch_shape = model, batch.shape
+        self.eager_forward = model.forward
+        state = [tensor.clone() for tensor in model.state_dict().values()]
+        model.train()
+        with autocast:
+            torch.cuda.make_graphed_callables(model, (batch,))  # replaces model.forward in training mode
+        with torch.no_grad():  # the capture's warm-up steps moved BatchNorm's running statistics: put them back
+            for tensor, saved in zip(model.state_dict().values(), state, strict=True):
+                tensor.copy_(saved)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.model(inputs) if inputs.shape == self.batch_shape else self.eager_forward(inputs)

@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .data import ImageSet
 from .dist import World, in_sagemaker
 from .errors import RunStopped, UsageError
-from .loaders import EvalBatches, make_train_batches
+from .loaders import IMAGE_SIZE, EvalBatches, make_train_batches, memory_format
 
 
 def seed_all(*seed_parts: int) -> None:
@@ -140,14 +140,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
 def evaluate(model: nn.Module, batches: EvalBatches, autocast: contextlib.AbstractContextManager | None = None) -> dict:
     """Sums of loss and correct predictions over this rank's share of the test set."""
     model.eval()
-    loss_sum, correct, images = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=batches.targets.device)
+    correct = torch.zeros((), dtype=torch.int64, device=batches.targets.device)
     for inputs, targets in batches:
         with autocast or contextlib.nullcontext():
             outputs = model(inputs)
-        loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum").item()
-        correct += int((outputs.argmax(1) == targets).sum())
-        images += len(targets)
-    return {"loss_sum": loss_sum, "correct": correct, "images": images}
+        loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum")
+        correct += (outputs.argmax(1) == targets).sum()
+    return {"loss_sum": loss_sum.item(), "correct": correct.item(), "images": len(batches)}
 
 
 class Trainer:
@@ -162,16 +162,21 @@ class Trainer:
         seed_all(cfg.seed)
         self.model = speed.prepare_model(models.build(model_name).to(device), self.speed)
         self.params = sum(p.numel() for p in self.model.parameters())
-        train_model = wrap_for_world(self.model, world)
+        self.train_batches = make_train_batches(images, self.speed.loader, cfg.batch_size, cfg.seed, world.rank,
+                                                world.size, device, self.speed.channels_last, cfg.workers)
+        self.eval_batches = EvalBatches(images, world.rank, world.size, device, self.speed.channels_last)
+        self.speed.cuda_graphs &= len(self.train_batches.sampler) >= cfg.batch_size  # a full batch to replay
+        step_model = self.model
+        if self.speed.cuda_graphs:
+            batch = torch.randn(cfg.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+            batch = batch.contiguous(memory_format=memory_format(self.speed.channels_last))
+            step_model = speed.GraphedModel(self.model, batch, speed.autocast(self.speed, device))
+        train_model = wrap_for_world(step_model, world)
         self.train_model = torch.compile(train_model) if self.speed.compile else train_model
         self.lr = cfg.lr * world.size if cfg.scale_lr else cfg.lr
         self.optimizer = make_optimizer(cfg, self.model.parameters(), self.lr)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.scaler = speed.grad_scaler(self.speed, device)
-        self.train_batches = make_train_batches(images, self.speed.loader, cfg.batch_size, cfg.seed, world.rank,
-                                                world.size, device, self.speed.channels_last, cfg.workers)
-        self.eval_batches = EvalBatches(images, cfg.batch_size, world.rank, world.size, device,
-                                        self.speed.channels_last)
 
     @property
     def current_lr(self) -> float:

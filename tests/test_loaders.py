@@ -51,7 +51,7 @@ def test_crop_and_flip_follow_the_drawn_offsets(images):
         expected = padded[aug.top[index]:aug.top[index] + 32, aug.left[index]:aug.left[index] + 32]
         if aug.flip[index]:
             expected = expected[:, ::-1]
-        expected = loaders.normalize(torch.from_numpy(expected.copy()).permute(2, 0, 1)[None])[0]
+        expected = loaders.Normalize(CPU)(torch.from_numpy(expected.copy()).permute(2, 0, 1)[None])[0]
         torch.testing.assert_close(x[position], expected, rtol=0, atol=1e-6)
 
 
@@ -76,5 +76,5 @@ def test_train_shards_are_disjoint_and_cover_the_set(images):
 
 
 def test_test_batches_cover_every_image_once_over_ranks(images):
-    counts = [len(EvalBatches(images, 8, rank, 3, CPU)) for rank in range(3)]  # 50 images over 3 ranks
+    counts = [len(EvalBatches(images, rank, 3, CPU, batch_size=8)) for rank in range(3)]  # 50 images over 3 ranks
     assert counts == [17, 17, 16]

@@ -29,7 +29,8 @@ def train_two_steps(**settings) -> dict:
                          list(itertools.product(["device", "torch"], ["fp32", "bf16", "fp16"], [False, True])))
 def test_every_setting_trains_a_step(loader, precision, channels_last):
     settings = train_two_steps(loader=loader, precision=precision, channels_last=channels_last)
-    assert settings == {"loader": loader, "precision": precision, "channels_last": channels_last, "compile": False}
+    assert settings == {"loader": loader, "precision": precision, "channels_last": channels_last, "compile": False,
+                        "cuda_graphs": False}
 
 
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
@@ -41,6 +42,14 @@ def test_auto_precision_follows_the_cpu():
     settings = speed.resolve(TrainConfig(), torch.device("cpu"))
     assert settings.precision == ("bf16" if speed.cpu_has_native_bf16() else "fp32")
     assert settings.channels_last is True and settings.loader == "device" and settings.compile is False
+    assert settings.cuda_graphs is False
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_with_compile():
+    with pytest.raises(speed.UsageError, match="--cuda-graphs needs a CUDA device, got cpu"):
+        speed.resolve(TrainConfig(cuda_graphs=True), torch.device("cpu"))
+    with pytest.raises(speed.UsageError, match="--cuda-graphs and --compile cannot be combined"):
+        speed.resolve(TrainConfig(cuda_graphs=True, compile=True), torch.device("cuda"))
 
 
 def test_compile_without_a_compiler_is_refused(monkeypatch):
