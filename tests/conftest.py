@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,21 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from hpml import cli  # noqa: E402
+
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts in a subprocess, as a user would from a shell."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def exit_code_of(main: Callable, argv: Sequence[str]) -> int:
+    """Run a script's main(argv) in this process through cli.run_script, as its __main__ does; the exit code."""
+    with pytest.raises(SystemExit) as stop:
+        cli.run_script(main, list(argv))
+    return stop.value.code
 
 
 def results_in(folder: Path) -> list[dict]:

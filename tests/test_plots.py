@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import plot_hpml
-from hpml import cli, plots
+from hpml import plots
 from hpml.dist import free_port
-from tests.conftest import REPO, results_in, run_script
+from tests.conftest import REPO, exit_code_of, results_in, run_script
 
 TINY_RUN = ["--dataset", "synthetic", "--subset", "20", "--batch-size", "10", "--epochs", "2", "--workers", "0",
             "--quiet"]
@@ -153,10 +153,9 @@ def test_a_model_with_one_mode_has_no_speedup(mode, results_dir, tmp_path, capsy
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(make_input, flags, message, tmp_path, capsys):
     make_input(tmp_path / "results")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run_script(plot_hpml.main, ["--results-dir", str(tmp_path / "results"), "--output-dir",
-                                        str(tmp_path / "img"), *flags])
-    assert exit_info.value.code == 2
+    code = exit_code_of(plot_hpml.main, ["--results-dir", str(tmp_path / "results"), "--output-dir",
+                                         str(tmp_path / "img"), *flags])
+    assert code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "img" / "Time.png").exists()
@@ -165,8 +164,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(make_input, flags, message, tm
 def test_an_output_folder_that_cannot_be_written_is_one_line(results_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run_script(plot_hpml.main, ["--results-dir", str(results_dir), "--output-dir", str(blocker / "img")])
+    code = exit_code_of(plot_hpml.main, ["--results-dir", str(results_dir), "--output-dir", str(blocker / "img")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"output folder .*file/img is not writable", err)

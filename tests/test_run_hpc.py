@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 import run_hpc
-from hpml import cli
-from tests.conftest import results_in, run_script
+from tests.conftest import exit_code_of, results_in, run_script
 
 SHORT_RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "320", "--batch-size", "32",
              "--epochs", "3", "--workers", "0"]
@@ -67,15 +66,9 @@ def test_model_list_trains_each_in_turn_and_never_overwrites(tmp_path):
     args = ["--model", "shufflenet,resnet", "--dataset", "synthetic", "--subset", "20", "--batch-size", "10",
             "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path), "--quiet"]
     for _ in range(2):
-        assert cli_exit_code(args) == 0
+        assert exit_code_of(run_hpc.main, args) == 0
     assert sorted(r["model"] for r in results_in(tmp_path)) == ["resnet18", "resnet18", "shufflenetv2", "shufflenetv2"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-
-
-def cli_exit_code(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as stop:
-        cli.run_script(run_hpc.main, argv)
-    return stop.value.code
 
 
 BAD_INPUTS = [
@@ -100,7 +93,7 @@ def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
     if argv == ["--device", "cuda"] and __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
     data_args = [] if "--dataset" in argv else ["--dataset", "synthetic"]
-    code = cli_exit_code([*argv, *data_args, "--output-dir", str(tmp_path / "out")])
+    code = exit_code_of(run_hpc.main, [*argv, *data_args, "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -109,14 +102,14 @@ def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
 def test_unwritable_output_dir(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code = cli_exit_code(["--dataset", "synthetic", "--output-dir", str(blocker / "results")])
+    code = exit_code_of(run_hpc.main, ["--dataset", "synthetic", "--output-dir", str(blocker / "results")])
     err = capsys.readouterr().err
     assert code == 2 and "is not writable" in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_and_corrupt_data_fail_before_training(tmp_path, npz_dir, capsys):
     (npz_dir / "test.npz").write_bytes(b"\x00garbage")
-    code = cli_exit_code(["--data-dir", str(npz_dir), "--output-dir", str(tmp_path / "out")])
+    code = exit_code_of(run_hpc.main, ["--data-dir", str(npz_dir), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "test.npz" in err and len(err.strip().splitlines()) == 1
     assert not list((tmp_path / "out").glob("*.json"))

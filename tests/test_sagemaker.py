@@ -29,7 +29,7 @@ from moto.server import ThreadedMotoServer
 import sagemaker_submission
 from hpml import cli, prices
 from hpml import sagemaker as aws
-from tests.conftest import REPO, fake_images, results_in, run_script
+from tests.conftest import REPO, exit_code_of, fake_images, results_in, run_script
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-test-bucket"
@@ -77,10 +77,9 @@ def moto_account(tmp_path_factory) -> boto3.Session:
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     """Run the script in this process, as its __main__ does; (exit code, stdout, stderr)."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        cli.run_script(sagemaker_submission.main, list(argv))
+    code = exit_code_of(sagemaker_submission.main, argv)
     captured = capsys.readouterr()
-    return done.value.code, captured.out, captured.err
+    return code, captured.out, captured.err
 
 
 def submit(capsys, *argv: str) -> tuple[int, str, str]:
@@ -130,11 +129,10 @@ def main_job(moto_account, cifar_dir) -> dict:
     """A job submitted with a local data folder, spot, two instances and a range of training flags."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(sys, "stdout", io.StringIO())
-        with pytest.raises(SystemExit) as done:
-            cli.run_script(sagemaker_submission.main, ["submit", *JOB_ARGS, "--region", REGION, "--data-dir",
-                                                       str(cifar_dir), *MAIN_JOB_ARGS])
+        code = exit_code_of(sagemaker_submission.main, ["submit", *JOB_ARGS, "--region", REGION, "--data-dir",
+                                                         str(cifar_dir), *MAIN_JOB_ARGS])
         output = sys.stdout.getvalue()
-    assert done.value.code == 0, output
+    assert code == 0, output
     return {"output": output, "description": describe(moto_account, MAIN_JOB)}
 
 
@@ -224,12 +222,11 @@ def torchrun_job(moto_account) -> dict:
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("HPML_SAGEMAKER_ROLE", ROLE)
         monkeypatch.setattr(sys, "stdout", io.StringIO())
-        with pytest.raises(SystemExit) as done:
-            cli.run_script(sagemaker_submission.main, [
-                "submit", *JOB_ARGS, "--region", REGION, "--dataset", "synthetic", "--distribution", "torchrun",
-                "--instance-type", "ml.g5.12xlarge", "--job-name", "hpml-torchrun"])
+        code = exit_code_of(sagemaker_submission.main, [
+            "submit", *JOB_ARGS, "--region", REGION, "--dataset", "synthetic", "--distribution", "torchrun",
+            "--instance-type", "ml.g5.12xlarge", "--job-name", "hpml-torchrun"])
         output = sys.stdout.getvalue()
-    assert done.value.code == 0, output
+    assert code == 0, output
     return describe(moto_account, "hpml-torchrun")
 
 

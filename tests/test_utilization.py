@@ -11,8 +11,8 @@ import sys
 import pytest
 
 import utilization
-from hpml import cli, monitor
-from tests.conftest import REPO, run_script
+from hpml import monitor
+from tests.conftest import REPO, exit_code_of, run_script
 from tests.test_monitor import FAKE_PYNVML
 
 SUMMARY_FIELDS = ["interval_s", "samples", "samples_csv", "nvml", "nvml_error", "gpus", "mean_gpu_util_pct",
@@ -59,7 +59,8 @@ def test_duration_and_interval_write_timed_csv_rows(tmp_path):
 def test_json_summary_on_stdout_and_csv_appends(tmp_path, capsys):
     csv_path = tmp_path / "u.csv"
     for _ in range(2):
-        assert exit_code(["--duration", "0.3", "--interval", "0.1", "--csv", str(csv_path), "--json"]) == 0
+        argv = ["--duration", "0.3", "--interval", "0.1", "--csv", str(csv_path), "--json"]
+        assert exit_code_of(utilization.main, argv) == 0
         out = capsys.readouterr()
         summary = json.loads(out.out)
         assert "CPU %" in out.err  # the live table moved to stderr
@@ -119,12 +120,6 @@ def test_redraws_in_place_on_a_terminal():
     assert "12.5" in screen.getvalue() and "100 / 200" in screen.getvalue()
 
 
-def exit_code(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as stop:
-        cli.run_script(utilization.main, argv)
-    return stop.value.code
-
-
 BAD_FLAGS = [
     (["--interval", "0"], "--interval must be a positive number of seconds, got 0.0"),
     (["--interval", "-1"], "--interval must be a positive number of seconds, got -1.0"),
@@ -139,7 +134,7 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flag_is_one_clear_line(argv, message, capsys):
-    assert exit_code(argv) == 2
+    assert exit_code_of(utilization.main, argv) == 2
     out, err = capsys.readouterr()
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == ""
 
@@ -149,7 +144,7 @@ def test_unwritable_csv_paths_fail_before_sampling(tmp_path, capsys):
     blocker.write_text("notes\n")
     for path, message in ((blocker / "u.csv", "a-file is a file, not a folder"), (tmp_path, "is a folder"),
                           (blocker, "header differs")):
-        assert exit_code(["--once", "--csv", str(path)]) == 2
+        assert exit_code_of(utilization.main, ["--once", "--csv", str(path)]) == 2
         out, err = capsys.readouterr()
         assert message in err and len(err.strip().splitlines()) == 1 and out == ""  # no table: nothing sampled
     assert blocker.read_text() == "notes\n"
