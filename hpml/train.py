@@ -217,21 +217,23 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     after saving a checkpoint when a signal arrives, and when the loss stops being finite.
     """
     wall_start = time.perf_counter()
-    trainer = Trainer(cfg, model_name, world, images)
     path = checkpoint.run_path(cfg, model_name, world)
     run = {"run_id": results.new_run_id(model_name, "distributed" if world.distributed else "single", world.size),
            "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0, "wall_time_s": 0.0}
+    state = None
     if resuming(cfg) and path.exists():
         state = checkpoint.load(path)
         checkpoint.check_identity(state, checkpoint.identity(cfg, model_name, world), path)
         finished = checkpoint.finished_results_file(path)
-        if finished:
+        if finished:  # checked before the Trainer is built: skipping a finished run sets nothing up
             log(f"{model_name}: already finished, results in {finished}; skipping")
             return None
-        trainer.load_state_dict(state["trainer"])
         run = {**state["run"], "resumes": state["run"]["resumes"] + 1}
         log(f"{model_name}: resuming from {path} after epoch {len(run['epochs'])}"
             + (f", step {run['partial']['steps']} of epoch {len(run['epochs']) + 1}" if run["partial"] else ""))
+    trainer = Trainer(cfg, model_name, world, images)
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
     elif world.is_main:
         checkpoint.clear_finished(path)
         if path.exists():
