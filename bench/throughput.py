@@ -118,7 +118,7 @@ def measure_ddp(name: str, args, nproc: int) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args, names = parse_args(argv)
     world = dist.single_process(args.device)
-    if args.nproc > 1 and world.device.type == "cuda" and args.nproc > torch.cuda.device_count():
+    if world.device.type == "cuda" and args.nproc > torch.cuda.device_count():
         raise UsageError(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank); this machine has "
                          f"{torch.cuda.device_count()}")
     images = data.synthetic_cifar10(args.steps * args.batch_size, 10)
