@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import files, results
 from .config import TrainConfig
 from .dist import SAGEMAKER_CHECKPOINT_DIR, World, in_sagemaker
 from .errors import UsageError
@@ -67,8 +67,7 @@ def load(path: Path) -> dict:
 
 def mark_finished(path: Path, results_file: str) -> None:
     """Note beside the run's checkpoint that its results are written, so that --resume skips the run."""
-    files.write_atomic(path.with_name(FINISHED_FILE),
-                       lambda tmp: tmp.write_text(json.dumps({"results_file": results_file}) + "\n"))
+    results.write_json_atomic(path.with_name(FINISHED_FILE), {"results_file": results_file})
 
 
 def finished_results_file(path: Path) -> str | None:
