@@ -27,13 +27,11 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpml import cli, data, dist, results  # noqa: E402
+from hpml import cli, data, dist, results, speed  # noqa: E402
 from hpml.config import TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
-REFERENCE = {"loader": "torch", "workers": 2, "precision": "fp32", "channels_last": False, "compile": False,
-             "cuda_graphs": False}
 ABLATIONS = {  # the fast defaults with one setting changed: what each setting is worth on this device
     "fast, fp32": {"precision": "fp32"},
     "fast, NCHW": {"channels_last": False},
@@ -77,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple:
 def measure_model(name: str, args, world: dist.World, images: data.ImageSet) -> dict:
     common = {"models": [name], "batch_size": args.batch_size, "device": args.device, "quiet": True}
     ablations = {**ABLATIONS, **(CUDA_ABLATIONS if world.device.type == "cuda" else {})} if args.ablate else {}
-    setups = {"reference": REFERENCE, "fast": {}, **ablations}
+    setups = {"reference": speed.REFERENCE_SETUP, "fast": {}, **ablations}
     trainers = {setup: Trainer(TrainConfig(**common, **changes).validate(), name, world, images)
                 for setup, changes in setups.items()}
     rates: dict[str, list[float]] = {setup: [] for setup in trainers}

@@ -8,9 +8,11 @@ state is needed: every random stream (weights, shuffle, crops and flips) is draw
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
+import threading
 import zipfile
 from pathlib import Path
 
@@ -47,9 +49,48 @@ def identity(cfg: TrainConfig, model_name: str, world: World) -> dict:
             **{name: getattr(cfg, name) for name in IDENTITY_FIELDS}}
 
 
-def save(path: Path, state: dict) -> None:
-    """torch.save through a temp file and a rename: a crash never leaves half a checkpoint."""
-    files.write_atomic(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
+class BackgroundWriter:
+    """Writes checkpoints on a thread, so that training goes on while the file is written and flushed to disk.
+
+    save() copies the state at once (tensors are cloned where they live, in a few milliseconds); the thread
+    serialises the copy through a temp file and a rename, mostly without holding the GIL. One write at a
+    time: save() and wait() wait for the one before and raise its error. Use it as a context manager, so that
+    the last write is complete when the block ends.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: UsageError | None = None
+
+    def save(self, path: Path, state: dict) -> None:
+        self.wait()
+        snapshot = copy.deepcopy({"format_version": FORMAT_VERSION, **state})  # training changes the original
+        self._thread = threading.Thread(target=self._write, args=(path, snapshot), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, path: Path, snapshot: dict) -> None:
+        try:
+            files.write_atomic(path, lambda tmp: torch.save(snapshot, tmp))
+        except Exception as error:  # reported to the training thread at its next wait()
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            self._error = UsageError(f"cannot write checkpoint {path}: {reason}")
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, *_: object) -> None:
+        if exc_type is None:
+            self.wait()
+        elif self._thread is not None:  # finish the write, but let the exception on its way win
+            self._thread.join()
 
 
 def load(path: Path) -> dict:

@@ -14,6 +14,11 @@ from torch import Tensor, nn
 from .config import TrainConfig
 from .errors import UsageError
 
+# The classic pipeline the fast defaults are measured against (TrainConfig fields): a DataLoader with 2 worker
+# processes and torchvision transforms, fp32, eager, NCHW.
+REFERENCE_SETUP = {"loader": "torch", "workers": 2, "precision": "fp32", "channels_last": False, "compile": False,
+                   "cuda_graphs": False}
+
 
 @dataclass
 class SpeedSettings:

@@ -219,7 +219,8 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     wall_start = time.perf_counter()
     path = checkpoint.run_path(cfg, model_name, world)
     run = {"run_id": results.new_run_id(model_name, "distributed" if world.distributed else "single", world.size),
-           "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0, "wall_time_s": 0.0}
+           "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0, "wall_time_s": 0.0,
+           "setup_time_s": 0.0, "checkpoint_time_s": 0.0}
     state = None
     if resuming(cfg) and path.exists():
         state = checkpoint.load(path)
@@ -228,9 +229,10 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
         if finished:  # checked before the Trainer is built: skipping a finished run sets nothing up
             log(f"{model_name}: already finished, results in {finished}; skipping")
             return None
-        run = {**state["run"], "resumes": state["run"]["resumes"] + 1}
+        run = {**run, **state["run"], "resumes": state["run"]["resumes"] + 1}
         log(f"{model_name}: resuming from {path} after epoch {len(run['epochs'])}"
             + (f", step {run['partial']['steps']} of epoch {len(run['epochs']) + 1}" if run["partial"] else ""))
+    setup_start = time.perf_counter()
     trainer = Trainer(cfg, model_name, world, images)
     if state is not None:
         trainer.load_state_dict(state["trainer"])
@@ -238,44 +240,50 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
         checkpoint.clear_finished(path)
         if path.exists():
             log(f"{model_name}: starting afresh; {path} will be replaced (use --resume to continue it)")
+    run["setup_time_s"] += time.perf_counter() - setup_start
     done_by_rank = world.all_reduce([len(run["epochs"]), -len(run["epochs"])], op="max")
     if done_by_rank[0] != -done_by_rank[1]:
         raise UsageError(f"ranks found different checkpoints under {path.parent}; put --checkpoint-dir on a "
                          "folder every node shares")
 
     clock = wall_start  # wall time is banked in `run` at every save, so it adds up over resumes
+    writer = checkpoint.BackgroundWriter()
 
     def save(**changes: object) -> None:
         nonlocal clock
         run.update(changes, wall_time_s=run["wall_time_s"] + time.perf_counter() - clock)
         clock = time.perf_counter()
-        if world.is_main:
-            checkpoint.save(path, {"identity": checkpoint.identity(cfg, model_name, world), "run": run,
-                                   "trainer": trainer.state_dict()})
+        if world.is_main:  # the time training waits for it is banked with the next save
+            writer.save(path, {"identity": checkpoint.identity(cfg, model_name, world), "run": run,
+                               "trainer": trainer.state_dict()})
+            run["checkpoint_time_s"] += time.perf_counter() - clock
 
     control = StepControl(world, stop_requested)
     show_progress = world.is_main and not cfg.quiet and sys.stderr.isatty()
-    for epoch in range(len(run["epochs"]) + 1, cfg.epochs + 1):
-        epoch_lr = trainer.current_lr
-        with tqdm(total=len(trainer.train_batches), desc=f"{model_name} {epoch}/{cfg.epochs}", unit="batch",
-                  leave=False, disable=not show_progress, dynamic_ncols=True) as progress:
-            train = trainer.train_epoch(epoch, progress, control, run["partial"])
-        if train["stopped"] == "diverged":
-            kept = f"the last good checkpoint, after epoch {epoch - 1}, is {path}" if epoch > 1 else "no checkpoint"
-            raise RunStopped(f"{model_name}: the training loss became NaN or infinite in epoch {epoch}; stopped "
-                             f"({kept}); try a lower --lr or --precision fp32", exit_code=3)
-        if train["stopped"] == "stop":
-            save(partial={key: train[key] for key in ("steps", "loss_sum", "correct", "images", "epoch_time_s",
-                                                      "data_time_s")})
-            raise RunStopped(f"{model_name}: stopped by a signal at step {train['steps']} of epoch {epoch}; "
-                             f"checkpoint saved to {path}; rerun with --resume to continue", exit_code=130)
-        eval_start = time.perf_counter()
-        test = trainer.evaluate()
-        eval_time = time.perf_counter() - eval_start
-        run["epochs"].append(epoch_metrics(epoch, epoch_lr, train, test, eval_time, world))
-        save(partial=None)
-        if not cfg.quiet and world.is_main:
-            log(format_epoch(model_name, cfg.epochs, run["epochs"][-1]))
+    with writer:
+        for epoch in range(len(run["epochs"]) + 1, cfg.epochs + 1):
+            epoch_lr = trainer.current_lr
+            with tqdm(total=len(trainer.train_batches), desc=f"{model_name} {epoch}/{cfg.epochs}", unit="batch",
+                      leave=False, disable=not show_progress, dynamic_ncols=True) as progress:
+                train = trainer.train_epoch(epoch, progress, control, run["partial"])
+            if train["stopped"] == "diverged":
+                kept = f"the last good checkpoint, after epoch {epoch - 1}, is {path}" if epoch > 1 else \
+                    "no checkpoint"
+                raise RunStopped(f"{model_name}: the training loss became NaN or infinite in epoch {epoch}; "
+                                 f"stopped ({kept}); try a lower --lr or --precision fp32", exit_code=3)
+            if train["stopped"] == "stop":
+                save(partial={key: train[key] for key in ("steps", "loss_sum", "correct", "images", "epoch_time_s",
+                                                          "data_time_s")})
+                writer.wait()
+                raise RunStopped(f"{model_name}: stopped by a signal at step {train['steps']} of epoch {epoch}; "
+                                 f"checkpoint saved to {path}; rerun with --resume to continue", exit_code=130)
+            eval_start = time.perf_counter()
+            test = trainer.evaluate()
+            eval_time = time.perf_counter() - eval_start
+            run["epochs"].append(epoch_metrics(epoch, epoch_lr, train, test, eval_time, world))
+            save(partial=None)
+            if not cfg.quiet and world.is_main:
+                log(format_epoch(model_name, cfg.epochs, run["epochs"][-1]))
 
     mode = "distributed" if world.distributed else "single"
     record = {
@@ -302,6 +310,8 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
         "epochs": run["epochs"],
         **results.summarize_epochs(run["epochs"]),
         "total_wall_time_s": run["wall_time_s"] + time.perf_counter() - clock,
+        "setup_time_s": run["setup_time_s"],
+        "checkpoint_time_s": run["checkpoint_time_s"],
         "checkpoint": str(path),
     }
     if world.sagemaker:

@@ -38,7 +38,8 @@ def place(tmp_path_factory) -> Path:
     other = root / "other" / "resnet18_single_w1" / "last.pt"
     identity = {"model": "resnet18", "world_size": 1, "batch_size": 64, "lr": 0.1, "optimizer": "adadelta",
                 "schedule": "none", "epochs": 1, "seed": 0, "dataset": "synthetic", "subset": 20, "scale_lr": False}
-    checkpoint.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
+    with checkpoint.BackgroundWriter() as writer:
+        writer.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
     return root
 
 
@@ -78,6 +79,9 @@ CASES = [
     ("sagemaker_submission.py", ["submit", "--dry-run", "--instance-type", "ml.g5.xlarge"], "ml.p4d.24xlarge"),
     ("sagemaker_submission.py", ["submit", "--dry-run", "--model", "lenet"], "unknown model 'lenet'"),
     ("bench/throughput.py", ["--steps", "0"], "--steps must be a positive integer, got 0"),
+    ("bench/parity.py", ["--seeds", "0,x"], "--seeds must be a comma list of distinct integers, e.g. 0,1,2; got '0,x'"),
+    ("bench/parity.py", ["--seeds", "1,1"], "got '1,1'"),
+    ("bench/parity.py", ["--epochs", "0", "--output-dir", "{root}/parity"], "--epochs must be a positive integer"),
 ]
 TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
 

@@ -36,3 +36,35 @@ def test_bench_ablate_measures_each_setting(tmp_path):
     ablations = run_bench(tmp_path, "--ablate")["models"]["shufflenetv2"]["ablations"]
     assert set(ablations) == {"fast, fp32", "fast, NCHW", "fast, torch loader", "fast + compile"}
     assert all(a["images_per_s"] > 0 for a in ablations.values())
+
+
+def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(tmp_path):
+    out = tmp_path / "p.json"
+    command = [sys.executable, str(REPO / "bench" / "parity.py"), "--model", "shufflenetv2", "--device", "cpu",
+               "--dataset", "synthetic", "--subset", "40", "--batch-size", "16", "--epochs", "1", "--seeds", "3,5",
+               "--output-dir", str(tmp_path / "runs"), "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())["models"]["shufflenetv2"]
+    for setup in ("fast", "reference"):
+        runs = report["runs"][setup]
+        assert [run["seed"] for run in runs] == [3, 5]
+        assert sorted(p.name for p in (tmp_path / "runs" / setup).glob("*.json")) == \
+            sorted(Path(run["results_file"]).name for run in runs)
+        final = [run["final_test_acc"] for run in runs]
+        assert report["summary"][setup]["final_test_acc"]["mean"] == pytest.approx(sum(final) / 2)
+    assert report["runs"]["reference"][0]["speed"]["loader"] == "torch"
+    assert report["runs"]["fast"][0]["speed"]["loader"] == "device"
+    difference = report["summary"]["final_test_acc_difference"]
+    assert difference["fast_minus_reference"] == pytest.approx(
+        report["summary"]["fast"]["final_test_acc"]["mean"] - report["summary"]["reference"]["final_test_acc"]["mean"])
+
+
+def test_checkpoint_wait_measures_both_ways_of_saving(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "checkpoint_wait.py"), "--model", "shufflenetv2",
+               "--device", "cpu", "--repeats", "1", "--gap", "0", "--dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    megabytes, blocking, background, ratio = done.stdout.splitlines()[-1].split()[1:]
+    assert float(megabytes) > 10 and float(blocking) > 0 and float(background) > 0 and ratio.endswith("x")
+    assert list(tmp_path.iterdir()) == []  # the temp folder is gone

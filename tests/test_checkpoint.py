@@ -4,12 +4,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
 from hpml import checkpoint
+from hpml.errors import UsageError
 from tests.conftest import REPO, results_in, run_script
 from tests.test_distributed import free_port
 
@@ -31,6 +33,15 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 300) ->
         if not line and process.poll() is not None:
             pytest.fail(f"process ended before printing {text!r}: {process.stderr.read()}")
     pytest.fail(f"no {text!r} within {timeout}s")
+
+
+def wait_for_checkpoint(folder: Path, timeout: float = 60) -> None:
+    """The epoch's line is printed while its checkpoint is still being written in the background."""
+    deadline = time.time() + timeout
+    while not list(folder.glob("checkpoints/*/last.pt")):
+        if time.time() > deadline:
+            pytest.fail(f"no checkpoint under {folder} within {timeout}s")
+        time.sleep(0.05)
 
 
 def epoch_seconds(line: str) -> float:
@@ -58,6 +69,7 @@ def uninterrupted(tmp_path_factory):
 def interrupt_in_epoch_2(out, sig: int) -> subprocess.Popen:
     process = start(*RUN, "--output-dir", str(out))
     first = wait_for_line(process, "epoch 1/3")
+    wait_for_checkpoint(out)
     time.sleep(epoch_seconds(first) / 2)  # the middle of epoch 2
     process.send_signal(sig)
     process.wait(timeout=120)
@@ -129,6 +141,7 @@ def test_elastic_restart_resumes_and_completes(tmp_path):
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_line(launcher, "epoch 1/3")
+        wait_for_checkpoint(tmp_path)
         workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
                    if "run_distributed.py" in " ".join(p.cmdline())]
         workers[-1].send_signal(signal.SIGKILL)
@@ -152,3 +165,25 @@ def test_a_finished_mark_is_kept_beside_the_checkpoint_and_cleared_for_a_fresh_s
     assert checkpoint.finished_results_file(path) is None
     path.with_name(checkpoint.FINISHED_FILE).write_text("{not json")
     assert checkpoint.finished_results_file(path) is None
+
+
+def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path):
+    path = tmp_path / "run" / checkpoint.FILE_NAME
+    weights = torch.zeros(1000)
+    with checkpoint.BackgroundWriter() as writer:
+        writer.save(path, {"identity": {}, "weights": weights})
+        weights += 1  # training goes on while the file is written
+        writer.save(path, {"identity": {}, "weights": weights})  # waits for the first write
+        weights += 1
+    assert torch.equal(checkpoint.load(path)["weights"], torch.ones(1000))
+    assert [p.name for p in path.parent.iterdir()] == [checkpoint.FILE_NAME]  # no temp file left
+
+
+def test_a_failed_background_write_is_reported_with_the_path(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    path = tmp_path / "a-file" / "run" / checkpoint.FILE_NAME
+    writer = checkpoint.BackgroundWriter()
+    writer.save(path, {"identity": {}})
+    with pytest.raises(UsageError, match=f"cannot write checkpoint {path}"):
+        writer.wait()
+    writer.wait()  # reported once

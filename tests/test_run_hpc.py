@@ -48,6 +48,14 @@ def test_results_schema(short_run):
     assert short_run["final_test_acc"] == short_run["epochs"][-1]["test_acc"]
 
 
+def test_wall_time_holds_its_measured_parts(short_run):
+    parts = {"setup": short_run["setup_time_s"], "training": short_run["total_train_time_s"],
+             "checkpoints": short_run["checkpoint_time_s"],
+             "evaluation": sum(e["eval_time_s"] for e in short_run["epochs"])}
+    assert all(seconds > 0 for seconds in parts.values()), parts
+    assert sum(parts.values()) <= short_run["total_wall_time_s"], parts
+
+
 def metrics_of(folder: Path) -> list[dict]:
     (record,) = results_in(folder)
     return [{k: v for k, v in e.items() if "time" not in k and "per_s" not in k} for e in record["epochs"]]

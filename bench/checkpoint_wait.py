@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""How long training waits for an epoch's checkpoint: a blocking write against hpml's background writer.
+
+    python bench/checkpoint_wait.py --model resnet18 --device cpu
+
+Blocking: torch.save into a temp file, flush to disk, rename (what training did before the background writer).
+Background: checkpoint.BackgroundWriter.save, which serialises the state and leaves the write to a thread. The
+state is a model's weights and its Adadelta state, as in a real checkpoint. The two alternate; between saves a
+pause of --gap seconds stands in for an epoch, so each background write has finished before the next save.
+Reported: the median seconds training is held up per checkpoint, over --repeats saves of each.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import models  # noqa: E402
+from hpml import checkpoint, cli, dist, files  # noqa: E402
+from hpml.config import DEVICES, parse_model_list  # noqa: E402
+from hpml.errors import UsageError  # noqa: E402
+from hpml.train import synchronize  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18", help="model name, comma list or 'all' (default: %(default)s)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the state lives before it is saved (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=7, help="saves of each kind (default: %(default)s)")
+    parser.add_argument("--gap", type=float, default=2.0,
+                        help="seconds between saves, standing in for an epoch (default: %(default)s)")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="folder to write in, on the disk checkpoints go to (default: a temp folder)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.gap < 0:
+        raise UsageError(f"--repeats must be positive and --gap 0 or more, got {args.repeats} and {args.gap}")
+    return args, parse_model_list(args.model)
+
+
+def training_state(name: str, device: torch.device) -> dict:
+    model = models.build(name).to(device)
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 32, 32, device=device)).sum().backward()
+    optimizer.step()
+    return {"identity": {"model": name}, "trainer": {"model": model.state_dict(), "optimizer": optimizer.state_dict()}}
+
+
+def measure(name: str, args, device: torch.device, folder: Path) -> dict:
+    state, path = training_state(name, device), folder / name / checkpoint.FILE_NAME
+    waits: dict[str, list[float]] = {"blocking": [], "background": []}
+    with checkpoint.BackgroundWriter() as writer:
+        for _ in range(args.repeats):
+            for kind in waits:
+                synchronize(device)
+                start = time.perf_counter()
+                if kind == "blocking":
+                    files.write_atomic(path, lambda tmp: torch.save(state, tmp))
+                else:
+                    writer.save(path, state)
+                waits[kind].append(time.perf_counter() - start)
+                time.sleep(args.gap)
+    return {kind: statistics.median(seconds) for kind, seconds in waits.items()} | {
+        "megabytes": path.stat().st_size / 1e6}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, names = parse_args(argv)
+    device = dist.resolve_device(args.device)
+    print(f"{'model':<14}{'MB':>6}{'blocking s':>12}{'background s':>14}{'ratio':>8}")
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        for name in names:
+            figures = measure(name, args, device, Path(folder))
+            print(f"{name:<14}{figures['megabytes']:>6.0f}{figures['blocking']:>12.3f}{figures['background']:>14.3f}"
+                  f"{figures['blocking'] / figures['background']:>7.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_script(main)

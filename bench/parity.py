@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Accuracy parity: the suite's fast defaults against the classic reference setup, over several seeds.
+
+    python bench/parity.py --device cpu --subset 5000 --epochs 10 --json p.json   # a short CPU comparison
+    python bench/parity.py --device cuda --json p.json    # ResNet18, full CIFAR-10, 20 epochs, seeds 0,1,2
+
+Both setups train with run_hpc.py's code on the same data with the same seeds, alternating seed by seed. Every
+run's results JSON is kept under <output-dir>/fast/ and <output-dir>/reference/ (plot_hpml.py reads them).
+Reported per setup: final and best test accuracy of every seed, their mean and standard deviation; then the
+difference of the means with its standard error, and whether it is within two standard errors (run-to-run noise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hpml import cli, dist, experiment, results, speed  # noqa: E402
+from hpml.config import DATASETS, DEVICES, TrainConfig, parse_model_list  # noqa: E402
+from hpml.errors import UsageError  # noqa: E402
+
+SETUPS = {"fast": {}, "reference": speed.REFERENCE_SETUP}
+RUN_FIELDS = ("final_test_acc", "best_test_acc", "total_train_time_s", "median_images_per_s")
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple:
+    defaults = TrainConfig()
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18", help="model name, comma list or 'all' (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="images per step (default: %(default)s)")
+    parser.add_argument("--subset", type=int, default=None,
+                        help="train on a class-stratified subset of this many images and test on a proportional "
+                             "subset of at least 1,000 (default: the whole set)")
+    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
+                        help="cifar10, or synthetic for a smoke run (default: %(default)s)")
+    parser.add_argument("--data-dir", default=defaults.data_dir,
+                        help="CIFAR-10 folder, as for run_hpc.py (default: %(default)s)")
+    parser.add_argument("--device", choices=DEVICES, default=defaults.device,
+                        help="auto (CUDA when available, else CPU), cpu or cuda (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds; each trains once in each setup "
+                                                         "(default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, default=Path("parity"),
+                        help="folder for the runs' results, one sub-folder per setup (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="write the comparison to this JSON file")
+    args = parser.parse_args(argv)
+    seeds = parse_seeds(args.seeds)
+    base = TrainConfig(models=parse_model_list(args.model), epochs=args.epochs, batch_size=args.batch_size,
+                       subset=args.subset, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
+                       ).validate()
+    for folder in [args.output_dir / setup for setup in SETUPS] + ([args.json.parent] if args.json else []):
+        results.check_writable(folder)
+    return args, seeds, base
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must be a comma list of distinct integers, e.g. 0,1,2; got {text!r}")
+    return seeds
+
+
+def run_all(args, seeds: list[int], base: TrainConfig, world: dist.World) -> dict[str, dict[str, list[dict]]]:
+    """Train every (seed, setup) pair; per model and setup, one entry per seed with the run's headline figures."""
+    runs: dict[str, dict[str, list[dict]]] = {name: {setup: [] for setup in SETUPS} for name in base.models}
+    with tempfile.TemporaryDirectory(prefix="hpml-parity-") as checkpoints:
+        for number, (seed, setup) in enumerate([(seed, setup) for seed in seeds for setup in SETUPS], start=1):
+            print(f"run {number} of {len(seeds) * len(SETUPS)}: {setup} setup, seed {seed}", flush=True)
+            cfg = dataclasses.replace(base, seed=seed, output_dir=str(args.output_dir / setup),
+                                      checkpoint_dir=f"{checkpoints}/{setup}_seed{seed}", **SETUPS[setup])
+            for path in experiment.run_models(cfg.validate(), world):
+                record = results.load_results(path)
+                runs[record["model"]][setup].append({"seed": seed, **{key: record[key] for key in RUN_FIELDS},
+                                                     "speed": record["speed"], "results_file": str(path)})
+    return runs
+
+
+def compare(setups: dict[str, list[dict]]) -> dict:
+    """Mean and standard deviation per setup, and the fast-minus-reference difference of the mean accuracies."""
+    summary: dict = {}
+    for setup, runs in setups.items():
+        for key in RUN_FIELDS:
+            values = [run[key] for run in runs]
+            summary.setdefault(setup, {})[key] = {"mean": statistics.mean(values),
+                                                  "std": statistics.stdev(values) if len(values) > 1 else None}
+    for key in ("final_test_acc", "best_test_acc"):
+        fast, reference = summary["fast"][key], summary["reference"][key]
+        difference = fast["mean"] - reference["mean"]
+        error = (math.sqrt(fast["std"] ** 2 / len(setups["fast"]) + reference["std"] ** 2 / len(setups["reference"]))
+                 if fast["std"] is not None else None)
+        summary[f"{key}_difference"] = {"fast_minus_reference": difference, "standard_error": error,
+                                        "within_two_standard_errors": None if error is None
+                                        else abs(difference) <= 2 * error}
+    summary["train_time_ratio"] = (summary["reference"]["total_train_time_s"]["mean"]
+                                   / summary["fast"]["total_train_time_s"]["mean"])
+    return summary
+
+
+def print_model(name: str, setups: dict[str, list[dict]], summary: dict) -> None:
+    print(f"\n{name:<12}{'seed':>6}{'final acc':>11}{'best acc':>10}{'train s':>10}{'img/s':>9}")
+    for setup, runs in setups.items():
+        for run in runs:
+            print(f"  {setup:<10}{run['seed']:>6}{run['final_test_acc']:>11.4f}{run['best_test_acc']:>10.4f}"
+                  f"{run['total_train_time_s']:>10.1f}{run['median_images_per_s']:>9.0f}")
+        figures = summary[setup]
+        spread = "" if figures["final_test_acc"]["std"] is None else \
+            f" (std {figures['final_test_acc']['std']:.4f} final, {figures['best_test_acc']['std']:.4f} best)"
+        print(f"  {setup:<10}{'mean':>6}{figures['final_test_acc']['mean']:>11.4f}"
+              f"{figures['best_test_acc']['mean']:>10.4f}{figures['total_train_time_s']['mean']:>10.1f}"
+              f"{figures['median_images_per_s']['mean']:>9.0f}{spread}")
+    for key, label in (("final_test_acc", "final"), ("best_test_acc", "best")):
+        difference = summary[f"{key}_difference"]
+        line = f"  fast - reference, {label} accuracy: {100 * difference['fast_minus_reference']:+.2f} points"
+        if difference["standard_error"] is not None:
+            verdict = "within" if difference["within_two_standard_errors"] else "NOT within"
+            line += (f" (standard error {100 * difference['standard_error']:.2f}; {verdict} two standard "
+                     "errors)")
+        print(line)
+    print(f"  training time, reference / fast: {summary['train_time_ratio']:.2f}x")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, seeds, base = parse_args(argv)
+    world = dist.single_process(base.device)
+    for changes in SETUPS.values():  # refuse what this device cannot run before the first run starts
+        speed.resolve(dataclasses.replace(base, **changes), world.device)
+    runs = run_all(args, seeds, base, world)
+    report = {"device": results.environment(world.device), "epochs": base.epochs, "batch_size": base.batch_size,
+              "dataset": base.dataset, "subset": base.subset, "seeds": seeds, "models": {}}
+    for name, setups in runs.items():
+        summary = compare(setups)
+        report["models"][name] = {"runs": setups, "summary": summary}
+        print_model(name, setups, summary)
+    if args.json:
+        results.write_json_atomic(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_script(main)
