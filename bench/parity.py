@@ -38,6 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple:
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="images per step (default: %(default)s)")
+    cli.add_switch(parser, "--drop-last", "leave out each epoch's last, partial batch, as run_hpc.py does "
+                                          "(default: on)", default=defaults.drop_last)
     parser.add_argument("--subset", type=int, default=None,
                         help="train on a class-stratified subset of this many images and test on a proportional "
                              "subset of at least 1,000 (default: the whole set)")
@@ -55,8 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple:
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     base = TrainConfig(models=parse_model_list(args.model), epochs=args.epochs, batch_size=args.batch_size,
-                       subset=args.subset, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
-                       ).validate()
+                       drop_last=args.drop_last, subset=args.subset, dataset=args.dataset, data_dir=args.data_dir,
+                       device=args.device).validate()
     for folder in [args.output_dir / setup for setup in SETUPS] + ([args.json.parent] if args.json else []):
         results.check_writable(folder)
     return args, seeds, base
@@ -138,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         speed.resolve(dataclasses.replace(base, **changes), world.device)
     runs = run_all(args, seeds, base, world)
     report = {"device": results.environment(world.device), "epochs": base.epochs, "batch_size": base.batch_size,
-              "dataset": base.dataset, "subset": base.subset, "seeds": seeds, "models": {}}
+              "drop_last": base.drop_last, "dataset": base.dataset, "subset": base.subset, "seeds": seeds,
+              "models": {}}
     for name, setups in runs.items():
         summary = compare(setups)
         report["models"][name] = {"runs": setups, "summary": summary}

@@ -27,7 +27,9 @@ FORMAT_VERSION = 1
 FILE_NAME = "last.pt"
 FINISHED_FILE = "finished.json"  # beside last.pt once the run's results are written
 # What must match for a checkpoint to continue this run; speed settings may differ.
-IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed", "dataset", "subset", "scale_lr")
+IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed", "dataset", "subset", "scale_lr",
+                   "drop_last")
+OLDER_IDENTITY = {"drop_last": False}  # what checkpoints written before a field existed were made with
 
 
 def default_root(cfg: TrainConfig) -> Path:
@@ -127,7 +129,7 @@ def clear_finished(path: Path) -> None:
 def check_identity(state: dict, expected: dict, path: Path) -> None:
     """Refuse to continue a checkpoint made with other settings, naming the first difference."""
     for name, value in expected.items():
-        saved = state["identity"].get(name)
+        saved = state["identity"].get(name, OLDER_IDENTITY.get(name))
         if saved != value:
             raise UsageError(f"checkpoint {path} was made with {name} {saved!r}, this run has {value!r}; "
                              "rerun with the same settings, or use another --checkpoint-dir to start afresh")

@@ -67,6 +67,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="learning-rate schedule over the epochs: none (constant) or cosine (default: %(default)s)")
     group.add_argument("--workers", type=int, default=DEFAULTS.workers,
                        help="data-loader worker processes per training process (default: %(default)s)")
+    add_switch(group, "--drop-last", "leave out each epoch's last, partial batch (different images every epoch, as "
+                                     "the order is reshuffled): a step on a few images, just before evaluation, "
+                                     "knocks BatchNorm and the optimizer off course (default: on)",
+               default=DEFAULTS.drop_last)
     group.add_argument("--data-dir", default=None,
                        help="CIFAR-10 folder: train.npz/test.npz or cifar-10-batches-py/ (downloaded there when "
                             "absent and the network allows) (default: $HPML_CIFAR10 if set, else a SageMaker job's "

@@ -38,6 +38,7 @@ class TrainConfig:
     optimizer: str = "adadelta"
     schedule: str = "none"
     workers: int = 2
+    drop_last: bool = True
     data_dir: str = field(default_factory=default_data_dir)
     dataset: str = "cifar10"
     subset: int | None = None

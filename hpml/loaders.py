@@ -88,17 +88,19 @@ class TrainBatches:
     """This rank's shard of the training set, reshuffled every epoch, as augmented batches on the device."""
 
     def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
-                 device: torch.device, channels_last: bool = False) -> None:
+                 device: torch.device, channels_last: bool = False, drop_last: bool = False) -> None:
         self.size = len(images.train_labels)
         self.sampler = DistributedSampler(range(self.size), num_replicas=world_size, rank=rank, shuffle=True,
                                           seed=seed)
         self.batch_size, self.seed, self.device = batch_size, seed, device
+        shard = len(self.sampler)
+        self.epoch_size = shard - shard % batch_size if drop_last else shard  # images trained on per epoch
         self.memory_format = memory_format(channels_last)
         self.augmentation = Augmentation.draw(seed, 0, self.size)
         self.skip = 0
 
     def __len__(self) -> int:
-        return -(-(len(self.sampler) - self.skip) // self.batch_size)
+        return -(-(self.epoch_size - self.skip) // self.batch_size)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Deal this epoch's shard and augmentation; skip its first batches when resuming mid-epoch."""
@@ -107,7 +109,7 @@ class TrainBatches:
         self.skip = skip_batches * self.batch_size
 
     def epoch_order(self) -> list[int]:
-        return list(self.sampler)[self.skip:]
+        return list(self.sampler)[self.skip:self.epoch_size]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         raise NotImplementedError
@@ -117,8 +119,8 @@ class TorchTrainBatches(TrainBatches):
     """The classic pipeline: a DataLoader runs torchvision's transforms in `workers` processes."""
 
     def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
-                 device: torch.device, channels_last: bool = False, workers: int = 2) -> None:
-        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last)
+                 device: torch.device, channels_last: bool = False, drop_last: bool = False, workers: int = 2) -> None:
+        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last, drop_last)
         self.dataset = AugmentedImages(images.train_images, images.train_labels)
         self.workers = workers
 
@@ -139,8 +141,8 @@ class DeviceTrainBatches(TrainBatches):
     """
 
     def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
-                 device: torch.device, channels_last: bool = False) -> None:
-        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last)
+                 device: torch.device, channels_last: bool = False, drop_last: bool = False) -> None:
+        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last, drop_last)
         pixels = torch.from_numpy(images.train_images).to(device).permute(0, 3, 1, 2)
         self.padded = F.pad(pixels, [CROP_PADDING] * 4)  # zeros, like torchvision's pad
         self.labels = torch.from_numpy(images.train_labels).to(device)
@@ -184,8 +186,10 @@ class EvalBatches:
 
 
 def make_train_batches(images: ImageSet, loader: str, batch_size: int, seed: int, rank: int, world_size: int,
-                       device: torch.device, channels_last: bool = False, workers: int = 2) -> TrainBatches:
+                       device: torch.device, channels_last: bool = False, drop_last: bool = False,
+                       workers: int = 2) -> TrainBatches:
     """`loader` is "device" (device-resident, augmented in batches) or "torch" (DataLoader + torchvision)."""
     if loader == "torch":
-        return TorchTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last, workers)
-    return DeviceTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last)
+        return TorchTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last, drop_last,
+                                 workers)
+    return DeviceTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last, drop_last)

@@ -163,9 +163,14 @@ class Trainer:
         self.model = speed.prepare_model(models.build(model_name).to(device), self.speed)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.train_batches = make_train_batches(images, self.speed.loader, cfg.batch_size, cfg.seed, world.rank,
-                                                world.size, device, self.speed.channels_last, cfg.workers)
+                                                world.size, device, self.speed.channels_last, cfg.drop_last,
+                                                cfg.workers)
+        if self.train_batches.epoch_size == 0:
+            raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(self.train_batches.sampler)} "
+                             "training images each process gets, and --drop-last leaves out the partial batch; "
+                             "lower --batch-size or pass --drop-last false")
         self.eval_batches = EvalBatches(images, world.rank, world.size, device, self.speed.channels_last)
-        self.speed.cuda_graphs &= len(self.train_batches.sampler) >= cfg.batch_size  # a full batch to replay
+        self.speed.cuda_graphs &= self.train_batches.epoch_size >= cfg.batch_size  # a full batch to replay
         step_model = self.model
         if self.speed.cuda_graphs:
             batch = torch.randn(cfg.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)

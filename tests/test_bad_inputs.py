@@ -59,6 +59,7 @@ CASES = [
     ("run_hpc.py", ["--loader", "gpu"], "argument --loader: invalid choice: 'gpu'"),
     ("run_hpc.py", ["--quiet", "maybe"], "expected true or false, got 'maybe'"),
     ("run_hpc.py", ["--device", "cuda"], "--device cuda: no CUDA device is available here"),
+    ("run_hpc.py", ["--batch-size", "64"], "--batch-size 64 is larger than the 20 training images each process gets"),
     ("run_hpc.py", ["--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs a CUDA device, got cpu"),
     ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/tiny", "--subset", "500"],
      "--subset 500 is larger than the training set (30 images)"),

@@ -42,15 +42,18 @@ def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(tmp_path
     out = tmp_path / "p.json"
     command = [sys.executable, str(REPO / "bench" / "parity.py"), "--model", "shufflenetv2", "--device", "cpu",
                "--dataset", "synthetic", "--subset", "40", "--batch-size", "16", "--epochs", "1", "--seeds", "3,5",
-               "--output-dir", str(tmp_path / "runs"), "--json", str(out)]
+               "--drop-last", "false", "--output-dir", str(tmp_path / "runs"), "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())["models"]["shufflenetv2"]
+    report = json.loads(out.read_text())
+    assert report["drop_last"] is False
+    report = report["models"]["shufflenetv2"]
     for setup in ("fast", "reference"):
         runs = report["runs"][setup]
         assert [run["seed"] for run in runs] == [3, 5]
         assert sorted(p.name for p in (tmp_path / "runs" / setup).glob("*.json")) == \
             sorted(Path(run["results_file"]).name for run in runs)
+        assert all(json.loads(Path(run["results_file"]).read_text())["config"]["drop_last"] is False for run in runs)
         final = [run["final_test_acc"] for run in runs]
         assert report["summary"][setup]["final_test_acc"]["mean"] == pytest.approx(sum(final) / 2)
     assert report["runs"]["reference"][0]["speed"]["loader"] == "torch"

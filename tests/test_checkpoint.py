@@ -187,3 +187,10 @@ def test_a_failed_background_write_is_reported_with_the_path(tmp_path):
     with pytest.raises(UsageError, match=f"cannot write checkpoint {path}"):
         writer.wait()
     writer.wait()  # reported once
+
+
+def test_a_checkpoint_from_before_drop_last_counts_as_keeping_the_partial_batch(tmp_path):
+    older = {"identity": {"batch_size": 32}}
+    checkpoint.check_identity(older, {"batch_size": 32, "drop_last": False}, tmp_path / "last.pt")
+    with pytest.raises(UsageError, match="made with drop_last False, this run has True"):
+        checkpoint.check_identity(older, {"batch_size": 32, "drop_last": True}, tmp_path / "last.pt")

@@ -75,6 +75,21 @@ def test_train_shards_are_disjoint_and_cover_the_set(images):
     assert seen[0] + seen[2] == 300 and not seen[1] & seen[3]
 
 
+@pytest.mark.parametrize("loader", ["device", "torch"])
+def test_drop_last_leaves_out_a_different_partial_batch_each_epoch(images, loader):
+    kept = {}
+    for epoch in (1, 2):
+        batches = make_train_batches(images, loader, 64, 0, 0, 1, CPU, drop_last=True, workers=0)
+        batches.set_epoch(epoch)
+        labels = [y for _, y in batches]
+        assert len(batches) == len(labels) == 4 and all(len(y) == 64 for y in labels)  # 300 = 4 x 64 + 44
+        kept[epoch] = set(batches.epoch_order())
+    assert len(kept[1]) == 256 and kept[1] != kept[2]
+    batches = make_train_batches(images, loader, 64, 0, 0, 1, CPU, drop_last=False, workers=0)
+    batches.set_epoch(1)
+    assert [len(y) for _, y in batches] == [64, 64, 64, 64, 44]
+
+
 def test_test_batches_cover_every_image_once_over_ranks(images):
     counts = [len(EvalBatches(images, rank, 3, CPU, batch_size=8)) for rank in range(3)]  # 50 images over 3 ranks
     assert counts == [17, 17, 16]
