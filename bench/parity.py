@@ -8,6 +8,8 @@ Both setups train with run_hpc.py's code on the same data with the same seeds, a
 run's results JSON is kept under <output-dir>/fast/ and <output-dir>/reference/ (plot_hpml.py reads them).
 Reported per setup: final and best test accuracy of every seed, their mean and standard deviation; then the
 difference of the means with its standard error, and whether it is within two standard errors (run-to-run noise).
+With --resume, runs already finished under --output-dir with the same settings are read back, not trained again,
+so that an interrupted comparison, or one split over several sessions (say one seed each), carries on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from hpml.errors import UsageError  # noqa: E402
 
 SETUPS = {"fast": {}, "reference": speed.REFERENCE_SETUP}
 RUN_FIELDS = ("final_test_acc", "best_test_acc", "total_train_time_s", "median_images_per_s")
+# The TrainConfig fields --resume does not match finished runs on: where the files are, what a run shows, and the
+# device as asked for (the device the run used is matched instead). Every other field must be equal.
+UNMATCHED_FIELDS = ("models", "output_dir", "checkpoint_dir", "data_dir", "quiet", "resume", "utilization",
+                    "sample_interval", "device")
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple:
@@ -53,6 +59,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple:
                                                          "(default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=Path("parity"),
                         help="folder for the runs' results, one sub-folder per setup (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="read back the runs already finished under --output-dir with the same model, seed, "
+                             "setup and settings (not the code version) instead of training them again "
+                             "(default: train every run)")
     parser.add_argument("--json", type=Path, default=None, help="write the comparison to this JSON file")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
@@ -79,14 +89,29 @@ def run_all(args, seeds: list[int], base: TrainConfig, world: dist.World) -> dic
     runs: dict[str, dict[str, list[dict]]] = {name: {setup: [] for setup in SETUPS} for name in base.models}
     with tempfile.TemporaryDirectory(prefix="hpml-parity-") as checkpoints:
         for number, (seed, setup) in enumerate([(seed, setup) for seed in seeds for setup in SETUPS], start=1):
-            print(f"run {number} of {len(seeds) * len(SETUPS)}: {setup} setup, seed {seed}", flush=True)
             cfg = dataclasses.replace(base, seed=seed, output_dir=str(args.output_dir / setup),
                                       checkpoint_dir=f"{checkpoints}/{setup}_seed{seed}", **SETUPS[setup])
-            for path in experiment.run_models(cfg.validate(), world):
+            found = finished_runs(cfg, world) if args.resume else {}
+            label = f"run {number} of {len(seeds) * len(SETUPS)}: {setup} setup, seed {seed}"
+            print(label + "".join(f"; {name} read back from {path}" for name, path in found.items()), flush=True)
+            paths = list(found.values())
+            missing = [name for name in cfg.models if name not in found]
+            if missing:
+                paths += experiment.run_models(dataclasses.replace(cfg, models=missing).validate(), world)
+            for path in paths:
                 record = results.load_results(path)
                 runs[record["model"]][setup].append({"seed": seed, **{key: record[key] for key in RUN_FIELDS},
                                                      "speed": record["speed"], "results_file": str(path)})
     return runs
+
+
+def finished_runs(cfg: TrainConfig, world: dist.World) -> dict[str, Path]:
+    """Per model of cfg, the newest results file under cfg.output_dir of a run with cfg's settings on this device."""
+    wanted = {key: value for key, value in cfg.as_dict().items() if key not in UNMATCHED_FIELDS}
+    records, _ = results.load_all(cfg.output_dir)
+    return {record["model"]: Path(cfg.output_dir) / f"{record['run_id']}.json" for record in records
+            if record["model"] in cfg.models and record["device"] == world.device.type
+            and {key: record["config"].get(key) for key in wanted} == wanted}
 
 
 def compare(setups: dict[str, list[dict]]) -> dict:

@@ -38,14 +38,18 @@ def test_bench_ablate_measures_each_setting(tmp_path):
     assert all(a["images_per_s"] > 0 for a in ablations.values())
 
 
-def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(tmp_path):
+def run_parity(tmp_path: Path, *extra: str) -> tuple[str, dict]:
     out = tmp_path / "p.json"
     command = [sys.executable, str(REPO / "bench" / "parity.py"), "--model", "shufflenetv2", "--device", "cpu",
-               "--dataset", "synthetic", "--subset", "40", "--batch-size", "16", "--epochs", "1", "--seeds", "3,5",
-               "--drop-last", "false", "--output-dir", str(tmp_path / "runs"), "--json", str(out)]
+               "--dataset", "synthetic", "--subset", "40", "--batch-size", "16", "--drop-last", "false",
+               "--output-dir", str(tmp_path / "runs"), "--json", str(out), *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())
+    return done.stdout, json.loads(out.read_text())
+
+
+def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(tmp_path):
+    _, report = run_parity(tmp_path, "--epochs", "1", "--seeds", "3,5")
     assert report["drop_last"] is False
     report = report["models"]["shufflenetv2"]
     for setup in ("fast", "reference"):
@@ -61,6 +65,20 @@ def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(tmp_path
     difference = report["summary"]["final_test_acc_difference"]
     assert difference["fast_minus_reference"] == pytest.approx(
         report["summary"]["fast"]["final_test_acc"]["mean"] - report["summary"]["reference"]["final_test_acc"]["mean"])
+
+
+def test_parity_resume_reads_back_finished_runs_of_the_same_settings_only(tmp_path):
+    _, first = run_parity(tmp_path, "--epochs", "1", "--seeds", "3")
+    stdout, second = run_parity(tmp_path, "--epochs", "1", "--seeds", "3,5", "--resume")
+    for setup in ("fast", "reference"):
+        earlier, now = first["models"]["shufflenetv2"]["runs"][setup], second["models"]["shufflenetv2"]["runs"][setup]
+        assert now[0] == earlier[0]  # seed 3, read back: the same file and figures
+        assert now[1]["seed"] == 5 and now[1]["results_file"] != earlier[0]["results_file"]
+        assert len(list((tmp_path / "runs" / setup).glob("*.json"))) == 2
+    assert stdout.count("read back from") == 2
+    stdout, _ = run_parity(tmp_path, "--epochs", "2", "--seeds", "3", "--resume")  # other settings: trained again
+    assert "read back" not in stdout
+    assert len(list((tmp_path / "runs" / "fast").glob("*.json"))) == 3
 
 
 def test_checkpoint_wait_measures_both_ways_of_saving(tmp_path):
