@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""How much does hpml.monitor.Monitor slow training? Times forward/backward steps with and without it.
+"""How much does hpml.monitor.Monitor slow training? Times the suite's training loop with and without it.
 
-Trials without the monitor and with it at each interval are interleaved (the order rotates every repeat) so a
+A trial is one epoch of --steps steps of hpml.train (the fast defaults of this device) on synthetic CIFAR-shaped
+data. Trials without the monitor and with it at each interval are interleaved (the order rotates every repeat) so a
 machine that speeds up or slows down affects all alike; the ratio is the median over repeats of
 (seconds per step with the monitor) / (seconds per step without). Also printed: what one sample costs and what
 starting and stopping the monitor costs. Process CPU time (every thread, the monitor's included) is reported
@@ -19,11 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from torch import nn
+from tqdm import tqdm
 
-import models
-from hpml import cli, monitor
+from hpml import cli, data, dist, monitor
+from hpml.config import TrainConfig, parse_model_list
 from hpml.errors import UsageError
+from hpml.train import Trainer
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -47,36 +49,28 @@ def parse_args(argv: Sequence[str] | None):
         raise UsageError(f"--intervals must be a comma list of seconds, got {args.intervals!r}") from None
     if not all(0 < interval < float("inf") for interval in args.intervals):
         raise UsageError(f"--intervals must be positive numbers of seconds, got {args.intervals}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+    names = parse_model_list(args.model)
+    if len(names) != 1:
+        raise UsageError(f"--model takes one model name, got {args.model!r}")
+    args.model = names[0]
     return args
 
 
-class Trainer:
-    """Repeated training steps on one fixed random batch: the compute of training, without the data loading."""
+class TimedTraining:
+    """The suite's Trainer, one epoch of `steps` steps per trial, timed by the training loop itself."""
 
-    def __init__(self, model_name: str, device: torch.device, batch_size: int):
-        self.device = device
-        self.model = models.build(model_name).to(device).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.images = torch.randn(batch_size, 3, 32, 32, device=device)
-        self.labels = torch.randint(0, 10, (batch_size,), device=device)
-        self.loss = nn.CrossEntropyLoss()
+    def __init__(self, model_name: str, device: str, batch_size: int, steps: int) -> None:
+        self.world = dist.single_process(device)
+        cfg = TrainConfig(models=[model_name], batch_size=batch_size, device=device, quiet=True).validate()
+        self.trainer = Trainer(cfg, model_name, self.world, data.synthetic_cifar10(steps * batch_size, 10))
+        self.epoch = 0
 
-    def seconds_per_step(self, steps: int) -> tuple[float, float]:
-        """(wall seconds, process CPU seconds) per step."""
-        self.sync()
-        started, cpu_started = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.loss(self.model(self.images), self.labels).backward()
-            self.optimizer.step()
-        self.sync()
-        return (time.perf_counter() - started) / steps, (time.process_time() - cpu_started) / steps
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def seconds_per_step(self) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) per step over one epoch."""
+        self.epoch += 1
+        cpu_started = time.process_time()
+        stats = self.trainer.train_epoch(self.epoch, tqdm(disable=True))
+        return stats["epoch_time_s"] / stats["steps"], (time.process_time() - cpu_started) / stats["steps"]
 
 
 def gpu_indices(device: torch.device) -> list[int] | None:
@@ -100,26 +94,26 @@ def sample_cost(device: torch.device, reads: int = 50) -> tuple[float, float, st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    trainer = Trainer(args.model, device, args.batch_size)
-    trainer.seconds_per_step(2)  # warm-up: allocator, kernels, caches
+    training = TimedTraining(args.model, args.device, args.batch_size, args.steps)
+    device = training.world.device
+    training.seconds_per_step()  # warm-up: allocator, kernels, caches
     conditions: list[float | None] = [None, *args.intervals]
     times: dict[float | None, list[tuple[float, float]]] = {condition: [] for condition in conditions}
     samples: dict[float, int] = dict.fromkeys(args.intervals, 0)
     for repeat in range(args.repeats):
         for condition in conditions[repeat % len(conditions):] + conditions[:repeat % len(conditions)]:
             if condition is None:
-                times[None].append(trainer.seconds_per_step(args.steps))
+                times[None].append(training.seconds_per_step())
                 continue
             with monitor.Monitor(interval=condition, gpu_indices=gpu_indices(device)) as sampling:
-                times[condition].append(trainer.seconds_per_step(args.steps))
+                times[condition].append(training.seconds_per_step())
             samples[condition] += len({row["timestamp"] for row in sampling.samples})
         print(f"repeat {repeat + 1}/{args.repeats}: "
               + ", ".join(f"{label(c)} {times[c][-1][0]:.4f} s/step" for c in conditions), file=sys.stderr, flush=True)
     per_read, start_stop, sampled = sample_cost(device)
     print(f"{args.model} on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
-          f"{args.steps} steps per trial, {args.repeats} interleaved repeats; sampling {sampled}")
+          f"{training.trainer.speed.precision}, {args.steps} steps per trial, {args.repeats} interleaved repeats; "
+          f"sampling {sampled}")
     for kind, which in (("wall", 0), ("process CPU", 1)):
         print(f"{kind} time without monitor: {statistics.median(t[which] for t in times[None]):.4f} s/step (median)")
         for interval in args.intervals:

@@ -83,6 +83,8 @@ CASES = [
     ("bench/parity.py", ["--seeds", "0,x"], "--seeds must be a comma list of distinct integers, e.g. 0,1,2; got '0,x'"),
     ("bench/parity.py", ["--seeds", "1,1"], "got '1,1'"),
     ("bench/parity.py", ["--epochs", "0", "--output-dir", "{root}/parity"], "--epochs must be a positive integer"),
+    ("bench/monitor_overhead.py", ["--model", "vgg,resnet"], "--model takes one model name, got 'vgg,resnet'"),
+    ("bench/monitor_overhead.py", ["--intervals", "1,0"], "--intervals must be positive numbers of seconds"),
 ]
 TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
 

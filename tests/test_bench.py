@@ -1,4 +1,4 @@
-"""bench/throughput.py runs end to end on the CPU and writes the JSON shape the README promises."""
+"""The bench/ scripts run end to end on the CPU and report what the README promises."""
 
 import json
 import subprocess
@@ -89,3 +89,15 @@ def test_checkpoint_wait_measures_both_ways_of_saving(tmp_path):
     megabytes, blocking, background, ratio = done.stdout.splitlines()[-1].split()[1:]
     assert float(megabytes) > 10 and float(blocking) > 0 and float(background) > 0 and ratio.endswith("x")
     assert list(tmp_path.iterdir()) == []  # the temp folder is gone
+
+
+def test_monitor_overhead_times_the_training_loop_with_and_without_sampling():
+    command = [sys.executable, str(REPO / "bench" / "monitor_overhead.py"), "--model", "shufflenetv2",
+               "--device", "cpu", "--batch-size", "4", "--steps", "2", "--repeats", "2", "--intervals", "0.2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "shufflenetv2 on cpu" in done.stdout
+    assert any(f"batch 4, {precision}, 2 steps per trial" in done.stdout for precision in ("bf16", "fp32"))
+    ratios = [float(line.split("ratio ")[1].split()[0]) for line in done.stdout.splitlines() if "ratio" in line]
+    assert len(ratios) == 2 and all(0.2 < ratio < 5 for ratio in ratios)  # wall time and process CPU time
+    assert done.stderr.count("repeat ") == 2
