@@ -5,9 +5,10 @@
 
 Blocking: torch.save into a temp file, flush to disk, rename (what training did before the background writer).
 Background: checkpoint.BackgroundWriter.save, which serialises the state and leaves the write to a thread. The
-state is a model's weights and its Adadelta state, as in a real checkpoint. The two alternate; between saves a
-pause of --gap seconds stands in for an epoch, so each background write has finished before the next save.
-Reported: the median seconds training is held up per checkpoint, over --repeats saves of each.
+state is what training checkpoints: the Trainer's weights, optimizer (Adadelta) and schedule state after a step.
+The two alternate; between saves a pause of --gap seconds stands in for an epoch, so each background write has
+finished before the next save. Reported: the median seconds training is held up per checkpoint, over --repeats
+saves of each.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import models  # noqa: E402
-from hpml import checkpoint, cli, dist, files  # noqa: E402
-from hpml.config import DEVICES, parse_model_list  # noqa: E402
+from hpml import checkpoint, cli, data, dist, files  # noqa: E402
+from hpml.config import DEVICES, TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
-from hpml.train import synchronize  # noqa: E402
+from hpml.train import Trainer, synchronize  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -47,16 +48,17 @@ def parse_args(argv: Sequence[str] | None):
     return args, parse_model_list(args.model)
 
 
-def training_state(name: str, device: torch.device) -> dict:
-    model = models.build(name).to(device)
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=0.1)
-    model(torch.randn(2, 3, 32, 32, device=device)).sum().backward()
-    optimizer.step()
-    return {"identity": {"model": name}, "trainer": {"model": model.state_dict(), "optimizer": optimizer.state_dict()}}
+def training_state(name: str, world: dist.World) -> dict:
+    """What training checkpoints, after one step of the suite's Trainer on two synthetic images."""
+    cfg = TrainConfig(models=[name], batch_size=2, device=world.device.type, quiet=True).validate()
+    trainer = Trainer(cfg, name, world, data.synthetic_cifar10(2, 10))
+    trainer.train_epoch(1, tqdm(disable=True))
+    return {"identity": checkpoint.identity(cfg, name, world), "trainer": trainer.state_dict()}
 
 
-def measure(name: str, args, device: torch.device, folder: Path) -> dict:
-    state, path = training_state(name, device), folder / name / checkpoint.FILE_NAME
+def measure(name: str, args, world: dist.World, folder: Path) -> dict:
+    device = world.device
+    state, path = training_state(name, world), folder / name / checkpoint.FILE_NAME
     waits: dict[str, list[float]] = {"blocking": [], "background": []}
     with checkpoint.BackgroundWriter() as writer:
         for _ in range(args.repeats):
@@ -75,11 +77,11 @@ def measure(name: str, args, device: torch.device, folder: Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, names = parse_args(argv)
-    device = dist.resolve_device(args.device)
+    world = dist.single_process(args.device)
     print(f"{'model':<14}{'MB':>6}{'blocking s':>12}{'background s':>14}{'ratio':>8}")
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         for name in names:
-            figures = measure(name, args, device, Path(folder))
+            figures = measure(name, args, world, Path(folder))
             print(f"{name:<14}{figures['megabytes']:>6.0f}{figures['blocking']:>12.3f}{figures['background']:>14.3f}"
                   f"{figures['blocking'] / figures['background']:>7.1f}x")
     return 0
