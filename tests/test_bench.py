@@ -31,6 +31,15 @@ def test_bench_writes_reference_fast_and_their_ratio(tmp_path):
     assert "ablations" not in figures
 
 
+def test_bench_nproc_measures_ddp_scaling_under_torchrun(tmp_path):
+    ddp = run_bench(tmp_path, "--nproc", "2")["ddp"]
+    assert ddp["nproc"] == 2
+    figures = ddp["models"]["shufflenetv2"]
+    assert figures["one_rank_images_per_s"] > 0 and figures["n_rank_images_per_s"] > 0
+    assert figures["scaling_efficiency"] == pytest.approx(
+        figures["n_rank_images_per_s"] / (2 * figures["one_rank_images_per_s"]))
+
+
 @pytest.mark.slow  # compiles the model: a minute or more on two cores
 def test_bench_ablate_measures_each_setting(tmp_path):
     ablations = run_bench(tmp_path, "--ablate")["models"]["shufflenetv2"]["ablations"]
