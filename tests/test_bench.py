@@ -26,6 +26,9 @@ def test_bench_writes_reference_fast_and_their_ratio(tmp_path):
     figures = report["models"]["shufflenetv2"]
     assert figures["reference_images_per_s"] > 0 and figures["fast_images_per_s"] > 0
     assert figures["speedup"] == pytest.approx(figures["fast_images_per_s"] / figures["reference_images_per_s"])
+    assert {setup: len(rates) for setup, rates in figures["repeats_images_per_s"].items()} == \
+        {"reference": 1, "fast": 1}  # --repeats 1: the median is the one timed epoch
+    assert figures["repeats_images_per_s"]["fast"] == [figures["fast_images_per_s"]]
     assert figures["reference_settings"] == {"loader": "torch", "precision": "fp32", "channels_last": False,
                                              "compile": False, "cuda_graphs": False}
     assert "ablations" not in figures
