@@ -18,11 +18,16 @@ import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpml import cli, prices, results
 from hpml import sagemaker as aws
 from hpml.config import TrainConfig, default_data_dir
 from hpml.errors import UsageError
+
+if TYPE_CHECKING:
+    import boto3
+    import sagemaker.session
 
 # Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (the data channel,
 # $SM_OUTPUT_DATA_DIR/results, /opt/ml/checkpoints synced to S3).
@@ -73,7 +78,8 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     job.add_argument("--job-name", help="training job name (default: hpml-<model>-<distribution>-<UTC time>)")
     job.add_argument("--spot", action="store_true",
                      help="managed spot training: cheaper, may be interrupted; the job then resumes from its "
-                          "checkpoints, which are always kept in S3 (synced with /opt/ml/checkpoints)")
+                          "checkpoints, which are always kept in S3 (synced with /opt/ml/checkpoints) "
+                          "(default: off, on-demand)")
     job.add_argument("--max-run", type=int, default=DEFAULT_MAX_RUN_S, metavar="SECONDS",
                      help="stop the job after this much training time; also the cost estimate's bound "
                           "(default: %(default)s)")
@@ -83,7 +89,7 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     where = parser.add_argument_group("data, S3 and AWS")
     where.add_argument("--s3-data", metavar="S3_URI",
                        help="CIFAR-10 already in S3, e.g. s3://my-bucket/cifar10/ (train.npz and test.npz, or "
-                            "cifar-10-batches-py/)")
+                            "cifar-10-batches-py/) (default: upload --data-dir)")
     where.add_argument("--data-dir", metavar="DIR",
                        help="a local CIFAR-10 folder to upload (once: files already in S3 with the same SHA-256 "
                             "are not sent again) to s3://BUCKET/hpml/data/ "
@@ -98,9 +104,11 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", default="results",
                         help="with --wait: folder the job's results JSON files are collected into "
                              "(default: %(default)s)")
-    parser.add_argument("--wait", action="store_true", help="stream the job's logs until it ends, then collect it")
+    parser.add_argument("--wait", action="store_true",
+                        help="stream the job's logs until it ends, then collect it (default: off)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the complete request and exit; sends nothing and needs no AWS credentials")
+                        help="print the complete request and exit; sends nothing and needs no AWS credentials "
+                             "(default: off)")
     parser.set_defaults(run=run_submit)
 
 
@@ -111,7 +119,7 @@ def add_collect_parser(commands: argparse._SubParsersAction) -> None:
                     "files) into the output folder, with the job's billable time, spot savings and cost added. "
                     "Files already there are never overwritten, so collecting twice is harmless.")
     parser.add_argument("jobs", nargs="*", metavar="JOB", help="training job names")
-    parser.add_argument("--all", action="store_true", help="every job of this suite not collected yet")
+    parser.add_argument("--all", action="store_true", help="every job of this suite not collected yet (default: off)")
     parser.add_argument("--output-dir", default="results", help="where the results go (default: %(default)s)")
     add_aws_flags(parser)
     parser.set_defaults(run=run_collect)
@@ -123,7 +131,7 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
         description="The most recent jobs submitted by this tool (found by their hpml-suite tag) with status, "
                     "instances, duration, billable time and cost (estimated so far for running jobs).")
     parser.add_argument("--limit", type=int, default=20, help="how many jobs, newest first (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table (default: off)")
     add_aws_flags(parser)
     parser.set_defaults(run=run_list)
 
@@ -286,7 +294,8 @@ def print_submitted(spec: aws.JobSpec, args: argparse.Namespace) -> None:
         print(f"  when it has finished: python sagemaker_submission.py collect {spec.job_name}{where}")
 
 
-def wait_and_collect(boto, session, job_name: str, output_dir: Path) -> int:
+def wait_and_collect(boto: boto3.Session, session: sagemaker.session.Session, job_name: str,
+                     output_dir: Path) -> int:
     print(f"streaming the logs of {job_name} until it ends (Ctrl-C stops watching, not the job)")
     try:
         job = aws.stream_logs(session, job_name)
@@ -319,7 +328,7 @@ def run_collect(args: argparse.Namespace) -> int:
     return 0 if args.all or finished == len(jobs) else 1
 
 
-def collect(boto, jobs: list[dict], output_dir: Path) -> int:
+def collect(boto: boto3.Session, jobs: list[dict], output_dir: Path) -> int:
     """Collect each job and print what it cost; the number of jobs that had finished."""
     finished = 0
     for job in jobs:

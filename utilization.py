@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 
 from hpml import cli, monitor
@@ -31,16 +30,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Watch every NVIDIA GPU through NVML (utilization, memory, power, temperature, SM clock) and "
                     "the host's CPU and RAM. Without a driver it says so and shows CPU and RAM only.")
     when = parser.add_mutually_exclusive_group()
-    when.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    when.add_argument("--once", action="store_true", help="print one snapshot and exit (default: watch)")
     when.add_argument("--duration", type=float, default=None, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="seconds between samples (default: %(default)s)")
     parser.add_argument("--csv", default=None, metavar="FILE",
-                        help="append every sample to FILE, one row per GPU (header written when the file is new)")
+                        help="append every sample to FILE, one row per GPU (header written when the file is new) "
+                             "(default: not written)")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON summary at the end (mean/max utilization, peak memory per GPU) on "
-                             "stdout; the live table then goes to stderr")
+                             "stdout; the live table then goes to stderr (default: off)")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.interval) and args.interval > 0):
         raise UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
@@ -98,10 +98,10 @@ def _cell(value: float | None, spec: str = "") -> str:
 def announce_gpus(gpus: list[monitor.Gpu], nvml_error: str | None) -> None:
     """One line on stderr when there is no GPU to show."""
     if nvml_error is not None:
-        print(f"{Path(sys.argv[0]).name}: no NVIDIA GPU readable (NVML: {nvml_error}); showing CPU and RAM only",
+        print(f"{cli.script_name()}: no NVIDIA GPU readable (NVML: {nvml_error}); showing CPU and RAM only",
               file=sys.stderr)
     elif not gpus:
-        print(f"{Path(sys.argv[0]).name}: NVML found no NVIDIA GPU; showing CPU and RAM only", file=sys.stderr)
+        print(f"{cli.script_name()}: NVML found no NVIDIA GPU; showing CPU and RAM only", file=sys.stderr)
 
 
 def snapshot(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | None]:

@@ -13,6 +13,8 @@ saves of each.
 
 from __future__ import annotations
 
+import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -32,7 +34,7 @@ from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer, synchronize  # noqa: E402
 
 
-def parse_args(argv: Sequence[str] | None):
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18", help="model name, comma list or 'all' (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
@@ -43,8 +45,11 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--dir", type=Path, default=None,
                         help="folder to write in, on the disk checkpoints go to (default: a temp folder)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.gap < 0:
-        raise UsageError(f"--repeats must be positive and --gap 0 or more, got {args.repeats} and {args.gap}")
+    cli.require_positive(args, "repeats")
+    if not (math.isfinite(args.gap) and args.gap >= 0):
+        raise UsageError(f"--gap must be 0 or more seconds, got {args.gap}")
+    if args.dir is not None:
+        files.check_writable(args.dir, "--dir")
     return args, parse_model_list(args.model)
 
 
@@ -56,7 +61,7 @@ def training_state(name: str, world: dist.World) -> dict:
     return {"identity": checkpoint.identity(cfg, name, world), "trainer": trainer.state_dict()}
 
 
-def measure(name: str, args, world: dist.World, folder: Path) -> dict:
+def measure(name: str, args: argparse.Namespace, world: dist.World, folder: Path) -> dict:
     device = world.device
     state, path = training_state(name, world), folder / name / checkpoint.FILE_NAME
     waits: dict[str, list[float]] = {"blocking": [], "background": []}

@@ -11,6 +11,7 @@ beside wall time: on a shared machine it is the steadier of the two.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -23,15 +24,15 @@ import torch
 from tqdm import tqdm
 
 from hpml import cli, data, dist, monitor
-from hpml.config import TrainConfig, parse_model_list
+from hpml.config import DEVICES, TrainConfig, parse_model_list
 from hpml.errors import UsageError
 from hpml.train import Trainer
 
 
-def parse_args(argv: Sequence[str] | None):
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description="Measure how much the background utilization monitor slows training.")
     parser.add_argument("--model", default="resnet18", help="model to train (default: %(default)s)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto (CUDA when available), cpu or cuda (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=8, help="training steps per timed trial (default: %(default)s)")
@@ -40,9 +41,7 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--intervals", default="1.0,0.2",
                         help="comma list of monitor intervals in seconds to compare (default: %(default)s)")
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "steps", "repeats"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    cli.require_positive(args, "batch_size", "steps", "repeats")
     try:
         args.intervals = [float(part) for part in args.intervals.split(",")]
     except ValueError:
@@ -73,21 +72,16 @@ class TimedTraining:
         return stats["epoch_time_s"] / stats["steps"], (time.process_time() - cpu_started) / stats["steps"]
 
 
-def gpu_indices(device: torch.device) -> list[int] | None:
-    """Sample only the GPU being trained on, as each rank of a training run does."""
-    return [device.index or 0] if device.type == "cuda" else None
-
-
 def sample_cost(device: torch.device, reads: int = 50) -> tuple[float, float, str]:
     """(seconds per sample, seconds to start and stop a Monitor, what is sampled)."""
-    with monitor.Sampler(gpu_indices(device)) as sampler:
+    with monitor.Sampler(monitor.device_gpus(device)) as sampler:
         started = time.perf_counter()
         for _ in range(reads):
             sampler.read()
         per_read = (time.perf_counter() - started) / reads
         sampled = ", ".join(gpu.name for gpu in sampler.gpus) or f"CPU and RAM only ({sampler.nvml_error})"
     started = time.perf_counter()
-    with monitor.Monitor(interval=60, gpu_indices=gpu_indices(device)):
+    with monitor.Monitor(interval=60, gpu_indices=monitor.device_gpus(device)):
         pass
     return per_read, time.perf_counter() - started, sampled
 
@@ -105,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if condition is None:
                 times[None].append(training.seconds_per_step())
                 continue
-            with monitor.Monitor(interval=condition, gpu_indices=gpu_indices(device)) as sampling:
+            with monitor.Monitor(interval=condition, gpu_indices=monitor.device_gpus(device)) as sampling:
                 times[condition].append(training.seconds_per_step())
             samples[condition] += len({row["timestamp"] for row in sampling.samples})
         print(f"repeat {repeat + 1}/{args.repeats}: "

@@ -14,6 +14,7 @@ so that an interrupted comparison, or one split over several sessions (say one s
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import statistics
@@ -25,11 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpml import cli, dist, experiment, results, speed  # noqa: E402
-from hpml.config import DATASETS, DEVICES, TrainConfig, parse_model_list  # noqa: E402
+from hpml import cli, dist, experiment, files, results, speed  # noqa: E402
+from hpml.config import TrainConfig, default_data_dir, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 
 SETUPS = {"fast": {}, "reference": speed.REFERENCE_SETUP}
+# The training flags a comparison takes; the speed flags are the setups', and the rest keep the study's values.
+TRAINING_FLAGS = ("--model", "--epochs", "--batch-size", "--drop-last", "--data-dir", "--dataset", "--subset",
+                  "--device")
 RUN_FIELDS = ("final_test_acc", "best_test_acc", "total_train_time_s", "median_images_per_s")
 # The TrainConfig fields --resume does not match finished runs on: where the files are, what a run shows, and the
 # device as asked for (the device the run used is matched instead). Every other field must be equal.
@@ -37,40 +41,29 @@ UNMATCHED_FIELDS = ("models", "output_dir", "checkpoint_dir", "data_dir", "quiet
                     "sample_interval", "device")
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple:
-    defaults = TrainConfig()
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int], TrainConfig]:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18", help="model name, comma list or 'all' (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="images per step (default: %(default)s)")
-    cli.add_switch(parser, "--drop-last", "leave out each epoch's last, partial batch, as run_hpc.py does "
-                                          "(default: on)", default=defaults.drop_last)
-    parser.add_argument("--subset", type=int, default=None,
-                        help="train on a class-stratified subset of this many images and test on a proportional "
-                             "subset of at least 1,000 (default: the whole set)")
-    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
-                        help="cifar10, or synthetic for a smoke run (default: %(default)s)")
-    parser.add_argument("--data-dir", default=defaults.data_dir,
-                        help="CIFAR-10 folder, as for run_hpc.py (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICES, default=defaults.device,
-                        help="auto (CUDA when available, else CPU), cpu or cuda (default: %(default)s)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds; each trains once in each setup "
+    cli.add_training_args(parser, only=TRAINING_FLAGS)
+    comparison = parser.add_argument_group("comparison")
+    comparison.add_argument("--seeds", default="0,1,2", help="comma list of seeds; each trains once in each setup "
                                                          "(default: %(default)s)")
-    parser.add_argument("--output-dir", type=Path, default=Path("parity"),
+    comparison.add_argument("--output-dir", type=Path, default=Path("parity"),
                         help="folder for the runs' results, one sub-folder per setup (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
+    comparison.add_argument("--resume", action="store_true",
                         help="read back the runs already finished under --output-dir with the same model, seed, "
                              "setup and settings (not the code version) instead of training them again "
                              "(default: train every run)")
-    parser.add_argument("--json", type=Path, default=None, help="write the comparison to this JSON file")
+    comparison.add_argument("--json", type=Path, default=None,
+                        help="write the comparison to this JSON file (default: not written)")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     base = TrainConfig(models=parse_model_list(args.model), epochs=args.epochs, batch_size=args.batch_size,
-                       drop_last=args.drop_last, subset=args.subset, dataset=args.dataset, data_dir=args.data_dir,
-                       device=args.device).validate()
-    for folder in [args.output_dir / setup for setup in SETUPS] + ([args.json.parent] if args.json else []):
-        results.check_writable(folder)
+                       drop_last=args.drop_last, subset=args.subset, dataset=args.dataset,
+                       data_dir=args.data_dir or default_data_dir(), device=args.device).validate()
+    for setup in SETUPS:
+        results.check_writable(args.output_dir / setup)
+    if args.json:
+        files.check_output_file(args.json, "--json")
     return args, seeds, base
 
 
@@ -79,12 +72,13 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(part) for part in text.split(",")]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds must be a comma list of distinct integers, e.g. 0,1,2; got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UsageError(f"--seeds must be a comma list of distinct integers, 0 or more, e.g. 0,1,2; got {text!r}")
     return seeds
 
 
-def run_all(args, seeds: list[int], base: TrainConfig, world: dist.World) -> dict[str, dict[str, list[dict]]]:
+def run_all(args: argparse.Namespace, seeds: list[int], base: TrainConfig,
+            world: dist.World) -> dict[str, dict[str, list[dict]]]:
     """Train every (seed, setup) pair; per model and setup, one entry per seed with the run's headline figures."""
     runs: dict[str, dict[str, list[dict]]] = {name: {setup: [] for setup in SETUPS} for name in base.models}
     with tempfile.TemporaryDirectory(prefix="hpml-parity-") as checkpoints:

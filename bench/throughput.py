@@ -13,6 +13,7 @@ warm-up, and the figure is the median images/s over --repeats epochs.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -27,8 +28,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpml import cli, data, dist, results, speed  # noqa: E402
-from hpml.config import TrainConfig, parse_model_list  # noqa: E402
+from hpml import cli, data, dist, files, results, speed  # noqa: E402
+from hpml.config import DEVICES, MIN_SUBSET, TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
@@ -41,10 +42,10 @@ ABLATIONS = {  # the fast defaults with one setting changed: what each setting i
 CUDA_ABLATIONS = {"fast, no CUDA graphs": {"cuda_graphs": False}}
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="all", help="model name, comma list or 'all' (default: %(default)s)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="device to measure on (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20,
@@ -59,20 +60,23 @@ def parse_args(argv: Sequence[str] | None) -> tuple:
     parser.add_argument("--ablate", action="store_true",
                         help="also measure the fast defaults with one setting changed at a time: "
                              + "; ".join([*ABLATIONS, *CUDA_ABLATIONS]) + " (on CUDA only); compiling adds a "
-                             "minute or more per model")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
+                             "minute or more per model (default: off)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "steps", "repeats"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    cli.require_positive(args, "batch_size", "steps", "repeats")
     if args.nproc < 0:
         raise UsageError(f"--nproc must be 0 (off) or more, got {args.nproc}")
+    if args.nproc and args.steps * args.batch_size * args.nproc < MIN_SUBSET:
+        raise UsageError(f"--nproc {args.nproc} trains on --steps x --batch-size images per rank, "
+                         f"{args.steps * args.batch_size * args.nproc} in all, fewer than the {MIN_SUBSET} "
+                         "run_distributed.py takes; raise --steps or --batch-size")
     if args.json:
-        results.check_writable(args.json.parent if str(args.json.parent) else ".")
+        files.check_output_file(args.json, "--json")
     return args, parse_model_list(args.model)
 
 
-def measure_model(name: str, args, world: dist.World, images: data.ImageSet) -> dict:
+def measure_model(name: str, args: argparse.Namespace, world: dist.World, images: data.ImageSet) -> dict:
     common = {"models": [name], "batch_size": args.batch_size, "device": args.device, "quiet": True}
     ablations = {**ABLATIONS, **(CUDA_ABLATIONS if world.device.type == "cuda" else {})} if args.ablate else {}
     setups = {"reference": speed.REFERENCE_SETUP, "fast": {}, **ablations}
@@ -99,7 +103,7 @@ def measure_model(name: str, args, world: dist.World, images: data.ImageSet) -> 
     return figures
 
 
-def measure_ddp(name: str, args, nproc: int) -> float:
+def measure_ddp(name: str, args: argparse.Namespace, nproc: int) -> float:
     """Median images/s of run_distributed.py with `nproc` ranks (fast defaults), from its results JSON."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

@@ -21,7 +21,7 @@ import torch
 from . import files, results
 from .config import TrainConfig
 from .dist import SAGEMAKER_CHECKPOINT_DIR, World, in_sagemaker
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 FORMAT_VERSION = 1
 FILE_NAME = "last.pt"
@@ -74,8 +74,7 @@ class BackgroundWriter:
         try:
             files.write_atomic(path, lambda tmp: torch.save(snapshot, tmp))
         except Exception as error:  # reported to the training thread at its next wait()
-            reason = " ".join(str(error).split())[:200] or type(error).__name__
-            self._error = UsageError(f"cannot write checkpoint {path}: {reason}")
+            self._error = UsageError(f"cannot write checkpoint {path}: {one_line(error, 200)}")
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -100,8 +99,8 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise UsageError(f"checkpoint {path} is corrupt or truncated ({reason}); delete it to start afresh") from None
+        raise UsageError(f"checkpoint {path} is corrupt or truncated ({one_line(error, 200)}); delete it to start "
+                         "afresh") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "identity" not in state:
         raise UsageError(f"checkpoint {path} is not an hpml checkpoint of format {FORMAT_VERSION}; "
                          "delete it or use another --checkpoint-dir")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -43,14 +43,27 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_switch(group: argparse._ArgumentGroup, flag: str, help: str, default: bool | None = False) -> None:
-    """A boolean flag: `--flag` alone means true; `--flag false` is accepted too."""
+class FlagGroup:
+    """An argument group that adds only the flags named in `only` (every flag when None)."""
+
+    def __init__(self, group: argparse._ArgumentGroup, only: Collection[str] | None) -> None:
+        self.group, self.only = group, only
+
+    def add_argument(self, *flags: str, **options: object) -> None:
+        if self.only is None or flags[0] in self.only:
+            self.group.add_argument(*flags, **options)
+
+
+def add_switch(group: argparse._ArgumentGroup | FlagGroup, flag: str, help: str, default: bool | None = False) -> None:
+    """A boolean flag: `--flag` alone means true; `--flag false` is accepted too. The help ends with the default."""
+    if "(default" not in help:
+        help += f" (default: {'on' if default else 'off'})"
     group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
-def add_training_args(parser: argparse.ArgumentParser) -> None:
-    """Every flag of one training run, with the study's defaults."""
-    group = parser.add_argument_group("training")
+def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
+    """Every flag of one training run (or those named in `only`), with the study's defaults."""
+    group = FlagGroup(parser.add_argument_group("training"), only)
     group.add_argument("--model", default=",".join(DEFAULTS.models),
                        help="model name, a comma list, or 'all': vgg16, resnet18, mobilenetv2, shufflenetv2, "
                             "densenet121 (aliases vgg, resnet, mobilenet, shufflenet, densenet); "
@@ -66,7 +79,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
                        help="learning-rate schedule over the epochs: none (constant) or cosine (default: %(default)s)")
     group.add_argument("--workers", type=int, default=DEFAULTS.workers,
-                       help="data-loader worker processes per training process (default: %(default)s)")
+                       help="data-loader worker processes per training process, for --loader torch (the default "
+                            "device loader needs none) (default: %(default)s)")
     add_switch(group, "--drop-last", "leave out each epoch's last, partial batch (different images every epoch, as "
                                      "the order is reshuffled): a step on a few images, just before evaluation, "
                                      "knocks BatchNorm and the optimizer off course (default: on)",
@@ -95,13 +109,15 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        default=False, metavar="BOOL",
                        help="sample GPU (NVML) and CPU use while training: a utilization summary in the results "
                             "JSON and the samples in <run_id>.utilization.csv beside it. Under torchrun spell it "
-                            "--utilization: torchrun claims options starting with --monitor for itself")
+                            "--utilization: torchrun claims options starting with --monitor for itself "
+                            "(default: off)")
     group.add_argument("--sample-interval", type=float, default=DEFAULTS.sample_interval,
                        help="seconds between --utilization samples (default: %(default)s)")
     group.add_argument("--checkpoint-dir", default=None,
                        help="folder for checkpoints, one sub-folder per run, written every epoch and on "
                             "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")
-    fast = parser.add_argument_group("speed (the defaults are the fastest settings that keep accuracy)")
+    fast = FlagGroup(parser.add_argument_group("speed (the defaults are the fastest settings that keep accuracy)"),
+                     only)
     fast.add_argument("--loader", choices=LOADERS, default=DEFAULTS.loader,
                       help="device: the training set lives on the device and is cropped, flipped and normalised "
                            "there in batches; torch: the classic DataLoader with --workers processes and "
@@ -126,7 +142,15 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dist-timeout", type=float, default=DEFAULTS.dist_timeout,
                        help="seconds a rank waits for the others (set-up and each collective) before the job "
                             "fails instead of hanging (default: %(default)s)")
-    add_switch(group, "--scale-lr", "multiply --lr by the world size (off by default, so runs compare like for like)")
+    add_switch(group, "--scale-lr", "multiply --lr by the world size (then runs of different sizes no longer "
+                                    "compare like for like)")
+
+
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """UsageError naming the first of these integer flags that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -16,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "smddp", "nccl", "gloo")
 LOADERS = ("device", "torch")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIN_SUBSET = 10  # one image per class
 
 
 def default_data_dir() -> str:
@@ -55,7 +56,7 @@ class TrainConfig:
     channels_last: bool | None = None  # None: chosen per device
     compile: bool = False
     cuda_graphs: bool | None = None  # None: on for CUDA unless compiling
-    # Used by run_distributed.py only; a single-device run leaves them at their defaults.
+    # Data-parallel runs only (run_distributed.py, also as SageMaker runs it); a single-device run leaves them be.
     backend: str = "auto"
     dist_timeout: float = 300.0
     scale_lr: bool = False
@@ -67,8 +68,9 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
         _require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
-        _require(self.subset is None or self.subset >= 10,
-                 f"--subset must be at least 10 (one image per class), got {self.subset}")
+        _require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        _require(self.subset is None or self.subset >= MIN_SUBSET,
+                 f"--subset must be at least {MIN_SUBSET} (one image per class), got {self.subset}")
         _require(math.isfinite(self.sample_interval) and self.sample_interval > 0,
                  f"--sample-interval must be a positive number of seconds, got {self.sample_interval}")
         _require(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,

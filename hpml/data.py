@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 NUM_CLASSES = 10
 CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE = 50_000, 10_000
@@ -71,7 +71,7 @@ def _load_npz(folder: Path) -> ImageSet:
                 arrays[split] = _checked(npz["images"], npz["labels"], path)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise UsageError(
-                f"cannot read {path}: {_one_line(error)} (expected arrays 'images' and 'labels')"
+                f"cannot read {path}: {one_line(error)} (expected arrays 'images' and 'labels')"
             ) from None
     readme = folder / "README.md"
     jpeg = readme.exists() and "jpeg" in readme.read_text(errors="replace").lower()
@@ -92,7 +92,7 @@ def _load_batches(folder: Path) -> ImageSet:
             except FileNotFoundError:
                 raise UsageError(f"{path} is missing: {BATCHES_FOLDER} needs data_batch_1..5 and test_batch") from None
             except Exception as error:  # a corrupt pickle can raise nearly anything
-                raise UsageError(f"cannot read {path}: {_one_line(error)}") from None
+                raise UsageError(f"cannot read {path}: {one_line(error)}") from None
         return _checked(np.concatenate(images), np.concatenate(labels), folder)
 
     train = read([f"data_batch_{i}" for i in range(1, 6)])
@@ -108,7 +108,7 @@ def _download(folder: Path) -> None:
     except Exception as error:
         raise UsageError(
             f"no CIFAR-10 in {folder} (looked for train.npz/test.npz and {BATCHES_FOLDER}/) and downloading it "
-            f"failed ({_one_line(error)}); copy the data there or point --data-dir / $HPML_CIFAR10 at it"
+            f"failed ({one_line(error)}); copy the data there or point --data-dir / $HPML_CIFAR10 at it"
         ) from None
 
 
@@ -121,10 +121,6 @@ def _checked(images: np.ndarray, labels: np.ndarray, source: Path) -> tuple[np.n
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise UsageError(f"{source}: labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}")
     return images, labels
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def synthetic_cifar10(train_size: int, test_size: int) -> ImageSet:

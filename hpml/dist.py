@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -128,7 +129,7 @@ def choose_backend(requested: str, device: torch.device, launcher: str) -> str:
     return requested
 
 
-def setup(cfg: TrainConfig, log=print) -> World:
+def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     """Join the process group the launcher set up, or form a world of one when there is no launcher."""
     launcher = launcher_from_env()
     local_rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0)

@@ -44,8 +44,7 @@ def monitoring(cfg: TrainConfig, world: World) -> monitor.Monitor | nullcontext:
     """With --utilization, a sampler of this rank's own GPU (or the host alone on the CPU) around the run."""
     if not cfg.utilization:
         return nullcontext()
-    gpus = [world.device.index or 0] if world.device.type == "cuda" else []
-    return monitor.Monitor(cfg.sample_interval, gpu_indices=gpus, rank=world.rank)
+    return monitor.Monitor(cfg.sample_interval, gpu_indices=monitor.device_gpus(world.device), rank=world.rank)
 
 
 def add_utilization(record: dict, sampler: monitor.Monitor, world: World, output_dir: str) -> None:

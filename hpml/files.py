@@ -47,3 +47,15 @@ def check_writable(folder: str | Path, what: str) -> Path:
     except OSError as error:
         raise UsageError(f"{what} {folder} is not writable: {error.strerror or error}") from None
     return path
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Refuse an output file that is a folder, or lies under a file or an unwritable folder; create its folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{flag} {path} cannot be written: {blocker} is a file, not a folder")
+    check_writable(path.parent, f"{flag} folder")
+    return path

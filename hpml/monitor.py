@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import psutil
 
 from . import files
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 CSV_FIELDS = ("timestamp", "elapsed_s", "host", "rank", "gpu", "gpu_name", "gpu_util_pct", "mem_used_mib",
               "mem_total_mib", "power_w", "temp_c", "sm_clock_mhz", "cpu_pct", "ram_used_mib", "ram_total_mib")
@@ -36,6 +40,11 @@ class Gpu:
     index: int  # NVML's index: the same on every process of the host, whatever CUDA_VISIBLE_DEVICES says
     name: str
     handle: object
+
+
+def device_gpus(device: torch.device) -> list[int]:
+    """The CUDA index of the GPU a process training on `device` uses; none for the CPU (the host alone)."""
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def _open_nvml(gpu_indices: Sequence[int] | None) -> tuple[ModuleType | None, list[Gpu], str | None]:
@@ -283,14 +292,8 @@ def _max(values: Iterable[float | None]) -> float | None:
 
 def check_csv_path(path: str | Path) -> Path:
     """Prove samples can be appended to `path` (creating its folder and an empty file); UsageError otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"--csv {path} is a folder; give a file name")
-    blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"--csv {path} cannot be written: {blocker} is a file, not a folder")
+    path = files.check_output_file(path, "--csv")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", newline=""):
             pass
     except OSError as error:

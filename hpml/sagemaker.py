@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import boto3
 import boto3.exceptions
+import botocore.client
 import botocore.credentials
 import botocore.exceptions
 import botocore.session
@@ -31,7 +33,11 @@ from tqdm import tqdm
 
 from . import data, files, prices, results
 from .dist import SAGEMAKER_CHECKPOINT_DIR
-from .errors import UsageError
+from .errors import UsageError, one_line
+
+if TYPE_CHECKING:  # imported on first use at run time (see above)
+    import sagemaker.estimator
+    import sagemaker.session
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINT = "run_distributed.py"
@@ -131,10 +137,6 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = saved
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 @contextlib.contextmanager
 def aws_errors() -> Iterator[None]:
     """What AWS refused, as a one-line UsageError."""
@@ -143,7 +145,7 @@ def aws_errors() -> Iterator[None]:
     except botocore.exceptions.NoCredentialsError:
         raise UsageError(NO_CREDENTIALS) from None
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error) as error:
-        raise UsageError(f"AWS: {_one_line(error)}") from None
+        raise UsageError(f"AWS: {one_line(error)}") from None
 
 
 # ---- checks that need no AWS ---------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def _quiet_sdk_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as error:
-        raise UsageError(_one_line(error)) from None
+        raise UsageError(one_line(error)) from None
 
 
 def check_role(role: str) -> str:
@@ -327,7 +329,7 @@ def aws_session(region: str | None, profile: str | None) -> boto3.Session:
     try:
         credentials = session.get_credentials()
     except botocore.exceptions.BotoCoreError as error:
-        raise UsageError(f"cannot load AWS credentials: {_one_line(error)}") from None
+        raise UsageError(f"cannot load AWS credentials: {one_line(error)}") from None
     if credentials is None:
         raise UsageError(NO_CREDENTIALS)
     return session
@@ -340,7 +342,8 @@ def _offline_session(region: str, profile: str | None) -> boto3.Session:
     return boto3.Session(botocore_session=core, region_name=region)
 
 
-def sagemaker_session(boto: boto3.Session, bucket: str, session_class: type | None = None):
+def sagemaker_session(boto: boto3.Session, bucket: str,
+                      session_class: type | None = None) -> sagemaker.session.Session:
     """An SDK session with telemetry off and `bucket` as its default bucket."""
     session_class = session_class or sdk().session.Session
     return session_class(boto_session=boto, default_bucket=bucket, sagemaker_config=TELEMETRY_OFF)
@@ -381,7 +384,7 @@ def _client_error_text(error: botocore.exceptions.ClientError) -> str:
         return "no such bucket"
     if _status(error) == 403:
         return "access denied (not your bucket, or your credentials lack S3 access)"
-    return _one_line(error)
+    return one_line(error)
 
 
 def check_s3_data(boto: boto3.Session, uri: str) -> None:
@@ -412,7 +415,7 @@ def upload_data(boto: boto3.Session, bucket: str, upload: DataUpload, log: Calla
     return uri
 
 
-def _same_object(s3, bucket: str, key: str, path: Path, sha: str) -> bool:
+def _same_object(s3: botocore.client.BaseClient, bucket: str, key: str, path: Path, sha: str) -> bool:
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except botocore.exceptions.ClientError as error:
@@ -430,7 +433,8 @@ def s3_locations(bucket: str, job_name: str) -> dict[str, str]:
     return {"output": f"{root}/output", "code": f"{root}/code", "checkpoints": f"{root}/checkpoints/{job_name}"}
 
 
-def estimator(spec: JobSpec, session, bucket: str, source_dir: str):
+def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
+              source_dir: str) -> sagemaker.estimator.EstimatorBase:
     """The SDK's PyTorch estimator for the job."""
     where = s3_locations(bucket, spec.job_name)
     with _quiet_sdk_errors():
@@ -485,7 +489,7 @@ def dry_run_request(spec: JobSpec, profile: str | None) -> dict:
     return session.request
 
 
-def submit(spec: JobSpec, session) -> None:
+def submit(spec: JobSpec, session: sagemaker.session.Session) -> None:
     """Upload the code and start the job (the SDK does both); return once SageMaker has accepted it."""
     with tempfile.TemporaryDirectory(prefix="hpml-source-") as folder:
         stage_source(Path(folder))
@@ -494,7 +498,7 @@ def submit(spec: JobSpec, session) -> None:
             job.fit(_inputs(spec), wait=False, job_name=spec.job_name)
 
 
-def stream_logs(session, job_name: str) -> dict:
+def stream_logs(session: sagemaker.session.Session, job_name: str) -> dict:
     """Print the job's CloudWatch logs until it ends; its final description."""
     try:
         session.logs_for_job(job_name, wait=True, log_type="All")

@@ -1,4 +1,4 @@
-"""THE training loop: every script that trains (single device or data-parallel) calls fit()."""
+"""THE training loop: the training scripts call fit(); the bench scripts time Trainer.train_epoch directly."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class StepControl:
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
                     device: torch.device, progress: tqdm,
                     autocast: contextlib.AbstractContextManager | None = None,
-                    scaler: torch.cuda.amp.GradScaler | None = None,
+                    scaler: speed.GradScaler | None = None,
                     control: StepControl | None = None, partial: dict | None = None) -> dict:
     """One pass over this rank's shard (or what is left of it after `partial`, a stopped epoch's sums).
 
