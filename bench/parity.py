@@ -45,16 +45,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_training_args(parser, only=TRAINING_FLAGS)
     comparison = parser.add_argument_group("comparison")
-    comparison.add_argument("--seeds", default="0,1,2", help="comma list of seeds; each trains once in each setup "
-                                                         "(default: %(default)s)")
+    comparison.add_argument("--seeds", default="0,1,2",
+                            help="comma list of seeds; each trains once in each setup (default: %(default)s)")
     comparison.add_argument("--output-dir", type=Path, default=Path("parity"),
-                        help="folder for the runs' results, one sub-folder per setup (default: %(default)s)")
+                            help="folder for the runs' results, one sub-folder per setup (default: %(default)s)")
     comparison.add_argument("--resume", action="store_true",
-                        help="read back the runs already finished under --output-dir with the same model, seed, "
-                             "setup and settings (not the code version) instead of training them again "
-                             "(default: train every run)")
+                            help="read back the runs already finished under --output-dir with the same model, seed, "
+                                 "setup and settings (not the code version) instead of training them again "
+                                 "(default: train every run)")
     comparison.add_argument("--json", type=Path, default=None,
-                        help="write the comparison to this JSON file (default: not written)")
+                            help="write the comparison to this JSON file (default: not written)")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     base = TrainConfig(models=parse_model_list(args.model), epochs=args.epochs, batch_size=args.batch_size,

@@ -20,11 +20,6 @@ REFERENCE_SETUP = {"loader": "torch", "workers": 2, "precision": "fp32", "channe
                    "cuda_graphs": False}
 
 
-# The gradient scaler's type: torch >= 2.3 has one for every device; torch 2.2 (SageMaker's SMDDP containers) a
-# CUDA one.
-GradScaler = torch.amp.GradScaler if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler
-
-
 @dataclass
 class SpeedSettings:
     loader: str
@@ -83,7 +78,7 @@ def autocast(settings: SpeedSettings, device: torch.device) -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=not settings.cuda_graphs)
 
 
-def grad_scaler(settings: SpeedSettings, device: torch.device) -> GradScaler | None:
+def grad_scaler(settings: SpeedSettings, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs its loss scaled so that small gradients do not flush to zero; bf16 and fp32 do not."""
     if settings.precision != "fp16":
         return None

@@ -81,7 +81,7 @@ class StepControl:
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
                     device: torch.device, progress: tqdm,
                     autocast: contextlib.AbstractContextManager | None = None,
-                    scaler: speed.GradScaler | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
                     control: StepControl | None = None, partial: dict | None = None) -> dict:
     """One pass over this rank's shard (or what is left of it after `partial`, a stopped epoch's sums).
 
