@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .errors import UsageError
 # processes and torchvision transforms, fp32, eager, NCHW.
 REFERENCE_SETUP = {"loader": "torch", "workers": 2, "precision": "fp32", "channels_last": False, "compile": False,
                    "cuda_graphs": False}
+ACCUMULATE_GRAD_STREAM_WARNING = "The AccumulateGrad node's stream does not match"
 
 
 @dataclass
@@ -105,7 +107,10 @@ class GraphedModel(nn.Module):
         self.eager_forward = model.forward
         state = [tensor.clone() for tensor in model.state_dict().values()]
         model.train()
-        with autocast:
+        with autocast, warnings.catch_warnings():
+            # torch < 2.12 warms up and captures on different streams and then warns about its own warm-up's
+            # autograd nodes (fixed by pytorch/pytorch#187745); the captured graphs are not affected.
+            warnings.filterwarnings("ignore", message=ACCUMULATE_GRAD_STREAM_WARNING)
             torch.cuda.make_graphed_callables(model, (batch,))  # replaces model.forward in training mode
         with torch.no_grad():  # the capture's warm-up steps moved BatchNorm's running statistics: put them back
             for tensor, saved in zip(model.state_dict().values(), state, strict=True):

@@ -13,7 +13,8 @@ from hpml.config import TrainConfig
 from hpml.train import Trainer
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.filterwarnings(f"error:{speed.ACCUMULATE_GRAD_STREAM_WARNING}")]
 
 IMAGES = data.synthetic_cifar10(600, 200)  # 600 = 4 batches of 128 and a partial one of 88
 
