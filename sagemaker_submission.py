@@ -321,7 +321,7 @@ def run_collect(args: argparse.Namespace) -> int:
     if args.all:
         done = aws.collected_jobs(output_dir)
         jobs = [job for job in aws.suite_jobs(boto) if job["TrainingJobName"] not in done]
-        print(f"{len(jobs)} jobs to collect ({len(done)} already in {output_dir})")
+        print(f"{cli.count(len(jobs), 'job')} to collect ({len(done)} already in {output_dir})")
     else:
         jobs = [aws.describe(boto, name) for name in args.jobs]
     finished = collect(boto, jobs, output_dir)

@@ -146,6 +146,11 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                                     "compare like for like)")
 
 
+def count(number: int, noun: str) -> str:
+    """'1 run', '2 runs': a number and a regular noun in agreement."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def require_positive(args: argparse.Namespace, *names: str) -> None:
     """UsageError naming the first of these integer flags that is below 1."""
     for name in names:

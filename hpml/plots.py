@@ -481,14 +481,10 @@ def summary_row(group: Group) -> tuple[str, ...]:
             group.spread("best_test_acc").scaled(100).text(".1f"), group.spread("time_to_best_s").text(".1f"))
 
 
-def count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
 def summary_markdown(groups: list[Group], results_dir: Path) -> str:
-    runs = count(sum(len(group.runs) for group in groups), "run")
+    runs = cli.count(sum(len(group.runs) for group in groups), "run")
     lines = ["# hpml results summary", "",
-             f"{runs} from `{results_dir}`, in {count(len(groups), 'group')}. "
+             f"{runs} from `{results_dir}`, in {cli.count(len(groups), 'group')}. "
              "Numbers are medians over a group's runs (min–max in brackets when they differ). Speedup = median "
              "training time of the single-device group with the same model, device type and data ÷ this group's; "
              "efficiency = speedup ÷ world size. Training time excludes evaluation; images/s is the median over the "
@@ -529,7 +525,7 @@ def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
                          f"({len(skipped)} skipped); run run_hpc.py or run_distributed.py first")
     target = results.check_writable(output_dir)
     groups = group_runs(records, warn)
-    log(f"{count(len(records), 'run')} in {count(len(groups), 'group')} from {source}")
+    log(f"{cli.count(len(records), 'run')} in {cli.count(len(groups), 'group')} from {source}")
     written = [save_figure(time_figure(groups), target / "Time.png", dpi),
                save_figure(accuracy_figure(groups), target / "Accuracy.png", dpi),
                save_figure(curves_figure(groups), target / "Curves.png", dpi)]
