@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Submit, watch, collect and price SageMaker training jobs that run run_distributed.py (SMDDP by default).
+"""Submit, watch, collect and price SageMaker training jobs: run_distributed.py under SMDDP (the default) or torchrun,
+or run_hpc.py on one GPU (--distribution none, the single-device baseline).
 
     python sagemaker_submission.py submit --dry-run --model resnet18 --instance-count 2
     python sagemaker_submission.py submit --model resnet18 --instance-count 2 --data-dir ~/cifar10 --wait
@@ -56,10 +57,11 @@ def build_parser() -> cli.ArgumentParser:
 
 def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "submit", help="start a training job of run_distributed.py", conflict_handler="resolve",
-        description="Start a SageMaker training job that runs run_distributed.py with the training flags below, "
-                    "checked here first with the training scripts' own checks. Without --wait it prints the job's "
-                    "name, console link and the command that collects its results.")
+        "submit", help="start a training job", conflict_handler="resolve",
+        description="Start a SageMaker training job that runs run_distributed.py (run_hpc.py with --distribution "
+                    "none) with the training flags below, checked here first with the training scripts' own checks. "
+                    "Without --wait it prints the job's name, console link and the command that collects its "
+                    "results.")
     cli.add_training_args(parser)
     cli.add_distributed_args(parser)
     job = parser.add_argument_group("SageMaker job")
@@ -69,7 +71,8 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     job.add_argument("--instance-count", type=int, default=1, help="instances in the cluster (default: %(default)s)")
     job.add_argument("--distribution", choices=tuple(aws.DISTRIBUTIONS), default="smddp",
                      help="smddp: SageMaker's distributed data parallel library (mpirun, one process per GPU); "
-                          "torchrun: PyTorch's launcher; none: one process on one instance (default: %(default)s)")
+                          "torchrun: PyTorch's launcher; none: run_hpc.py, the single-device baseline, on one GPU "
+                          "of one instance, recorded as mode single (default: %(default)s)")
     job.add_argument("--framework-version", default=aws.DEFAULT_FRAMEWORK_VERSION,
                      help="PyTorch version of SageMaker's training container; the default is the newest the SDK "
                           "offers SMDDP for (default: %(default)s)")
@@ -142,16 +145,24 @@ def add_aws_flags(group: argparse._ActionsContainer) -> None:
 
 
 def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, str]]:
-    """The validated training configuration, and every training flag of run_distributed.py as a hyperparameter
+    """The validated training configuration, and every training flag of the job's script as a hyperparameter
     (SageMaker passes each back to the script as `--name value`)."""
     cfg = cli.config_from_args(args)
     if getattr(args, "checkpoint_dir", None):
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: a SageMaker job keeps its checkpoints in "
-                         f"{aws.SAGEMAKER_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
+                         f"{aws.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
                          "drop the flag")
+    distributed = args.distribution != "none"
+    if not distributed:
+        for flag, value, default in (("--scale-lr", cfg.scale_lr, False),
+                                     ("--dist-timeout", cfg.dist_timeout, cli.DEFAULTS.dist_timeout)):
+            if value != default:
+                raise UsageError(f"{flag} applies to data-parallel runs; --distribution none runs run_hpc.py, "
+                                 "one process: drop the flag")
     flags = argparse.ArgumentParser(add_help=False)
     cli.add_training_args(flags)
-    cli.add_distributed_args(flags)
+    if distributed:
+        cli.add_distributed_args(flags)
     hyperparameters = {}
     for name in vars(flags.parse_args([])):
         value = ",".join(cfg.models) if name == "model" else getattr(cfg, name, getattr(args, name))

@@ -1,7 +1,9 @@
 """Checkpoints: one file per run, written atomically by rank 0, read back with weights_only=True.
 
 A checkpoint holds the model, optimizer, schedule and gradient scaler, the metrics of the epochs so far and,
-when a run was stopped by a signal, the position and running sums inside the epoch. No random-generator
+when a run was stopped by a signal, the position and running sums inside the epoch. Once the run has finished,
+copies of its results files lie beside it, so that they can be written again where they went missing (a SageMaker
+spot restart brings back the checkpoint folder, not the output folder). No random-generator
 state is needed: every random stream (weights, shuffle, crops and flips) is drawn afresh from
 (--seed, epoch, rank) when an epoch starts, so a resumed run continues exactly where it stopped.
 """
@@ -10,22 +12,24 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
+import shutil
 import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from . import files, results
+from . import container, files, results
 from .config import TrainConfig
-from .dist import SAGEMAKER_CHECKPOINT_DIR, World, in_sagemaker
+from .dist import World
 from .errors import UsageError, one_line
 
 FORMAT_VERSION = 1
 FILE_NAME = "last.pt"
 FINISHED_FILE = "finished.json"  # beside last.pt once the run's results are written
+RESULTS_COPIES = "results"  # beside last.pt: copies of a finished run's results files
 # What must match for a checkpoint to continue this run; speed settings may differ.
 IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed", "dataset", "subset", "scale_lr",
                    "drop_last")
@@ -33,11 +37,11 @@ OLDER_IDENTITY = {"drop_last": False}  # what checkpoints written before a field
 
 
 def default_root(cfg: TrainConfig) -> Path:
-    """--checkpoint-dir, else /opt/ml/checkpoints in a SageMaker job (synced to S3), else <output-dir>/checkpoints."""
+    """--checkpoint-dir, else a SageMaker job's checkpoint folder (synced to S3), else <output-dir>/checkpoints."""
     if cfg.checkpoint_dir:
         return Path(cfg.checkpoint_dir)
-    if in_sagemaker():
-        return Path(SAGEMAKER_CHECKPOINT_DIR)
+    if container.in_job():
+        return container.checkpoint_dir()
     return Path(cfg.output_dir) / "checkpoints"
 
 
@@ -107,22 +111,41 @@ def load(path: Path) -> dict:
     return state
 
 
-def mark_finished(path: Path, results_file: str) -> None:
-    """Note beside the run's checkpoint that its results are written, so that --resume skips the run."""
-    results.write_json_atomic(path.with_name(FINISHED_FILE), {"results_file": results_file})
+def mark_finished(path: Path, run_id: str, written: list[Path]) -> None:
+    """Keep copies of a finished run's results files beside its checkpoint, and note that it finished, so that
+    --resume skips the run and can write the files again."""
+    for file in written:
+        files.write_atomic(path.with_name(RESULTS_COPIES) / file.name, lambda tmp, f=file: shutil.copyfile(f, tmp))
+    results.write_json_atomic(path.with_name(FINISHED_FILE), {"run_id": run_id, "results_file": str(written[0]),
+                                                              "files": [file.name for file in written]})
 
 
-def finished_results_file(path: Path) -> str | None:
-    """The results file of the run whose checkpoint is `path`, if it finished; else None."""
+def finished_run(path: Path) -> dict | None:
+    """What finished.json says of the run whose checkpoint is `path` (run_id, results_file, files), or None."""
     try:
-        return json.loads(path.with_name(FINISHED_FILE).read_text())["results_file"]
-    except (OSError, ValueError, KeyError, TypeError):
+        finished = json.loads(path.with_name(FINISHED_FILE).read_text())
+    except (OSError, ValueError):
         return None
+    return finished if isinstance(finished, dict) and "results_file" in finished else None
+
+
+def restore_results(path: Path, finished: dict, output_dir: Path, model_state: dict,
+                    log: Callable[[str], None]) -> None:
+    """Write a finished run's results files into `output_dir`, and its final weights into a SageMaker job's model
+    folder, wherever they are missing: a spot restart empties both."""
+    for name in finished.get("files", []):
+        target, kept = output_dir / name, path.with_name(RESULTS_COPIES) / name
+        if not target.exists() and kept.exists():
+            files.write_atomic(target, lambda tmp, k=kept: shutil.copyfile(k, tmp))
+            log(f"restored {target} from {kept}")
+    if finished.get("run_id"):
+        save_final_weights(model_state, finished["run_id"], overwrite=False)
 
 
 def clear_finished(path: Path) -> None:
     """A run starting afresh in the folder of a finished one is not finished."""
     path.with_name(FINISHED_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path.with_name(RESULTS_COPIES), ignore_errors=True)
 
 
 def check_identity(state: dict, expected: dict, path: Path) -> None:
@@ -139,12 +162,12 @@ def check_writable(cfg: TrainConfig) -> None:
     files.check_writable(default_root(cfg), "checkpoint folder")
 
 
-def save_final_weights(model: torch.nn.Module, run_id: str) -> Path | None:
+def save_final_weights(model_state: dict, run_id: str, overwrite: bool = True) -> Path | None:
     """In a SageMaker job, the trained weights go to $SM_MODEL_DIR, which SageMaker uploads as model.tar.gz."""
-    model_dir = os.environ.get("SM_MODEL_DIR")
-    if not model_dir:
+    model_dir = container.model_dir()
+    if model_dir is None:
         return None
-    path = Path(model_dir) / f"{run_id}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return path
+    path = model_dir / f"{run_id}.pt"
+    if not overwrite and path.exists():
+        return path
+    return files.write_atomic(path, lambda tmp: torch.save(model_state, tmp))

@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from . import container
 from .errors import UsageError
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
@@ -21,13 +22,13 @@ MIN_SUBSET = 10  # one image per class
 
 def default_data_dir() -> str:
     """$HPML_CIFAR10, else a SageMaker job's training channel, else ./data."""
-    return os.environ.get("HPML_CIFAR10") or os.environ.get("SM_CHANNEL_TRAINING") or "./data"
+    return os.environ.get("HPML_CIFAR10") or container.data_channel() or "./data"
 
 
 def default_output_dir() -> str:
     """results, or inside a SageMaker job the folder SageMaker uploads to S3 when the job ends."""
-    sagemaker_output = os.environ.get("SM_OUTPUT_DATA_DIR")
-    return os.path.join(sagemaker_output, "results") if sagemaker_output else "results"
+    sagemaker_output = container.output_data_dir()
+    return str(sagemaker_output / "results") if sagemaker_output else "results"
 
 
 @dataclass

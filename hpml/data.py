@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -101,11 +102,16 @@ def _load_batches(folder: Path) -> ImageSet:
 
 
 def _download(folder: Path) -> None:
+    """Download CIFAR-10 with torchvision; a failed download leaves behind no folder it made."""
     from torchvision.datasets import CIFAR10
 
+    made = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         CIFAR10(str(folder), train=True, download=True)
     except Exception as error:
+        for parent in made:  # deepest first; only folders the download left empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise UsageError(
             f"no CIFAR-10 in {folder} (looked for train.npz/test.npz and {BATCHES_FOLDER}/) and downloading it "
             f"failed ({one_line(error)}); copy the data there or point --data-dir / $HPML_CIFAR10 at it"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from . import container
 from .config import TrainConfig
 from .errors import UsageError
 
@@ -36,12 +36,19 @@ class World:
         return self.backend is not None
 
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """Reduce a few numbers over all ranks (sum or max); the identity in a world of one."""
+        """Reduce a few numbers over all ranks (sum or max); the identity in a world of one.
+
+        Only all-reduce (sum) and all-gather, the collectives every backend has, SMDDP's included.
+        """
         if not self.distributed:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64, device=self.reduce_device)
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
-        return tensor.tolist()
+        if op == "sum":
+            torch_dist.all_reduce(tensor)
+            return tensor.tolist()
+        gathered = [torch.empty_like(tensor) for _ in range(self.size)]
+        torch_dist.all_gather(gathered, tensor)
+        return torch.stack(gathered).amax(0).tolist()
 
     def gather_lists(self, items: list) -> list:
         """Every rank's list, concatenated in rank order (on every rank); the list itself in a world of one."""
@@ -52,8 +59,8 @@ class World:
         return [item for rank_items in gathered for item in rank_items]
 
     def barrier(self) -> None:
-        if self.distributed:
-            torch_dist.barrier()
+        """Wait for every rank (an all-reduce of nothing, so that it needs no collective beyond all_reduce)."""
+        self.all_reduce([0.0])
 
     @property
     def reduce_device(self) -> torch.device:
@@ -74,15 +81,23 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def single_process(device: str) -> World:
+def single_process(device: str, log: Callable[[str], None] = print) -> World:
     """A world of one process on the chosen device, with no process group."""
-    return World(rank=0, local_rank=0, size=1, nodes=1, backend=None, device=resolve_device(device))
+    world = World(rank=0, local_rank=0, size=1, nodes=1, backend=None, device=resolve_device(device),
+                  sagemaker=container.job_info())
+    gpus = container.gpus_per_host()
+    if world.sagemaker and world.device.type == "cuda" and gpus > 1:
+        log(f"this instance has {gpus} GPUs; a single-device run trains on one of them (GPU {world.device.index})")
+    return world
 
 
 # ---- torch.distributed ---------------------------------------------------------------------------
 
 def launcher_from_env() -> str:
-    """Which launcher started this process: torchrun (or anything setting WORLD_SIZE), mpirun, or none."""
+    """Which launcher started this process: SageMaker's SMDDP launcher (smddprun), torchrun (or anything setting
+    WORLD_SIZE), another mpirun, or none."""
+    if container.smddp_launched():
+        return "smddprun"
     if "WORLD_SIZE" in os.environ:
         return "torchrun"
     if "OMPI_COMM_WORLD_SIZE" in os.environ:
@@ -110,17 +125,26 @@ def smddp_available() -> bool:
 
 
 def choose_backend(requested: str, device: torch.device, launcher: str) -> str:
-    """The backend to use; UsageError when the requested one cannot work here."""
+    """The backend to use; UsageError when the requested one cannot work here.
+
+    A SageMaker job submitted for SMDDP (or started by its launcher) uses smddp or fails: never another backend.
+    """
+    smddp_job = container.smddp_submitted() or launcher == "smddprun"
     if requested == "auto":
-        if in_sagemaker() and launcher == "mpirun" and smddp_available():  # SageMaker starts SMDDP with mpirun
-            return "smddp"
-        return "nccl" if device.type == "cuda" else "gloo"
+        requested = "smddp" if smddp_job else "nccl" if device.type == "cuda" else "gloo"
+    elif smddp_job and requested != "smddp":
+        raise UsageError(f"--backend {requested}: this SageMaker job was submitted for SMDDP (--distribution smddp), "
+                         "which trains with the smddp backend only; use --backend auto or smddp")
     if requested == "smddp":
+        asked = "this SageMaker job was submitted for SMDDP, but" if smddp_job else "--backend smddp:"
         if not smddp_available():
-            raise UsageError("--backend smddp: the SMDDP library (smdistributed.dataparallel) is not installed here; "
-                             "it exists only in SageMaker's GPU training containers; use --backend auto, nccl or gloo")
-        if device.type != "cuda":
-            raise UsageError("--backend smddp needs CUDA GPUs; use --backend gloo on the CPU")
+            raise UsageError(f"{asked} the SMDDP library (smdistributed.dataparallel) is not installed here; it "
+                             "exists only in SageMaker's GPU training containers"
+                             + ("" if smddp_job else "; use --backend auto, nccl or gloo"))
+        supported = getattr(torch_dist.Backend, "backend_capability", {}).get("smddp", ["cuda"])
+        if device.type not in supported:
+            raise UsageError(f"{asked} SMDDP needs CUDA GPUs, and this process has device {device.type}"
+                             + ("" if smddp_job else "; use --backend gloo on the CPU"))
     if requested == "nccl" and (device.type != "cuda" or not torch_dist.is_nccl_available()):
         raise UsageError("--backend nccl needs CUDA GPUs and a torch built with NCCL; "
                          "use --backend gloo (CPU) or --backend auto")
@@ -136,14 +160,8 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     device = resolve_device(cfg.device, local_rank)
     backend = choose_backend(cfg.backend, device, launcher)
     timeout = timedelta(seconds=cfg.dist_timeout)
-    if launcher == "none" and backend != "smddp":
-        log("run_distributed.py: no launcher found (WORLD_SIZE is unset): training as a world of one process; "
-            "start several with torchrun --nproc_per_node N")
-        torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                                      timeout=timeout)
-    elif launcher == "mpirun" and backend != "smddp":
-        raise UsageError(f"--backend {backend} under mpirun: start the ranks with torchrun (or srun + torchrun); "
-                         "mpirun is supported for SageMaker's SMDDP only")
+    if backend == "smddp":  # the SMDDP library finds its ranks itself, under its own launcher or torchrun
+        torch_dist.init_process_group(backend, timeout=timeout)
     elif launcher == "torchrun":
         store, rank, size = next(torch_dist.rendezvous("env://", timeout=timeout))
         # A torchrun restart re-forms the group in the same store: without a fresh prefix per attempt, a new
@@ -151,12 +169,18 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"hpml/attempt_{attempt}/", store),
                                       rank=rank, world_size=size, timeout=timeout)
+    elif launcher == "none":
+        log("run_distributed.py: no launcher: training as a world of one process"
+            + ("" if container.in_job() else " (WORLD_SIZE is unset); start several with torchrun --nproc_per_node N"))
+        torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                      timeout=timeout)
     else:
-        torch_dist.init_process_group(backend, timeout=timeout)
+        raise UsageError(f"--backend {backend} under {launcher}: start the ranks with torchrun (or srun + torchrun); "
+                         "mpirun is for SageMaker's SMDDP only")
     size = torch_dist.get_world_size()
     local_size = _env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", default=size)
     return World(rank=torch_dist.get_rank(), local_rank=local_rank, size=size, nodes=max(1, size // local_size),
-                 backend=backend, device=device, launcher=launcher, sagemaker=sagemaker_info())
+                 backend=torch_dist.get_backend(), device=device, launcher=launcher, sagemaker=container.job_info())
 
 
 def teardown() -> None:
@@ -168,28 +192,3 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-# ---- SageMaker -----------------------------------------------------------------------------------
-
-SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
-
-
-def in_sagemaker() -> bool:
-    return "SM_TRAINING_ENV" in os.environ or "SM_HOSTS" in os.environ
-
-
-def sagemaker_info() -> dict | None:
-    """The job's name, instance type and count, from the environment SageMaker gives a training container."""
-    if not in_sagemaker():
-        return None
-    training_env = json.loads(os.environ.get("SM_TRAINING_ENV") or "{}")
-    hosts = json.loads(os.environ.get("SM_HOSTS") or "[]") or training_env.get("hosts", [])
-    return {
-        "job_name": os.environ.get("TRAINING_JOB_NAME") or training_env.get("job_name"),
-        "instance_type": os.environ.get("SM_CURRENT_INSTANCE_TYPE") or training_env.get("current_instance_type"),
-        "instance_count": len(hosts) or 1,
-        "current_host": os.environ.get("SM_CURRENT_HOST") or training_env.get("current_host"),
-        "gpus_per_host": _env_int("SM_NUM_GPUS", default=0),
-    }
-

@@ -32,7 +32,8 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
             if record is None or not world.is_main:
                 continue
             path = results.write_results(record, cfg.output_dir)
-            checkpoint.mark_finished(Path(record["checkpoint"]), str(path))
+            samples = [Path(cfg.output_dir) / record["utilization"]["samples_csv"]] if "utilization" in record else []
+            checkpoint.mark_finished(Path(record["checkpoint"]), record["run_id"], [path, *samples])
             log(f"{name}: final test acc {record['final_test_acc']:.4f} (best {record['best_test_acc']:.4f}), "
                 f"{record['total_train_time_s']:.1f}s training, {record['median_images_per_s']:.0f} img/s "
                 f"-> {path}")

@@ -154,7 +154,8 @@ class DeviceTrainBatches(TrainBatches):
         order = torch.tensor(self.epoch_order(), dtype=torch.int64, device=self.device)
         top, left, flip = (torch.from_numpy(a).to(self.device) for a in
                            (self.augmentation.top, self.augmentation.left, self.augmentation.flip))
-        for index in order.split(self.batch_size * AUGMENT_CHUNK):
+        chunk = self.batch_size * AUGMENT_CHUNK
+        for index in (order[start:start + chunk] for start in range(0, len(order), chunk)):  # none when all skipped
             inputs = self.crop_flip_normalize(index, top[index], left[index], flip[index])
             yield from zip(inputs.split(self.batch_size), self.labels[index].split(self.batch_size), strict=True)
 

@@ -1,11 +1,13 @@
 """The study's figures and summary table, made from results JSON files (and monitor samples beside them).
 
-Runs are grouped by model, mode, backend, world size, nodes, device type and workload (data set, its size and
-the number of epochs), so a CPU smoke run never shares a median with a GPU run. A group's numbers are medians
-over its repeated runs, with min-max as error bars. A distributed group's speedup is the median training time
-of the single-device group with the same model, device type and workload divided by its own median; with the
-grouping above there is at most one such group. Scaling efficiency is speedup / world size. Figures draw one
-panel per setup (device type and workload), so that only comparable bars stand side by side.
+Runs are grouped by model, mode, backend, world size, nodes, platform (a SageMaker job or a machine of one's own),
+device type and workload (data set, its size and the number of epochs), so a CPU smoke run never shares a median
+with a GPU run. A group's numbers are medians over its repeated runs, with min-max as error bars. A distributed
+group's speedup is the median training time of the single-device group with the same model, platform, device type
+and workload divided by its own median: SageMaker runs against the SageMaker baseline, local runs against the
+local one; with the grouping above there is at most one such group. Scaling efficiency is speedup / world size.
+Figures draw one panel per setup (platform, device type and workload), so that only comparable bars stand side by
+side.
 """
 
 from __future__ import annotations
@@ -66,14 +68,15 @@ class Group:
     nodes: int
     device: str
     workload: str
+    platform: str = "local"
     runs: list[dict] = field(default_factory=list)
     baseline: Group | None = None
     compared: bool = False  # a single-device group that some other group's speedup is measured against
 
     @property
-    def setup(self) -> tuple[str, str]:
-        """What must match for two groups to be compared: device type and workload. One panel each."""
-        return (self.device, self.workload)
+    def setup(self) -> tuple[str, str, str]:
+        """What must match for two groups to be compared: platform, device type and workload. One panel each."""
+        return (self.platform, self.device, self.workload)
 
     @property
     def series(self) -> tuple:
@@ -109,6 +112,11 @@ def workload_of(record: dict) -> str:
     return f"{description}; {sizes}{len(record['epochs'])} epochs"
 
 
+def platform_of(record: dict) -> str:
+    """Where a run trained: "SageMaker" (a SageMaker job) or "local" (a machine or cluster of one's own)."""
+    return "SageMaker" if record.get("sagemaker") else "local"
+
+
 def model_order(name: str) -> tuple[int, str]:
     """The study's order (vgg16, resnet18, ...), then any other model by name."""
     known = models.names()
@@ -121,7 +129,7 @@ def group_runs(records: list[dict], warn: Callable[[str], None]) -> list[Group]:
     for record in records:
         group = Group(model=record["model"], mode=record["mode"], backend=record.get("backend"),
                       world_size=int(record["world_size"]), nodes=int(record.get("nodes") or 1),
-                      device=record["device"], workload=workload_of(record))
+                      device=record["device"], workload=workload_of(record), platform=platform_of(record))
         groups.setdefault((group.setup, model_order(group.model), group.series), group).runs.append(record)
     ordered = [groups[key] for key in sorted(groups)]
     for group in ordered:
@@ -199,7 +207,9 @@ def title_tag(groups: list[Group]) -> str:
     datasets = sorted({DATASET_NAMES.get(run["config"].get("dataset"), "unknown data") for run in records})
     sizes = sorted({(run.get("data") or {}).get("train_size") for run in records} - {None})
     epochs = sorted({group.epochs for group in groups})
-    return (f"{' and '.join(parts)} · {' + '.join(datasets)}"
+    platforms = sorted({platform_of(run) for run in records}, key=lambda name: name != "SageMaker")
+    where = f"{' and '.join(platforms)} · " if "SageMaker" in platforms else ""
+    return (f"{where}{' and '.join(parts)} · {' + '.join(datasets)}"
             + (f", {'/'.join(f'{n:,}' for n in sizes)} training images" if sizes else "")
             + f" · {'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''}")
 
@@ -349,7 +359,9 @@ def elapsed_training(run: dict) -> list[float]:
 def short_setup(group: Group) -> str:
     """'GPU, 50,000 images, 20 epochs': tells the rows of different setups apart."""
     size = (group.runs[0].get("data") or {}).get("train_size")
-    return f"{'GPU' if group.device == 'cuda' else 'CPU'}, {f'{size:,} images, ' if size else ''}{group.epochs} epochs"
+    where = "SageMaker " if group.platform == "SageMaker" else ""
+    return (f"{where}{'GPU' if group.device == 'cuda' else 'CPU'}, {f'{size:,} images, ' if size else ''}"
+            f"{group.epochs} epochs")
 
 
 def curves_figure(groups: list[Group]) -> Figure:

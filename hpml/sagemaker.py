@@ -1,5 +1,5 @@
-"""Everything that talks to AWS: a SageMaker training job of run_distributed.py, its code and data in S3, its logs,
-and its results brought home.
+"""Everything that talks to AWS: a SageMaker training job (run_distributed.py, or run_hpc.py for a single-device
+baseline), its code and data in S3, its logs, and its results brought home.
 
 The SageMaker Python SDK is imported on first use, not with this module: importing it takes seconds and, without
 credentials in the environment, makes it probe the EC2 instance-metadata address. Only sagemaker_submission.py
@@ -32,7 +32,7 @@ import botocore.session
 from tqdm import tqdm
 
 from . import data, files, prices, results
-from .dist import SAGEMAKER_CHECKPOINT_DIR
+from .container import JOB_CHECKPOINT_DIR
 from .errors import UsageError, one_line
 
 if TYPE_CHECKING:  # imported on first use at run time (see above)
@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # imported on first use at run time (see above)
     import sagemaker.session
 
 REPO = Path(__file__).resolve().parent.parent
-ENTRY_POINT = "run_distributed.py"
+# The script each distribution runs: data-parallel under SMDDP or torchrun; the single-device path on one GPU.
+ENTRY_POINTS = {"smddp": "run_distributed.py", "torchrun": "run_distributed.py", "none": "run_hpc.py"}
 # The code a job needs, and nothing else (no data, results, tests, virtual environments or git history).
 CODE_PATHS = ("run_distributed.py", "run_hpc.py", "hpml", "models")
 # What the training code imports beyond the container's own torch, torchvision, numpy and pillow. SageMaker
@@ -57,10 +58,10 @@ DISTRIBUTIONS = {
     "torchrun": {"torch_distributed": {"enabled": True}},
     "none": None,
 }
-BACKENDS_FOR_DISTRIBUTION = {  # what run_distributed.py can start under each launcher
+BACKENDS_FOR_DISTRIBUTION = {  # what the job's script can start under each launcher (run_hpc.py has no backend)
     "smddp": ("auto", "smddp"),
     "torchrun": ("auto", "smddp", "nccl", "gloo"),
-    "none": ("auto", "nccl", "gloo"),
+    "none": ("auto",),
 }
 # The newest PyTorch for which the pinned SDK offers SMDDP (its fw_utils.SM_DATAPARALLEL_SUPPORTED_FRAMEWORK_VERSIONS),
 # and the only Python of that container image.
@@ -166,7 +167,7 @@ def check_distribution(distribution: str, instance_type: str, instance_count: in
     if backend not in allowed_backends:
         raise UsageError(f"--backend {backend} does not work with --distribution {distribution}; "
                          f"use one of {', '.join(allowed_backends)}")
-    if distribution == "smddp":
+    if distribution == "smddp" or backend == "smddp":
         check_smddp(instance_type, framework_version, device)
     with _quiet_sdk_errors():  # the checks the SDK makes when it builds the estimator, before anything is sent
         sdk().image_uris.retrieve("pytorch", region=region, version=framework_version, py_version=py_version,
@@ -174,7 +175,7 @@ def check_distribution(distribution: str, instance_type: str, instance_count: in
         if DISTRIBUTIONS[distribution]:
             sdk().fw_utils.validate_distribution(DISTRIBUTIONS[distribution], None, "pytorch", framework_version,
                                                  py_version, None, {"instance_type": instance_type,
-                                                                    "entry_point": ENTRY_POINT})
+                                                                    "entry_point": ENTRY_POINTS[distribution]})
 
 
 def check_smddp(instance_type: str, framework_version: str, device: str) -> None:
@@ -182,7 +183,7 @@ def check_smddp(instance_type: str, framework_version: str, device: str) -> None
     instance_types = [name for name in fw_utils.SM_DATAPARALLEL_SUPPORTED_INSTANCE_TYPES if name.startswith("ml.")]
     if instance_type not in instance_types:
         raise UsageError(f"SMDDP does not run on {instance_type}; supported instance types: "
-                         f"{', '.join(instance_types)} (or use --distribution torchrun)")
+                         f"{', '.join(instance_types)} (or use --distribution torchrun with --backend nccl)")
     versions = fw_utils.SM_DATAPARALLEL_SUPPORTED_FRAMEWORK_VERSIONS["pytorch"]
     if framework_version not in versions:
         raise UsageError(f"SMDDP does not support PyTorch {framework_version}; supported --framework-version: "
@@ -439,7 +440,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
     where = s3_locations(bucket, spec.job_name)
     with _quiet_sdk_errors():
         return sdk().pytorch.PyTorch(
-            entry_point=ENTRY_POINT,
+            entry_point=ENTRY_POINTS[spec.distribution],
             source_dir=source_dir,
             role=spec.role,
             instance_type=spec.instance_type,
@@ -451,7 +452,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
             output_path=where["output"],
             code_location=where["code"],
             checkpoint_s3_uri=where["checkpoints"],
-            checkpoint_local_path=SAGEMAKER_CHECKPOINT_DIR,
+            checkpoint_local_path=JOB_CHECKPOINT_DIR,
             use_spot_instances=spec.spot,
             max_run=spec.max_run,
             max_wait=spec.max_wait if spec.spot else None,

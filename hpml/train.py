@@ -7,7 +7,9 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,10 +20,10 @@ from tqdm import tqdm
 
 import models
 
-from . import checkpoint, results, speed
+from . import checkpoint, container, results, speed
 from .config import TrainConfig
 from .data import ImageSet
-from .dist import World, in_sagemaker
+from .dist import World
 from .errors import RunStopped, UsageError
 from .loaders import IMAGE_SIZE, EvalBatches, make_train_batches, memory_format
 
@@ -62,14 +64,29 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-CHECK_EVERY = 10  # steps between checks for a stop signal or a non-finite loss (agreed over ranks)
+CHECK_EVERY = 10  # steps between checks for a non-finite loss, and between the ranks' agreements on a stop
 
 
 class StepControl:
-    """Lets a signal or a diverging loss stop every rank at the same step, so no rank waits on the others."""
+    """Lets a signal or a diverging loss stop every rank at the same step, so no rank waits on the others.
+
+    A world of one reads its stop flag after every step. Ranks of a group agree on it every CHECK_EVERY steps and
+    at every epoch's end, so that a step costs no collective of its own. The loss is checked every CHECK_EVERY
+    steps: reading it waits for the device.
+    """
 
     def __init__(self, world: World, stop_requested: Callable[[], bool] = lambda: False) -> None:
         self.world, self.stop_requested = world, stop_requested
+
+    def after_step(self, steps: int, loss_sum: Tensor) -> str | None:
+        """The verdict after a step: None to go on, "stop" or "diverged"."""
+        if not self.world.distributed and self.stop_requested():
+            return "stop"
+        return self.verdict(loss_sum) if steps % CHECK_EVERY == 0 else None
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was signalled (agreed over ranks)."""
+        return self.world.all_reduce([float(self.stop_requested())], op="max")[0] > 0
 
     def verdict(self, loss_sum: Tensor) -> str | None:
         """None to go on, "diverged" when any rank's loss is NaN or infinite, "stop" when any rank was signalled."""
@@ -124,8 +141,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
         progress.update(1)
         if not progress.disable and steps % 20 == 0:
             progress.set_postfix(loss=f"{loss_sum.item() / images:.3f}", acc=f"{correct.item() / images:.3f}")
-        if control and steps % CHECK_EVERY == 0:
-            stopped = control.verdict(loss_sum)
+        if control:
+            stopped = control.after_step(steps, loss_sum)
             if stopped:
                 break
     if control and not stopped:
@@ -195,7 +212,9 @@ class Trainer:
         stats = train_one_epoch(self.train_model, self.optimizer, self.train_batches, self.world.device, progress,
                                 speed.autocast(self.speed, self.world.device), self.scaler, control, partial)
         if not stats["stopped"]:
-            self.scheduler.step()
+            with warnings.catch_warnings():  # an epoch resumed after its last step takes no optimizer step
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                self.scheduler.step()
         return stats
 
     def evaluate(self) -> dict:
@@ -230,9 +249,11 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     if resuming(cfg) and path.exists():
         state = checkpoint.load(path)
         checkpoint.check_identity(state, checkpoint.identity(cfg, model_name, world), path)
-        finished = checkpoint.finished_results_file(path)
+        finished = checkpoint.finished_run(path)
         if finished:  # checked before the Trainer is built: skipping a finished run sets nothing up
-            log(f"{model_name}: already finished, results in {finished}; skipping")
+            if world.is_main:
+                checkpoint.restore_results(path, finished, Path(cfg.output_dir), state["trainer"]["model"], log)
+            log(f"{model_name}: already finished, results in {finished['results_file']}; skipping")
             return None
         run = {**run, **state["run"], "resumes": state["run"]["resumes"] + 1}
         log(f"{model_name}: resuming from {path} after epoch {len(run['epochs'])}"
@@ -289,6 +310,10 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
             save(partial=None)
             if not cfg.quiet and world.is_main:
                 log(format_epoch(model_name, cfg.epochs, run["epochs"][-1]))
+            if epoch < cfg.epochs and control.stop_agreed():
+                writer.wait()
+                raise RunStopped(f"{model_name}: stopped by a signal after epoch {epoch}; checkpoint saved to {path}; "
+                                 "rerun with --resume to continue", exit_code=130)
 
     mode = "distributed" if world.distributed else "single"
     record = {
@@ -322,13 +347,13 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     if world.sagemaker:
         record["sagemaker"] = world.sagemaker
     if world.is_main:
-        checkpoint.save_final_weights(trainer.model, run["run_id"])
+        checkpoint.save_final_weights(trainer.model.state_dict(), run["run_id"])
     return record
 
 
 def resuming(cfg: TrainConfig) -> bool:
     """--resume, or implied: a torchrun restart after a failure, or a SageMaker job (spot interruptions)."""
-    return cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or in_sagemaker()
+    return cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or container.in_job()
 
 
 def epoch_metrics(epoch: int, lr: float, train: dict, test: dict, eval_time: float, world: World) -> dict:

@@ -154,15 +154,20 @@ def test_elastic_restart_resumes_and_completes(tmp_path):
     assert record["world_size"] == 2
 
 
-def test_a_finished_mark_is_kept_beside_the_checkpoint_and_cleared_for_a_fresh_start(tmp_path):
+def test_a_finished_mark_keeps_the_results_files_and_is_cleared_for_a_fresh_start(tmp_path):
     path = tmp_path / "resnet18_single_w1" / checkpoint.FILE_NAME
-    assert checkpoint.finished_results_file(path) is None
-    checkpoint.mark_finished(path, "results/run.json")
-    assert checkpoint.finished_results_file(path) == "results/run.json"
+    written = tmp_path / "results" / "run.json"
+    written.parent.mkdir()
+    written.write_text("{}")
+    assert checkpoint.finished_run(path) is None
+    checkpoint.mark_finished(path, "run", [written])
+    assert checkpoint.finished_run(path) == {"run_id": "run", "results_file": str(written), "files": ["run.json"]}
+    assert path.with_name(checkpoint.RESULTS_COPIES).joinpath("run.json").read_text() == "{}"
     checkpoint.clear_finished(path)
-    assert checkpoint.finished_results_file(path) is None
+    assert checkpoint.finished_run(path) is None
+    assert not path.with_name(checkpoint.RESULTS_COPIES).exists()
     path.with_name(checkpoint.FINISHED_FILE).write_text("{not json")
-    assert checkpoint.finished_results_file(path) is None
+    assert checkpoint.finished_run(path) is None
 
 
 def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path):

@@ -59,7 +59,8 @@ def test_missing_data_and_failed_download_is_one_clear_error(tmp_path, monkeypat
     # Point torchvision's download at a closed local port so the test never reaches the internet.
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(UsageError, match="no CIFAR-10 in .*downloading it failed"):
-        data.load_cifar10(tmp_path / "empty")
+        data.load_cifar10(tmp_path / "missing" / "cifar10")
+    assert list(tmp_path.iterdir()) == []  # a bad --data-dir makes no folders
 
 
 def test_synthetic_is_deterministic_and_balanced():

@@ -1,5 +1,6 @@
 """run_distributed.py under real torchrun with the gloo backend on the CPU."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,9 @@ import psutil
 import pytest
 import torch
 
+from hpml import dist
+from hpml.config import TrainConfig
+from hpml.errors import UsageError
 from hpml.monitor import read_samples_csv
 from hpml.train import seed_all
 from tests.conftest import REPO, results_in, run_script
@@ -148,3 +152,59 @@ def test_a_killed_rank_fails_the_job_instead_of_hanging(tmp_path):
     assert launcher.returncode != 0
     assert "run_distributed.py FAILED" in output and "Signal 9 (SIGKILL)" in output
     assert not results_in(tmp_path)
+
+
+SMDDP_JOB = json.dumps({"additional_framework_parameters": {"sagemaker_distributed_dataparallel_enabled": True}})
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def smddp_job(monkeypatch) -> None:
+    """The environment of a SageMaker job submitted with --distribution smddp, here without the SMDDP library."""
+    for name in ("SM_FRAMEWORK_PARAMS", "SMDATAPARALLEL_USE_SINGLENODE", "SMDATAPARALLEL_USE_HOMOGENEOUS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SM_TRAINING_ENV", SMDDP_JOB)
+
+
+def test_smddps_launcher_is_known_by_its_own_flag_whatever_else_is_set(monkeypatch):
+    monkeypatch.delenv("SMDATAPARALLEL_USE_SINGLENODE", raising=False)
+    monkeypatch.delenv("SMDATAPARALLEL_USE_HOMOGENEOUS", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")
+    assert dist.launcher_from_env() == "torchrun"
+    monkeypatch.setenv("SMDATAPARALLEL_USE_HOMOGENEOUS", "1")
+    assert dist.launcher_from_env() == "smddprun"
+
+
+@pytest.mark.parametrize("requested", ["auto", "smddp"])
+@pytest.mark.parametrize("launcher", ["smddprun", "torchrun"])
+def test_a_job_submitted_for_smddp_runs_smddp_or_says_why_not(smddp_job, requested, launcher):
+    with pytest.raises(UsageError) as refused:
+        dist.choose_backend(requested, CPU, launcher)
+    assert str(refused.value) == ("this SageMaker job was submitted for SMDDP, but the SMDDP library "
+                                  "(smdistributed.dataparallel) is not installed here; it exists only in SageMaker's "
+                                  "GPU training containers")
+
+
+def test_another_backend_in_a_job_submitted_for_smddp_is_refused(smddp_job):
+    with pytest.raises(UsageError, match="^--backend gloo: this SageMaker job was submitted for SMDDP"):
+        dist.choose_backend("gloo", CPU, "torchrun")
+
+
+@pytest.mark.parametrize("requested", ["auto", "smddp"])
+def test_smddp_on_a_device_its_backend_does_not_run_on_is_refused_however_chosen(smddp_job, requested, monkeypatch):
+    monkeypatch.setattr(dist, "smddp_available", lambda: True)
+    monkeypatch.setitem(torch.distributed.Backend.backend_capability, "smddp", ["cuda"])
+    with pytest.raises(UsageError, match="SMDDP needs CUDA GPUs, and this process has device cpu"):
+        dist.choose_backend(requested, CPU, "smddprun")
+
+
+def test_inside_sagemaker_a_world_of_one_says_nothing_of_torchrun(monkeypatch, tmp_path):
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "SMDATAPARALLEL_USE_SINGLENODE", "SM_FRAMEWORK_PARAMS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SM_TRAINING_ENV", "{}")
+    logged = []
+    world = dist.setup(TrainConfig(device="cpu", output_dir=str(tmp_path)).validate(), log=logged.append)
+    dist.teardown()
+    assert world.backend == "gloo" and world.launcher == "none" and world.sagemaker is not None
+    assert logged == ["run_distributed.py: no launcher: training as a world of one process"]

@@ -93,3 +93,10 @@ def test_drop_last_leaves_out_a_different_partial_batch_each_epoch(images, loade
 def test_test_batches_cover_every_image_once_over_ranks(images):
     counts = [len(EvalBatches(images, rank, 3, CPU, batch_size=8)) for rank in range(3)]  # 50 images over 3 ranks
     assert counts == [17, 17, 16]
+
+
+@pytest.mark.parametrize("loader", ["device", "torch"])
+def test_an_epoch_resumed_after_its_last_step_has_no_batches_left(images, loader):
+    batches = make_train_batches(images, loader, 64, 0, 0, 1, CPU, drop_last=True, workers=0)
+    batches.set_epoch(1, skip_batches=4)  # 300 images: 4 full batches, all taken before the stop
+    assert len(batches) == 0 and list(batches) == []

@@ -168,3 +168,18 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(results_dir, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"output folder .*file/img is not writable", err)
+
+
+def test_sagemaker_runs_are_compared_with_the_sagemaker_baseline(results_dir):
+    local = results_in(results_dir)
+    sagemaker = [{**run, "run_id": f"{run['run_id']}-sm", "total_train_time_s": run["total_train_time_s"] * 3,
+                  "sagemaker": {"job_name": f"hpml-{run['mode']}", "instance_type": "ml.p3.2xlarge"}}
+                 for run in local]
+    groups = plots.group_runs(local + sagemaker, warn=pytest.fail)
+    assert len(groups) == 4 and len(plots.by_setup(groups)) == 2
+    for group in groups:
+        assert len(group.runs) == 1
+        assert group.baseline.platform == group.platform and group.baseline.mode == "single"
+    distributed = {group.platform: group for group in groups if group.mode == "distributed"}
+    assert distributed["SageMaker"].speedup == pytest.approx(distributed["local"].speedup)
+    assert plots.title_tag(groups).startswith("SageMaker and local · ")

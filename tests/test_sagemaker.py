@@ -241,6 +241,16 @@ def test_torchrun_job_without_bucket_or_role_flags(moto_account, torchrun_job):
     assert [key for key in s3_keys(moto_account, default_bucket) if key.endswith("sourcedir.tar.gz")]
 
 
+def test_a_single_gpu_baseline_job_runs_the_single_device_script(moto_account, capsys):
+    code, _, err = submit(capsys, "--dataset", "synthetic", "--distribution", "none", "--instance-type",
+                            "ml.p3.2xlarge", "--role", ROLE, "--bucket", BUCKET, "--job-name", "hpml-baseline")
+    assert code == 0, err
+    hyperparameters = decoded(describe(moto_account, "hpml-baseline")["HyperParameters"])
+    assert hyperparameters["sagemaker_program"] == "run_hpc.py"
+    assert not {"backend", "dist-timeout", "scale-lr"} & set(hyperparameters)  # flags run_hpc.py does not take
+    assert "sagemaker_distributed_dataparallel_enabled" not in hyperparameters
+
+
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--instance-type", "ml.g5.xlarge"], "SMDDP does not run on ml.g5.xlarge; supported instance types: "
                                           "ml.p3.16xlarge, ml.p3dn.24xlarge, ml.p4d.24xlarge, ml.p4de.24xlarge"),
@@ -264,6 +274,12 @@ def test_torchrun_job_without_bucket_or_role_flags(moto_account, torchrun_job):
     (["--checkpoint-dir", "/tmp/ckpt"], "--checkpoint-dir /tmp/ckpt: a SageMaker job keeps its checkpoints in "
                                         "/opt/ml/checkpoints"),
     (["--distribution", "torchrun", "--instance-type", "ml.m5.xlarge"], "torch_distributed is supported only for GPU"),
+    (["--distribution", "torchrun", "--backend", "smddp", "--instance-type", "ml.g5.12xlarge"],
+     "SMDDP does not run on ml.g5.12xlarge"),
+    (["--distribution", "none", "--instance-type", "ml.p3.2xlarge", "--backend", "nccl"],
+     "--backend nccl does not work with --distribution none; use one of auto"),
+    (["--distribution", "none", "--instance-type", "ml.p3.2xlarge", "--scale-lr"],
+     "--scale-lr applies to data-parallel runs; --distribution none runs run_hpc.py"),
     (["--data-dir", "/nonexistent/cifar"], "no CIFAR-10 folder at /nonexistent/cifar"),
     (["--profile", "nosuchprofile"], "nosuchprofile"),
 ])

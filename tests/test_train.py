@@ -1,0 +1,103 @@
+"""The training loop's stops: a signal honoured at any step, a stop at an epoch's last step resumed, results
+written again after a SageMaker spot restart."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_hpc
+from hpml import checkpoint, data, dist, train
+from hpml.config import TrainConfig
+from hpml.errors import RunStopped
+from tests.conftest import exit_code_of, results_in
+
+STEPS_PER_EPOCH = 4  # 40 images at batch 10: fewer steps than train.CHECK_EVERY
+
+
+def config(out: Path, **changes: object) -> TrainConfig:
+    return TrainConfig(models=["shufflenetv2"], dataset="synthetic", subset=40, batch_size=10, epochs=2, workers=0,
+                       device="cpu", output_dir=str(out), quiet=True, **changes).validate()
+
+
+def stop_after(calls: int):
+    """A stop flag that goes up at its `calls`-th read (the loop reads it once per step in a world of one)."""
+    reads = []
+
+    def stop_requested() -> bool:
+        reads.append(1)
+        return len(reads) >= calls
+
+    return stop_requested
+
+
+def comparable(record: dict) -> list[dict]:
+    return [{k: v for k, v in e.items() if "time" not in k and "per_s" not in k} for e in record["epochs"]]
+
+
+@pytest.fixture(scope="module")
+def images() -> data.ImageSet:
+    return data.synthetic_cifar10(40, 20)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images, tmp_path_factory) -> dict:
+    cfg = config(tmp_path_factory.mktemp("uninterrupted"))
+    return train.fit(cfg, "shufflenetv2", dist.single_process("cpu"), images, log=lambda _: None)
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_to_the_same_run(images, uninterrupted, tmp_path):
+    world = dist.single_process("cpu")
+    with pytest.raises(RunStopped, match=f"at step {STEPS_PER_EPOCH} of epoch 1"):
+        train.fit(config(tmp_path), "shufflenetv2", world, images, lambda _: None, stop_after(STEPS_PER_EPOCH))
+    record = train.fit(config(tmp_path, resume=True), "shufflenetv2", world, images, lambda _: None)
+    assert record["resumes"] == 1
+    assert comparable(record) == comparable(uninterrupted)
+
+
+def test_a_world_of_one_stops_at_the_next_step_even_in_short_epochs(images, tmp_path):
+    with pytest.raises(RunStopped, match="at step 2 of epoch 1"):
+        train.fit(config(tmp_path), "shufflenetv2", dist.single_process("cpu"), images, lambda _: None,
+                  stop_after(2))
+
+
+def test_a_process_group_stops_after_the_epoch_when_no_check_falls_inside_it(images, tmp_path, monkeypatch):
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "SM_TRAINING_ENV", "SM_HOSTS"):
+        monkeypatch.delenv(name, raising=False)
+    world = dist.setup(config(tmp_path), log=lambda _: None)  # a gloo group of one: ranks must agree
+    try:
+        with pytest.raises(RunStopped, match="after epoch 1"):
+            train.fit(config(tmp_path), "shufflenetv2", world, images, lambda _: None, stop_after(1))
+    finally:
+        dist.teardown()
+    (path,) = tmp_path.glob("checkpoints/*/last.pt")
+    saved = checkpoint.load(path)["run"]
+    assert len(saved["epochs"]) == 1 and saved["partial"] is None
+
+
+def test_a_spot_restart_writes_every_finished_models_results_again(tmp_path, monkeypatch):
+    """SageMaker restores checkpoints/ on a restart; output/ and model/ start empty."""
+    base = tmp_path / "opt-ml"
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(base))
+    monkeypatch.setenv("SM_TRAINING_ENV", "{}")
+    monkeypatch.setenv("SM_OUTPUT_DATA_DIR", str(base / "output" / "data"))
+    monkeypatch.setenv("SM_MODEL_DIR", str(base / "model"))
+    argv = ["--model", "shufflenet,mobilenet", "--dataset", "synthetic", "--subset", "20", "--batch-size", "10",
+            "--epochs", "1", "--workers", "0", "--device", "cpu", "--utilization", "--sample-interval", "0.2",
+            "--quiet"]
+    assert exit_code_of(run_hpc.main, argv) == 0
+    results = base / "output" / "data" / "results"
+    first = {path.name: path.read_bytes() for path in results.iterdir()}
+    weights = {path.name: torch.load(path, weights_only=True) for path in (base / "model").iterdir()}
+    assert len(results_in(results)) == 2 and len(first) == 4 and len(weights) == 2  # a JSON and a CSV per model
+    assert all(path.parent.name.endswith("_single_w1") for path in (base / "checkpoints").glob("*/last.pt"))
+    for folder in ("output", "model"):
+        for path in sorted((base / folder).rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+
+    assert exit_code_of(run_hpc.main, argv) == 0
+    assert {path.name: path.read_bytes() for path in results.iterdir()} == first
+    restored = {path.name: torch.load(path, weights_only=True) for path in (base / "model").iterdir()}
+    assert restored.keys() == weights.keys()
+    for name, state in weights.items():
+        assert all(torch.equal(state[key], restored[name][key]) for key in state)
