@@ -168,6 +168,7 @@ class Job:
     extra_env: dict = field(default_factory=dict)
     # SMDDP's preloaded library reads /opt/ml itself: the toolkit then runs with /opt/ml = base/ as in SageMaker.
     base_is_opt_ml: bool = False
+    bin: Path = BIN  # the environment the container's Python, toolkit and launchers come from
     output: list[str] = field(default_factory=list)
 
     @property
@@ -229,7 +230,7 @@ class Job:
         home = self.root / "home"
         home.mkdir(exist_ok=True)
         env = {
-            "PATH": f"{self.root / 'stubs' / 'bin'}:{BIN}:/usr/local/bin:/usr/bin:/bin",
+            "PATH": f"{self.root / 'stubs' / 'bin'}:{self.bin}:/usr/local/bin:/usr/bin:/bin",
             "HOME": str(home),
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "1",
@@ -255,7 +256,7 @@ class Job:
         return env
 
     def command(self) -> list[str]:
-        train = [str(BIN / "train")]
+        train = [str(self.bin / "train")]
         if not NAMESPACE:
             return train
         stubs = self.root / "stubs"
@@ -568,3 +569,36 @@ def test_spot_restart_after_the_last_epoch_keeps_the_results(spot_job):
     assert {**record, "sagemaker": None} == {**second["results"][0], "sagemaker": None}
     assert record["sagemaker"]["job_name"] == spot_job["job"].name and record["sagemaker"]["spot"] is True
     assert [path.name for path in (spot_job["job"].base / "model").iterdir()] == [f"{record['run_id']}.pt"]
+
+
+# ---- the versions of SageMaker's SMDDP containers ------------------------------------------------------------------
+
+PY310_VENV = os.environ.get("HPML_PY310_VENV")
+
+
+@pytest.mark.container310
+@pytest.mark.skipif(not PY310_VENV, reason="HPML_PY310_VENV is not set (a venv of Python 3.10 with torch 2.2.2, "
+                                           "torchvision 0.17.2, numpy<2 and requirements-dev.txt)")
+def test_none_job_on_the_smddp_containers_python_and_torch(moto_account, cifar_dir, tmp_path):
+    """The newest SMDDP containers (pytorch-training:2.2.0-gpu-py310) have Python 3.10 and torch 2.2: a `none`
+    job run by the toolkit installed in such an environment."""
+    bin_dir = Path(PY310_VENV) / "bin"
+    versions = subprocess.run([str(bin_dir / "python"), "-c", "import sys, torch, torchvision, numpy; "
+                               "print(sys.version.split()[0], torch.__version__, torchvision.__version__, "
+                               "numpy.__version__)"], capture_output=True, text=True, timeout=120)
+    assert versions.returncode == 0, versions.stderr
+    python, torch_version, _, numpy_version = versions.stdout.split()
+    assert python.startswith("3.10.") and torch_version.startswith("2.2.") and numpy_version.startswith("1."), \
+        versions.stdout
+    description = submit("hpml-container-py310", "none", "ml.g5.xlarge", [*TRAINING, "--epochs", "2",
+                                                                          "--batch-size", "20"], cifar_dir)
+    job = new_job(tmp_path / "job", description, bin=bin_dir)
+    code = job.run()
+    assert code == 0, job.log[-5000:]
+    job.upload()
+    code, out, records = collect(job.name, tmp_path / "results")
+    assert code == 0, out
+    (record,) = records
+    assert record["environment"]["python"] == python and record["environment"]["torch"] == torch_version
+    assert (record["mode"], len(record["epochs"])) == ("single", 2)
+    check_finite(record)
