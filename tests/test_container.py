@@ -40,6 +40,7 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import psutil
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -132,12 +133,13 @@ def s3_parts(uri: str) -> tuple[str, str]:
 
 
 def namespace_possible() -> bool:
-    """Root, unshare, and overlay mounts inside a private mount namespace."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
+    """Root, unshare, and overlay mounts inside a private mount namespace (HPML_CONTAINER_NAMESPACE=0: don't)."""
+    if os.environ.get("HPML_CONTAINER_NAMESPACE") == "0" or os.geteuid() != 0 or not shutil.which("unshare"):
         return False
     probe = ("mount -t tmpfs none /mnt && mkdir /mnt/a /mnt/b && "
              "mount -t overlay overlay -o lowerdir=/mnt/a:/mnt/b /mnt/b")
-    done = subprocess.run(["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", probe],
+    done = subprocess.run(["unshare", "--mount", "--uts", "--pid", "--fork", "--propagation", "private", "sh", "-c",
+                           probe],
                           capture_output=True, timeout=30)
     return done.returncode == 0
 
@@ -170,6 +172,7 @@ class Job:
     base_is_opt_ml: bool = False
     bin: Path = BIN  # the environment the container's Python, toolkit and launchers come from
     output: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each line of output came, in seconds from the start
 
     @property
     def name(self) -> str:
@@ -249,6 +252,7 @@ class Job:
             "PIP_CONFIG_FILE": os.devnull,
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
             "CUDA_VISIBLE_DEVICES": "",  # the same CPU run on a machine with GPUs
+            "OMP_NUM_THREADS": "1",  # a CPU thread per process: on a small, shared CI machine much the fastest
             **self.extra_env,
         }
         if not self.base_is_opt_ml:
@@ -263,18 +267,25 @@ class Job:
         (stubs / "opt" / "ml").mkdir(parents=True, exist_ok=True)
         (stubs / "hosts").write_text(f"127.0.0.1 localhost {self.host}\n::1 localhost\n")
         opt_ml = self.base if self.base_is_opt_ml else self.trap
-        return ["unshare", "--mount", "--uts", "--propagation", "private", "bash", "-c", NAMESPACE_SCRIPT,
+        # A PID namespace too, so that nothing the job started outlives it: `train` becomes its PID 1, as the
+        # entry point is in a container, and when it ends every process in the namespace is killed.
+        return ["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--propagation", "private",
+                "bash", "-c", NAMESPACE_SCRIPT,
                 "namespace", str(opt_ml), str(stubs), self.host, *train]
 
     def start(self) -> subprocess.Popen:
         """Start the container's first process (`train`) in its own process group, its output collected."""
         self.output.clear()
+        self.times.clear()
         process = subprocess.Popen(self.command(), env=self.environment(), cwd=self.base, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+        started = time.time()
 
         def read() -> None:
             for line in process.stdout:
                 self.output.append(line)
+                self.times.append(time.time() - started)
 
         process.reader = threading.Thread(target=read, daemon=True)
         process.reader.start()
@@ -288,12 +299,16 @@ class Job:
         except subprocess.TimeoutExpired:
             code = None
         finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    child.kill()  # mpirun's ranks have process groups of their own
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # anything the job left behind
+                os.killpg(process.pid, signal.SIGKILL)  # anything else the job left behind
             process.wait()
             process.reader.join(timeout=10)
             if os.environ.get("HPML_CONTAINER_LOGS"):  # a folder to keep each job's output in, for debugging
-                Path(os.environ["HPML_CONTAINER_LOGS"], f"{self.name}-{time.time():.0f}.log").write_text(self.log)
+                Path(os.environ["HPML_CONTAINER_LOGS"], f"{self.name}-{time.time():.0f}.log").write_text(
+                    "".join(f"{seconds:7.2f} {line}" for seconds, line in zip(self.times, self.output, strict=True)))
         return code
 
     def run(self, timeout: float = 300, done_when: str | None = None) -> int:
@@ -456,7 +471,7 @@ def smddp_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     for stub in ((stubs / "bin" / "smddprun"), (stubs / "sbin" / "sshd")):
         stub.chmod(0o755)
     job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, base_is_opt_ml=True,
-                  extra_env={"PYTHONPATH": str(STAND_IN), "LD_LIBRARY_PATH": "/usr/local/lib", "OMP_NUM_THREADS": "1"})
+                  extra_env={"PYTHONPATH": str(STAND_IN), "LD_LIBRARY_PATH": "/usr/local/lib"})
     started = time.time()
     # After mpirun has ended the toolkit writes a status file to every other host over ssh, then sleeps 30 s
     # (smdataparallel.py) before it reports success: a single-host job is complete once mpirun has ended well.
@@ -502,9 +517,7 @@ def start_until_first_checkpoint(job: Job) -> subprocess.Popen:
     return process
 
 
-def training_processes(process: subprocess.Popen) -> list:
-    import psutil
-
+def training_processes(process: subprocess.Popen) -> list[psutil.Process]:
     return [child for child in psutil.Process(process.pid).children(recursive=True)
             if any(script in " ".join(child.cmdline()) for script in ("run_distributed.py", "run_hpc.py"))]
 
