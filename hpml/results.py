@@ -1,4 +1,7 @@
-"""The results schema (one JSON file per run), written atomically, read back by plots and collect."""
+"""The results schema (one JSON file per run), written atomically, read back by plots and collect.
+
+Imports no torch: the laptop client reads and writes records too; environment() asks torch when a run records it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,12 @@ import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
-import torchvision
+from typing import TYPE_CHECKING
 
 from . import files
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "run_id", "model", "mode", "world_size", "device", "config", "epochs",
@@ -35,6 +39,9 @@ def new_run_id(model: str, mode: str, world_size: int) -> str:
 
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on: software versions and hardware."""
+    import torch
+    import torchvision
+
     cuda = device.type == "cuda"
     return {
         "python": platform.python_version(),

@@ -86,12 +86,12 @@ class StepControl:
 
     def stop_agreed(self) -> bool:
         """Whether any rank was signalled (agreed over ranks)."""
-        return self.world.all_reduce([float(self.stop_requested())], op="max")[0] > 0
+        return self.world.all_reduce([float(self.stop_requested())])[0] > 0
 
     def verdict(self, loss_sum: Tensor) -> str | None:
         """None to go on, "diverged" when any rank's loss is NaN or infinite, "stop" when any rank was signalled."""
         diverged, stop = self.world.all_reduce(
-            [float(not torch.isfinite(loss_sum).item()), float(self.stop_requested())], op="max")
+            [float(not torch.isfinite(loss_sum).item()), float(self.stop_requested())])  # how many ranks
         return "diverged" if diverged else "stop" if stop else None
 
 

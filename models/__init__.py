@@ -1,23 +1,22 @@
-"""CIFAR-10 (32x32) model zoo: one file per architecture, one registry."""
+"""CIFAR-10 (32x32) model zoo: one file per architecture, one registry.
+
+Names and aliases need no torch (the laptop client checks them); a model's module is imported when it is built.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from .densenet import densenet121
-from .mobilenetv2 import mobilenetv2
-from .resnet import resnet18
-from .shufflenetv2 import shufflenetv2
-from .vgg import vgg16
-
-_CONSTRUCTORS: dict[str, Callable[[int], nn.Module]] = {
-    "vgg16": vgg16,
-    "resnet18": resnet18,
-    "mobilenetv2": mobilenetv2,
-    "shufflenetv2": shufflenetv2,
-    "densenet121": densenet121,
+_CONSTRUCTORS = {  # canonical name -> (module, constructor), in the study's order
+    "vgg16": ("vgg", "vgg16"),
+    "resnet18": ("resnet", "resnet18"),
+    "mobilenetv2": ("mobilenetv2", "mobilenetv2"),
+    "shufflenetv2": ("shufflenetv2", "shufflenetv2"),
+    "densenet121": ("densenet", "densenet121"),
 }
 ALIASES = {
     "vgg": "vgg16",
@@ -45,8 +44,8 @@ def canonical_name(name: str) -> str:
 def build(name: str, num_classes: int = 10) -> nn.Module:
     """A freshly initialised model by canonical name or alias."""
     try:
-        constructor = _CONSTRUCTORS[canonical_name(name)]
+        module, constructor = _CONSTRUCTORS[canonical_name(name)]
     except KeyError:
         choices = f"{', '.join(names())} (aliases: {', '.join(ALIASES)})"
         raise ValueError(f"unknown model {name!r}; choose from {choices}") from None
-    return constructor(num_classes)
+    return getattr(import_module(f".{module}", __name__), constructor)(num_classes)

@@ -26,6 +26,27 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
                           capture_output=True, text=True, timeout=timeout)
 
 
+NO_TORCH = """
+import runpy, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"import of {name} blocked: this must run without torch")
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_without_torch(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts in a Python where `import torch` (or torchvision) fails."""
+    return subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO / script), *args], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def exit_code_of(main: Callable, argv: Sequence[str]) -> int:
     """Run a script's main(argv) in this process through cli.run_script, as its __main__ does; the exit code."""
     with pytest.raises(SystemExit) as stop:

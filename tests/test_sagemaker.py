@@ -29,7 +29,7 @@ from moto.server import ThreadedMotoServer
 import sagemaker_submission
 from hpml import cli, prices
 from hpml import sagemaker as aws
-from tests.conftest import REPO, exit_code_of, fake_images, results_in, run_script
+from tests.conftest import REPO, exit_code_of, fake_images, results_in, run_script, run_without_torch
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-test-bucket"
@@ -433,6 +433,25 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     assert "hpml-torchrun: Completed, but s3://sagemaker-us-east-1-123456789012/hpml/output/hpml-torchrun/output/" \
            "output.tar.gz does not exist" in out
     assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out_dir.iterdir()} == before
+
+
+def test_submit_collect_and_plot_run_without_torch(moto_account, main_job, run_record, tmp_path):
+    """The laptop client: requirements-client.txt has no torch, so neither may these commands need it."""
+    put_job_output(moto_account, BUCKET, MAIN_JOB, {f"results/{run_record['run_id']}.json":
+                                                    json.dumps(run_record).encode()})
+    commands = [
+        ("sagemaker_submission.py", "submit", "--dry-run", "--region", REGION, "--model", "resnet,densenet",
+         "--dataset", "synthetic", "--epochs", "3"),
+        ("sagemaker_submission.py", "collect", MAIN_JOB, "--region", REGION, "--output-dir", str(tmp_path / "r")),
+        ("sagemaker_submission.py", "list", "--region", REGION),
+        ("plot_hpml.py", "--results-dir", str(tmp_path / "r"), "--output-dir", str(tmp_path / "img")),
+    ]
+    for script, *args in commands:
+        done = run_without_torch(script, *args)
+        assert done.returncode == 0, (args, done.stderr)
+    assert (tmp_path / "img" / "Time.png").is_file() and len(results_in(tmp_path / "r")) == 1
+    refused = run_without_torch("sagemaker_submission.py", "submit", "--dry-run", "--model", "lenet")
+    assert refused.returncode == 2 and "unknown model 'lenet'" in refused.stderr  # flag checks need no torch
 
 
 def test_collect_of_unknown_job_is_one_line(moto_account, capsys, tmp_path):
