@@ -641,3 +641,48 @@ def test_none_job_on_the_smddp_containers_python_and_torch(moto_account, cifar_d
 def test_smddp_job_on_the_smddp_containers_python_and_torch(moto_account, cifar_dir, py310_bin, tmp_path):
     record = check_smddp_job(run_smddp_job("hpml-container-py310-smddp", cifar_dir, tmp_path, py310_bin))
     assert on_py310(record)
+
+
+# ---- what the toolkit does with SIGTERM ----------------------------------------------------------------------------
+
+SIGTERM_PROBE = """
+import os, pathlib, signal, sys, time
+out = pathlib.Path(os.environ["SM_OUTPUT_DATA_DIR"])
+signal.signal(signal.SIGTERM, lambda *_: ((out / "got-sigterm").write_text("yes"), sys.exit(143)))
+(out / "ready").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_the_toolkit_forwards_no_sigterm_to_the_script(moto_account, tmp_path):
+    """SIGTERM to the container's `train` process never reaches the training script. Outside a PID namespace
+    `train` (no handler) dies and leaves the script running; as a PID namespace's PID 1 it ignores the signal, as
+    the `bash -m start_with_right_hostname.sh` that is PID 1 of SageMaker's PyTorch containers does."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        info = tarfile.TarInfo("probe.py")
+        info.size = len(SIGTERM_PROBE.encode())
+        tar.addfile(info, io.BytesIO(SIGTERM_PROBE.encode()))
+    boto3.Session().client("s3").put_object(Bucket=BUCKET, Key="probe/sourcedir.tar.gz", Body=archive.getvalue())
+    description = {
+        "TrainingJobName": "hpml-container-sigterm",
+        "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/hpml-container-sigterm",
+        "HyperParameters": {"sagemaker_program": '"probe.py"', "sagemaker_region": f'"{REGION}"',
+                            "sagemaker_submit_directory": f'"s3://{BUCKET}/probe/sourcedir.tar.gz"'},
+        "ResourceConfig": {"InstanceType": "ml.g5.xlarge"},
+        "CheckpointConfig": {"S3Uri": f"s3://{BUCKET}/probe/checkpoints"},
+    }
+    job = new_job(tmp_path, description)
+    job.lay_out()
+    process = job.start()
+    out = job.base / "output" / "data"
+    wait_for(lambda: (out / "ready").exists(), "the probe script", process, job, timeout=120)
+    script = psutil.Process(int((out / "ready").read_text()))
+    (train,) = [child for child in [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
+                if child.cmdline()[1:2] == [str(job.bin / "train")]]
+    train.send_signal(signal.SIGTERM)
+    time.sleep(5)
+    assert not (out / "got-sigterm").exists()
+    assert script.is_running() and script.status() != psutil.STATUS_ZOMBIE
+    job.finish(process, timeout=0)
