@@ -4,10 +4,10 @@
 data channel, the checkpoint location) is laid out in a temporary folder as SageMaker lays out /opt/ml in a
 training container; the toolkit's `train` console script (sagemaker-training) then runs with
 SAGEMAKER_TRAINING_MODULE=sagemaker_pytorch_container.training:main, as in SageMaker's PyTorch containers: it
-downloads the source archive that `submit` uploaded, pip-installs its requirements.txt and launches
-run_distributed.py itself (one process, torchrun or mpirun). Afterwards model/ and output/data are packed and
-uploaded where SageMaker puts them, checkpoints/ is synced to the job's checkpoint location, and `collect` brings
-the results home.
+downloads the source archive that `submit` uploaded, pip-installs its requirements.txt and launches the entry
+point itself (run_hpc.py as one process; run_distributed.py under torchrun or mpirun). Afterwards model/ and
+output/data are packed and uploaded where SageMaker puts them, checkpoints/ is synced to the job's checkpoint
+location, and `collect` brings the results home.
 
 The toolkit honours $SAGEMAKER_BASE_DIR in place of /opt/ml. Run as root with `unshare` available, each job also
 gets a private mount namespace in which /opt/ml is an empty folder (anything the job writes there, bypassing the
