@@ -1,56 +1,19 @@
-"""Shared test helpers: run a script as a user would, and write small data sets in the real on-disk formats."""
+"""Fixtures shared by the test modules: small data sets in the real on-disk formats. Plain helpers: tests/helpers.py."""
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
-import subprocess
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from hpml import cli  # noqa: E402
-
-
-def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts in a subprocess, as a user would from a shell."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def exit_code_of(main: Callable, argv: Sequence[str]) -> int:
-    """Run a script's main(argv) in this process through cli.run_script, as its __main__ does; the exit code."""
-    with pytest.raises(SystemExit) as stop:
-        cli.run_script(main, list(argv))
-    return stop.value.code
-
-
-def results_in(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-
-
-def fake_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
+from tests.helpers import fake_images, write_npz
 
 
 @pytest.fixture
 def npz_dir(tmp_path: Path) -> Path:
     """A tiny CIFAR-10 folder in the npz layout (200 train / 50 test images)."""
-    folder = tmp_path / "npz"
-    folder.mkdir()
-    for split, n, seed in (("train", 200, 1), ("test", 50, 2)):
-        images, labels = fake_images(n, seed)
-        np.savez(folder / f"{split}.npz", images=images, labels=labels)
-    return folder
+    return write_npz(tmp_path / "npz", train=200, test=50)
 
 
 @pytest.fixture

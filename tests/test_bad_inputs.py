@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from hpml import checkpoint, results
-from tests.conftest import run_script
-from tests.test_results import record
+from tests.helpers import record, run_script
 
 SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
 

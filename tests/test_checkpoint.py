@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from hpml import checkpoint
+from hpml.dist import free_port
 from hpml.errors import UsageError
-from tests.conftest import REPO, results_in, run_script
-from tests.test_distributed import free_port
+from tests.helpers import REPO, results_in, run_script
 
 RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "480", "--batch-size", "32", "--epochs", "3",
        "--workers", "0", "--seed", "3"]

@@ -11,10 +11,11 @@ import psutil
 import pytest
 import torch
 
+from hpml.dist import free_port
 from hpml.monitor import read_samples_csv
 from hpml.train import seed_all
-from tests.conftest import REPO, results_in, run_script
 from tests.ddp_equivalence import small_cnn
+from tests.helpers import REPO, results_in, run_script
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -22,12 +23,6 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.Com
                "--master_port", str(free_port()), *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def free_port() -> int:
-    from hpml.dist import free_port as port
-
-    return port()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import run_hpc
-from tests.conftest import exit_code_of, results_in, run_script
+from tests.helpers import exit_code_of, results_in, run_script
 
 SHORT_RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "320", "--batch-size", "32",
              "--epochs", "3", "--workers", "0"]

@@ -29,7 +29,7 @@ from moto.server import ThreadedMotoServer
 import sagemaker_submission
 from hpml import cli, prices
 from hpml import sagemaker as aws
-from tests.conftest import REPO, exit_code_of, fake_images, results_in, run_script
+from tests.helpers import REPO, exit_code_of, fake_images, results_in, run_script
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-test-bucket"
