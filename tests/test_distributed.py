@@ -87,8 +87,8 @@ def test_two_ranks_with_half_batches_match_one_process(tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
 
 
-def test_plain_python_trains_as_a_world_of_one(tmp_path):
-    done = run_script("run_distributed.py", "--model", "shufflenet", "--dataset", "synthetic", "--subset", "20",
+def test_plain_python_trains_as_a_world_of_one(npz_dir, tmp_path):
+    done = run_script("run_distributed.py", "--model", "shufflenet", "--data-dir", str(npz_dir), "--subset", "20",
                       "--batch-size", "10", "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert "training as a world of one process" in done.stdout
@@ -97,8 +97,8 @@ def test_plain_python_trains_as_a_world_of_one(tmp_path):
     assert record["launcher"] == "none"
 
 
-def test_scale_lr_multiplies_by_world_size(tmp_path):
-    done = torchrun("run_distributed.py", "--model", "shufflenet", "--dataset", "synthetic", "--subset", "20",
+def test_scale_lr_multiplies_by_world_size(npz_dir, tmp_path):
+    done = torchrun("run_distributed.py", "--model", "shufflenet", "--data-dir", str(npz_dir), "--subset", "20",
                     "--batch-size", "10", "--epochs", "1", "--workers", "0", "--lr", "0.5", "--scale-lr",
                     "--quiet", "--output-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
