@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import fake_images, write_npz
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, one torch thread per worker, and for the scripts it starts (OMP_NUM_THREADS): workers
+    that each ran a thread per core would share the cores, and torch's threads slow down many times over when
+    they have to wait for one (as torchrun gives each rank one thread)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
