@@ -1,10 +1,15 @@
 """The bad-input sweep: every script, each bad flag, data file, checkpoint or path gives one clear line.
 
-Each case runs a script as a user would, in a folder that already holds a results file, and checks:
-exit code != 0, exactly one line on stderr naming the problem, no traceback, and the results untouched.
+Each case runs a script's main in this process, as its __main__ does, in a folder that already holds a results
+file, and checks: exit code 2, exactly one line on stderr naming the problem (a warning counts as a line), no
+traceback, and the results untouched. A few cases run the script in a subprocess instead, as a user would: every
+run_distributed.py case (torchrun's @record around its main sets up process-wide fault handling), and one case
+each for a data file numpy cannot read and for a bench/ script, which set up their own import path.
 """
 
 import hashlib
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +17,7 @@ import pytest
 import torch
 
 from hpml import checkpoint, results
-from tests.conftest import run_script
-from tests.test_results import record
+from tests.helpers import REPO, exit_code_of, record, run_script, script_main
 
 SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
 
@@ -72,7 +76,8 @@ CASES = [
      "checkpoint {root}/truncated/resnet18_single_w1/last.pt is corrupt or truncated"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/other", "--resume"], "was made with batch_size 64, this run has 10"),
     ("run_distributed.py", ["--backend", "nccl"], "--backend nccl needs CUDA GPUs"),
-    ("run_distributed.py", ["--backend", "smddp"], "the SMDDP library (smdistributed.dataparallel) is not installed"),
+    ("run_distributed.py", ["--backend", "smddp"],
+     "--backend smddp: the SMDDP library (smdistributed.dataparallel) is not installed here"),
     ("run_distributed.py", ["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds"),
     ("plot_hpml.py", ["--results-dir", "{root}/tiny"], "no valid results"),
     ("plot_hpml.py", ["--results-dir", "{root}/results", "--dpi", "0"], "--dpi"),
@@ -95,21 +100,55 @@ CASES = [
     ("bench/monitor_overhead.py", ["--intervals", "1,0"], "--intervals must be positive numbers of seconds"),
 ]
 TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
+IN_A_SUBPROCESS = {"run_hpc.py --dataset cifar10 --data-dir {root}/corrupt", "bench/parity.py --seeds 0,x",
+                   *(f"{s} {' '.join(a)}" for s, a, _ in CASES if s == "run_distributed.py")}
+IDS = [f"{s} {' '.join(a)}" for s, a, _ in CASES]
 
 
-@pytest.mark.parametrize("script, args, message", CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in CASES])
-def test_bad_input(script, args, message, place):
+def cases(in_a_subprocess: bool) -> list:
+    return [pytest.param(*case, id=name) for case, name in zip(CASES, IDS, strict=True)
+            if (name in IN_A_SUBPROCESS) == in_a_subprocess]
+
+
+def full_args(script: str, args: list[str], place: Path) -> list[str]:
+    """The case's arguments in this place; a small run into its results folder, unless the case sets the flag."""
     if ("cuda" in args or "nccl" in args) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     args = [a.format(root=place) for a in args]
-    if script in TRAINING_SCRIPTS:  # a small run into the results folder, unless the case sets the flag
+    if script in TRAINING_SCRIPTS:
         defaults = {**SMALL_RUN, "--output-dir": str(place / "results")}
         args += [item for flag, value in defaults.items() if flag not in args for item in (flag, value)]
-    before = snapshot(place / "results")
-    done = run_script(script, *args, env={"AWS_EC2_METADATA_DISABLED": "true"})
-    err = done.stderr.strip()
-    assert done.returncode != 0
+    return args
+
+
+def assert_refused(code: int, err: str, message: str, place: Path, before: dict) -> None:
+    err = err.strip()
+    assert code == 2
     assert message.format(root=place) in err
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in err
     assert snapshot(place / "results") == before
+
+
+@pytest.mark.parametrize("script, args, message", cases(in_a_subprocess=False))
+def test_bad_input(script, args, message, place, capfd, monkeypatch):
+    args = full_args(script, args, place)
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])  # the one line starts with the script's name
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.chdir(place)
+    before = snapshot(place / "results")
+    with warnings.catch_warnings(record=True) as warned:  # shown as a script shows them: all but deprecations
+        warnings.simplefilter("always")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        code = exit_code_of(script_main(script), args)
+    err = capfd.readouterr().err + "".join(f"{w.category.__name__}: {w.message}\n" for w in warned)
+    assert_refused(code, err, message, place, before)
+
+
+@pytest.mark.parametrize("script, args, message", cases(in_a_subprocess=True))
+def test_bad_input_in_a_subprocess(script, args, message, place):
+    args = full_args(script, args, place)
+    before = snapshot(place / "results")
+    done = run_script(script, *args, env={"AWS_EC2_METADATA_DISABLED": "true"})
+    assert_refused(done.returncode, done.stderr, message, place, before)

@@ -1,4 +1,9 @@
-"""The bench/ scripts run end to end on the CPU and report what the README promises."""
+"""The bench/ scripts run end to end on the CPU and report what the README promises.
+
+Each calls the script's main in this process, except the DDP scaling bench, which runs throughput.py as a user
+would (it starts torchrun itself); parity trains on an npz set with a small test split, as evaluating 1,000
+synthetic test images per epoch would cost more than the training.
+"""
 
 import json
 import subprocess
@@ -7,21 +12,29 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, exit_code_of, script_main, write_npz
+
+THROUGHPUT = ["--model", "shufflenetv2", "--device", "cpu", "--batch-size", "16", "--steps", "2", "--repeats", "1"]
 
 
-def run_bench(tmp_path: Path, *extra: str) -> dict:
+def bench(capsys, script: str, *argv: str) -> tuple[str, str]:
+    """Run bench/<script>'s main(argv) in this process, as its __main__ does; (stdout, stderr) of a run that passed."""
+    capsys.readouterr()
+    code = exit_code_of(script_main(f"bench/{script}"), argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+def run_bench(tmp_path: Path, capsys, *extra: str) -> dict:
     out = tmp_path / "b.json"
-    command = [sys.executable, str(REPO / "bench" / "throughput.py"), "--model", "shufflenetv2", "--device", "cpu",
-               "--batch-size", "16", "--steps", "2", "--repeats", "1", "--json", str(out), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "shufflenetv2" in done.stdout
+    stdout, _ = bench(capsys, "throughput.py", *THROUGHPUT, "--json", str(out), *extra)
+    assert "shufflenetv2" in stdout
     return json.loads(out.read_text())
 
 
-def test_bench_writes_reference_fast_and_their_ratio(tmp_path):
-    report = run_bench(tmp_path)
+def test_bench_writes_reference_fast_and_their_ratio(tmp_path, capsys):
+    report = run_bench(tmp_path, capsys)
     assert report["device"].startswith("cpu: ")
     figures = report["models"]["shufflenetv2"]
     assert figures["reference_images_per_s"] > 0 and figures["fast_images_per_s"] > 0
@@ -35,7 +48,12 @@ def test_bench_writes_reference_fast_and_their_ratio(tmp_path):
 
 
 def test_bench_nproc_measures_ddp_scaling_under_torchrun(tmp_path):
-    ddp = run_bench(tmp_path, "--nproc", "2")["ddp"]
+    out = tmp_path / "b.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), *THROUGHPUT, "--json", str(out),
+                           "--nproc", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "shufflenetv2" in done.stdout
+    ddp = json.loads(out.read_text())["ddp"]
     assert ddp["nproc"] == 2
     figures = ddp["models"]["shufflenetv2"]
     assert figures["one_rank_images_per_s"] > 0 and figures["n_rank_images_per_s"] > 0
@@ -44,24 +62,29 @@ def test_bench_nproc_measures_ddp_scaling_under_torchrun(tmp_path):
 
 
 @pytest.mark.slow  # compiles the model: a minute or more on two cores
-def test_bench_ablate_measures_each_setting(tmp_path):
-    ablations = run_bench(tmp_path, "--ablate")["models"]["shufflenetv2"]["ablations"]
+def test_bench_ablate_measures_each_setting(tmp_path, capsys):
+    ablations = run_bench(tmp_path, capsys, "--ablate")["models"]["shufflenetv2"]["ablations"]
     assert set(ablations) == {"fast, fp32", "fast, NCHW", "fast, torch loader", "fast + compile"}
     assert all(a["images_per_s"] > 0 for a in ablations.values())
 
 
-def run_parity(tmp_path: Path, *extra: str) -> tuple[str, dict]:
-    out = tmp_path / "p.json"
-    command = [sys.executable, str(REPO / "bench" / "parity.py"), "--model", "shufflenetv2", "--device", "cpu",
-               "--dataset", "synthetic", "--subset", "40", "--batch-size", "16", "--drop-last", "false",
-               "--output-dir", str(tmp_path / "runs"), "--json", str(out), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return done.stdout, json.loads(out.read_text())
+@pytest.fixture
+def run_parity(tmp_path, capsys):
+    """parity.py on 40 training and 20 test images; (stdout, report) of a run with these extra flags."""
+    data_dir = write_npz(tmp_path / "npz", train=40, test=20)
+
+    def run(*extra: str) -> tuple[str, dict]:
+        out = tmp_path / "p.json"
+        stdout, _ = bench(capsys, "parity.py", "--model", "shufflenetv2", "--device", "cpu", "--dataset", "cifar10",
+                          "--data-dir", str(data_dir), "--subset", "40", "--batch-size", "16", "--drop-last", "false",
+                          "--output-dir", str(tmp_path / "runs"), "--json", str(out), *extra)
+        return stdout, json.loads(out.read_text())
+
+    return run
 
 
-def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(tmp_path):
-    _, report = run_parity(tmp_path, "--epochs", "1", "--seeds", "3,5")
+def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(run_parity, tmp_path):
+    _, report = run_parity("--epochs", "1", "--seeds", "3,5")
     assert report["drop_last"] is False
     report = report["models"]["shufflenetv2"]
     for setup in ("fast", "reference"):
@@ -79,37 +102,33 @@ def test_parity_trains_both_setups_per_seed_and_compares_their_accuracy(tmp_path
         report["summary"]["fast"]["final_test_acc"]["mean"] - report["summary"]["reference"]["final_test_acc"]["mean"])
 
 
-def test_parity_resume_reads_back_finished_runs_of_the_same_settings_only(tmp_path):
-    _, first = run_parity(tmp_path, "--epochs", "1", "--seeds", "3")
-    stdout, second = run_parity(tmp_path, "--epochs", "1", "--seeds", "3,5", "--resume")
+def test_parity_resume_reads_back_finished_runs_of_the_same_settings_only(run_parity, tmp_path):
+    _, first = run_parity("--epochs", "1", "--seeds", "3")
+    stdout, second = run_parity("--epochs", "1", "--seeds", "3,5", "--resume")
     for setup in ("fast", "reference"):
         earlier, now = first["models"]["shufflenetv2"]["runs"][setup], second["models"]["shufflenetv2"]["runs"][setup]
         assert now[0] == earlier[0]  # seed 3, read back: the same file and figures
         assert now[1]["seed"] == 5 and now[1]["results_file"] != earlier[0]["results_file"]
         assert len(list((tmp_path / "runs" / setup).glob("*.json"))) == 2
     assert stdout.count("read back from") == 2
-    stdout, _ = run_parity(tmp_path, "--epochs", "2", "--seeds", "3", "--resume")  # other settings: trained again
+    stdout, _ = run_parity("--epochs", "2", "--seeds", "3", "--resume")  # other settings: trained again
     assert "read back" not in stdout
     assert len(list((tmp_path / "runs" / "fast").glob("*.json"))) == 3
 
 
-def test_checkpoint_wait_measures_both_ways_of_saving(tmp_path):
-    command = [sys.executable, str(REPO / "bench" / "checkpoint_wait.py"), "--model", "shufflenetv2",
-               "--device", "cpu", "--repeats", "1", "--gap", "0", "--dir", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    megabytes, blocking, background, ratio = done.stdout.splitlines()[-1].split()[1:]
+def test_checkpoint_wait_measures_both_ways_of_saving(tmp_path, capsys):
+    stdout, _ = bench(capsys, "checkpoint_wait.py", "--model", "shufflenetv2", "--device", "cpu", "--repeats", "1",
+                      "--gap", "0", "--dir", str(tmp_path))
+    megabytes, blocking, background, ratio = stdout.splitlines()[-1].split()[1:]
     assert float(megabytes) > 10 and float(blocking) > 0 and float(background) > 0 and ratio.endswith("x")
     assert list(tmp_path.iterdir()) == []  # the temp folder is gone
 
 
-def test_monitor_overhead_times_the_training_loop_with_and_without_sampling():
-    command = [sys.executable, str(REPO / "bench" / "monitor_overhead.py"), "--model", "shufflenetv2",
-               "--device", "cpu", "--batch-size", "4", "--steps", "2", "--repeats", "2", "--intervals", "0.2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "shufflenetv2 on cpu" in done.stdout
-    assert any(f"batch 4, {precision}, 2 steps per trial" in done.stdout for precision in ("bf16", "fp32"))
-    ratios = [float(line.split("ratio ")[1].split()[0]) for line in done.stdout.splitlines() if "ratio" in line]
+def test_monitor_overhead_times_the_training_loop_with_and_without_sampling(capsys):
+    stdout, stderr = bench(capsys, "monitor_overhead.py", "--model", "shufflenetv2", "--device", "cpu",
+                           "--batch-size", "4", "--steps", "2", "--repeats", "2", "--intervals", "0.2")
+    assert "shufflenetv2 on cpu" in stdout
+    assert any(f"batch 4, {precision}, 2 steps per trial" in stdout for precision in ("bf16", "fp32"))
+    ratios = [float(line.split("ratio ")[1].split()[0]) for line in stdout.splitlines() if "ratio" in line]
     assert len(ratios) == 2 and all(0.2 < ratio < 5 for ratio in ratios)  # wall time and process CPU time
-    assert done.stderr.count("repeat ") == 2
+    assert stderr.count("repeat ") == 2

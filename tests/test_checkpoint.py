@@ -1,4 +1,10 @@
-"""Checkpoints and resume: exact continuation after SIGKILL or SIGTERM, elastic restart, refusals."""
+"""Checkpoints and resume: exact continuation after SIGKILL or SIGTERM, elastic restart, refusals.
+
+The runs are as small as the point allows: shufflenetv2 (BatchNorm statistics and optimizer state, which a
+resume must restore) on a 120-image npz set with 20 test images, in batches of 8, so an epoch has 15 steps, more
+than train.CHECK_EVERY. Only the runs that are signalled run in a subprocess; the others call run_hpc.main in this
+process.
+"""
 
 import signal
 import subprocess
@@ -10,13 +16,25 @@ import psutil
 import pytest
 import torch
 
+import run_hpc
 from hpml import checkpoint
+from hpml.dist import free_port
 from hpml.errors import UsageError
-from tests.conftest import REPO, results_in, run_script
-from tests.test_distributed import free_port
+from tests.helpers import REPO, exit_code_of, results_in, write_npz
 
-RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "480", "--batch-size", "32", "--epochs", "3",
-       "--workers", "0", "--seed", "3"]
+SMALL = ["--batch-size", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory) -> Path:
+    """120 training images (15 steps of 8) and 20 test images, in the npz layout."""
+    return write_npz(tmp_path_factory.mktemp("data") / "npz", train=120, test=20)
+
+
+@pytest.fixture(scope="module")
+def run_args(small_set) -> list[str]:
+    return ["--model", "shufflenetv2", "--dataset", "cifar10", "--data-dir", str(small_set), *SMALL, "--epochs", "3",
+            "--seed", "3"]
 
 
 def start(*args: str, script: str = "run_hpc.py") -> subprocess.Popen:
@@ -54,19 +72,19 @@ def weights(output_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, run_args):
+    """The reference: the same run without a stop; its record and final weights."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    done = run_script("run_hpc.py", *RUN, "--output-dir", str(out))
-    assert done.returncode == 0, done.stderr
+    assert exit_code_of(run_hpc.main, [*run_args, "--output-dir", str(out)]) == 0
     (record,) = results_in(out)
     return record, weights(out)
 
 
-def interrupt_in_epoch_2(out, sig: int) -> subprocess.Popen:
+def interrupt_in_epoch_2(out, sig: int, run_args: list[str]) -> subprocess.Popen:
     """Signal the run as soon as epoch 1's checkpoint is on disk: epoch 2 has begun, and a SIGTERM is acted on at
     its 10th step (train.CHECK_EVERY) of 15 however fast the machine is; a sleep timed from epoch 1, which includes
     the warm-up, can overshoot into epoch 3."""
-    process = start(*RUN, "--output-dir", str(out))
+    process = start(*run_args, "--output-dir", str(out))
     wait_for_line(process, "epoch 1/3")
     wait_for_checkpoint(out)
     process.send_signal(sig)
@@ -75,9 +93,9 @@ def interrupt_in_epoch_2(out, sig: int) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_resume_after_a_kill_in_epoch_2_is_bit_identical(sig, uninterrupted, tmp_path):
+def test_resume_after_a_kill_in_epoch_2_is_bit_identical(sig, uninterrupted, run_args, tmp_path, capsys):
     started = time.time()
-    stopped = interrupt_in_epoch_2(tmp_path, sig)
+    stopped = interrupt_in_epoch_2(tmp_path, sig, run_args)
     if sig == signal.SIGTERM:
         err = stopped.stderr.read()
         assert stopped.returncode == 130
@@ -86,9 +104,8 @@ def test_resume_after_a_kill_in_epoch_2_is_bit_identical(sig, uninterrupted, tmp
     else:
         assert stopped.returncode == -signal.SIGKILL
     assert not results_in(tmp_path)
-    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--resume")
-    assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stdout
+    assert exit_code_of(run_hpc.main, [*run_args, "--output-dir", str(tmp_path), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
     (record,) = results_in(tmp_path)
     expected_record, expected_weights = uninterrupted
     assert record["resumes"] == 1 and len(record["epochs"]) == 3
@@ -98,43 +115,49 @@ def test_resume_after_a_kill_in_epoch_2_is_bit_identical(sig, uninterrupted, tmp
     print(f"{signal.Signals(sig).name}: kill and resume took {time.time() - started:.1f}s")
 
 
-def test_resume_refuses_other_settings_and_skips_finished_runs(uninterrupted, tmp_path):
-    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--epochs", "1", "--quiet")
-    assert done.returncode == 0
-    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--epochs", "1", "--resume")
-    assert done.returncode == 0 and "already finished" in done.stdout
+def run_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """run_hpc.main(argv) in this process; (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = exit_code_of(run_hpc.main, argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_resume_refuses_other_settings_and_skips_finished_runs(run_args, tmp_path, capsys):
+    one_epoch = [*run_args, "--output-dir", str(tmp_path), "--epochs", "1"]
+    assert run_in_process(capsys, *one_epoch, "--quiet")[0] == 0
+    code, out, _ = run_in_process(capsys, *one_epoch, "--resume")
+    assert code == 0 and "already finished" in out
     assert len(results_in(tmp_path)) == 1
-    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--epochs", "1", "--batch-size", "16",
-                      "--resume")
-    assert done.returncode == 2
-    assert "was made with batch_size 32, this run has 16" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    code, _, err = run_in_process(capsys, *one_epoch, "--batch-size", "16", "--resume")
+    assert code == 2
+    assert "was made with batch_size 8, this run has 16" in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_truncated_checkpoint_is_named_and_not_used(tmp_path):
-    path = tmp_path / "checkpoints" / "resnet18_single_w1" / "last.pt"
+def test_truncated_checkpoint_is_named_and_not_used(run_args, tmp_path, capsys):
+    path = tmp_path / "checkpoints" / "shufflenetv2_single_w1" / "last.pt"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"PK\x03\x04 truncated")
-    done = run_script("run_hpc.py", *RUN, "--output-dir", str(tmp_path), "--resume")
-    assert done.returncode == 2
-    assert f"checkpoint {path} is corrupt or truncated" in done.stderr
-    assert "Traceback" not in done.stderr and not results_in(tmp_path)
+    code, _, err = run_in_process(capsys, *run_args, "--output-dir", str(tmp_path), "--resume")
+    assert code == 2
+    assert f"checkpoint {path} is corrupt or truncated" in err
+    assert "Traceback" not in err and not results_in(tmp_path)
 
 
-def test_diverging_loss_stops_with_a_clear_message(tmp_path):
-    done = run_script("run_hpc.py", "--model", "resnet18", "--dataset", "synthetic", "--subset", "320",
-                      "--batch-size", "32", "--epochs", "2", "--workers", "0", "--optimizer", "sgd", "--lr", "1e30",
-                      "--output-dir", str(tmp_path))
-    assert done.returncode == 3
-    assert "the training loss became NaN or infinite in epoch 1" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and not results_in(tmp_path)
+def test_diverging_loss_stops_with_a_clear_message(tmp_path, capsys):
+    code, _, err = run_in_process(capsys, "--model", "shufflenetv2", "--dataset", "synthetic", "--subset", "80", *SMALL,
+                                  "--epochs", "2", "--optimizer", "sgd", "--lr", "1e30", "--output-dir", str(tmp_path))
+    assert code == 3
+    assert "the training loss became NaN or infinite in epoch 1" in err
+    assert len(err.strip().splitlines()) == 1 and not results_in(tmp_path)
 
 
-def test_elastic_restart_resumes_and_completes(tmp_path):
+def test_elastic_restart_resumes_and_completes(small_set, tmp_path):
     # Restarts need torchrun's c10d rendezvous; the static one (--master_port) cannot re-form the group.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "run_distributed.py",
-               "--model", "resnet18", "--dataset", "synthetic", "--subset", "320", "--batch-size", "16",
+               "--model", "shufflenetv2", "--dataset", "cifar10", "--data-dir", str(small_set), "--batch-size", "4",
                "--epochs", "3", "--workers", "0", "--output-dir", str(tmp_path)]
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -14,9 +14,6 @@ gets a private mount namespace in which /opt/ml is an empty folder (anything the
 toolkit's paths, is caught), the host name is algo-1 as in SageMaker, and /etc/hosts resolves it. The SMDDP case
 needs that namespace: the toolkit's mpirun preloads a library that reads /opt/ml/input/config itself, and it
 starts /usr/sbin/sshd.
-
-Helpers that tests/test_sagemaker.py could share (the moto server fixture, no_aws_config) are copied here rather
-than moved to conftest.py.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import logging
 import math
 import os
 import shutil
@@ -42,10 +38,10 @@ import boto3
 import numpy as np
 import psutil
 import pytest
-from moto.server import ThreadedMotoServer
 
 import sagemaker_submission
-from tests.conftest import exit_code_of, fake_images, results_in
+from tests import helpers
+from tests.helpers import exit_code_of, fake_images, results_in
 
 pytestmark = pytest.mark.skipif(
     not (importlib.util.find_spec("sagemaker_training") and importlib.util.find_spec("sagemaker_pytorch_container")),
@@ -64,10 +60,6 @@ TRAINING = ["--model", "shufflenetv2", "--optimizer", "sgd", "--lr", "0.05", "--
 SINGLE = [*TRAINING, "--epochs", "3", "--batch-size", "20"]
 # Two ranks: 10 images each, one step per epoch.
 DISTRIBUTED = [*TRAINING, "--epochs", "2", "--batch-size", "10"]
-AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "HPML_SAGEMAKER_ROLE",
-                 "HPML_CIFAR10")
 
 
 # ---- moto ----------------------------------------------------------------------------------------------------------
@@ -76,25 +68,8 @@ AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
 @pytest.fixture(scope="module")
 def moto_account(tmp_path_factory) -> boto3.Session:
     """A moto server with a bucket; this process's AWS settings point at it, and nowhere else."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for name in AWS_VARIABLES:
-            monkeypatch.delenv(name, raising=False)
-        empty = tmp_path_factory.mktemp("aws")
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(empty / "config"))
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-        session = boto3.Session()
-        session.client("s3").create_bucket(Bucket=BUCKET)
+    with helpers.moto_account(tmp_path_factory.mktemp("aws"), BUCKET, REGION) as session:
         yield session
-    server.stop()
 
 
 @pytest.fixture(scope="module")

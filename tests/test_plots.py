@@ -14,7 +14,7 @@ import pytest
 import plot_hpml
 from hpml import plots
 from hpml.dist import free_port
-from tests.conftest import REPO, exit_code_of, results_in, run_script
+from tests.helpers import REPO, exit_code_of, results_in, run_script
 
 TINY_RUN = ["--dataset", "synthetic", "--subset", "20", "--batch-size", "10", "--epochs", "2", "--workers", "0",
             "--quiet"]

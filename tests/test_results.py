@@ -4,20 +4,7 @@ import pytest
 
 from hpml import results
 from hpml.errors import UsageError
-
-
-def record(run_id: str = "r1", **overrides) -> dict:
-    epochs = [
-        {"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "test_loss": 2.1, "test_acc": 0.3, "epoch_time_s": 4.0,
-         "data_time_s": 1.0, "images_per_s": 100.0},
-        {"epoch": 2, "train_loss": 1.5, "train_acc": 0.4, "test_loss": 1.9, "test_acc": 0.5, "epoch_time_s": 2.0,
-         "data_time_s": 0.5, "images_per_s": 200.0},
-        {"epoch": 3, "train_loss": 1.2, "train_acc": 0.5, "test_loss": 2.0, "test_acc": 0.45, "epoch_time_s": 2.5,
-         "data_time_s": 0.5, "images_per_s": 160.0},
-    ]
-    base = {"schema_version": results.SCHEMA_VERSION, "run_id": run_id, "model": "resnet18", "mode": "single",
-            "world_size": 1, "device": "cpu", "config": {}, "epochs": epochs, **results.summarize_epochs(epochs)}
-    return {**base, **overrides}
+from tests.helpers import record
 
 
 def test_summary_uses_median_after_warm_up_and_finds_best():

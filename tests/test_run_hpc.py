@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import run_hpc
-from tests.conftest import exit_code_of, results_in, run_script
+from tests.helpers import exit_code_of, results_in, run_script
 
 SHORT_RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "320", "--batch-size", "32",
              "--epochs", "3", "--workers", "0"]
@@ -61,8 +61,8 @@ def metrics_of(folder: Path) -> list[dict]:
     return [{k: v for k, v in e.items() if "time" not in k and "per_s" not in k} for e in record["epochs"]]
 
 
-def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
-    args = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "100", "--batch-size", "25",
+def test_same_seed_same_metrics_other_seed_other_metrics(npz_dir, tmp_path):
+    args = ["--model", "shufflenetv2", "--data-dir", str(npz_dir), "--subset", "100", "--batch-size", "25",
             "--epochs", "1", "--workers", "2", "--quiet"]
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
         assert run_script("run_hpc.py", *args, "--seed", seed, "--output-dir", str(tmp_path / name)).returncode == 0
@@ -70,8 +70,8 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
     assert metrics_of(tmp_path / "a") != metrics_of(tmp_path / "c")
 
 
-def test_model_list_trains_each_in_turn_and_never_overwrites(tmp_path):
-    args = ["--model", "shufflenet,resnet", "--dataset", "synthetic", "--subset", "20", "--batch-size", "10",
+def test_model_list_trains_each_in_turn_and_never_overwrites(npz_dir, tmp_path):
+    args = ["--model", "shufflenet,resnet", "--data-dir", str(npz_dir), "--subset", "20", "--batch-size", "10",
             "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path), "--quiet"]
     for _ in range(2):
         assert exit_code_of(run_hpc.main, args) == 0

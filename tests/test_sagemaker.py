@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import re
 import socket
@@ -24,54 +23,29 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 
 import sagemaker_submission
 from hpml import cli, prices
 from hpml import sagemaker as aws
-from tests.conftest import REPO, exit_code_of, fake_images, results_in, run_script, run_without_torch
+from tests import helpers
+from tests.helpers import REPO, exit_code_of, fake_images, no_aws_config, results_in, run_script, run_without_torch
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-test-bucket"
 REGION = "us-east-1"
 JOB_ARGS = ["--model", "resnet18", "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--optimizer", "sgd",
             "--seed", "7", "--quiet"]
-AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "HPML_SAGEMAKER_ROLE",
-                 "HPML_CIFAR10")
 
 
 # ---- a moto server and a shell pointed at it -----------------------------------------------------------------------
-
-
-def no_aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No credentials, profile or region from this machine: only what a test sets."""
-    for name in AWS_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="module")
 def moto_account(tmp_path_factory) -> boto3.Session:
     """One moto account for this module, with dummy credentials and a bucket; the environment points the SDK and
     boto3 at it. Tests use their own job names, and compare before and after instead of expecting it empty."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines in the captured output
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        no_aws_config(monkeypatch, tmp_path_factory.mktemp("aws"))
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-        session = boto3.Session()
-        session.client("s3").create_bucket(Bucket=BUCKET)
+    with helpers.moto_account(tmp_path_factory.mktemp("aws"), BUCKET, REGION) as session:
         yield session
-    server.stop()
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ import run_hpc
 from hpml import checkpoint, data, dist, train
 from hpml.config import TrainConfig
 from hpml.errors import RunStopped
-from tests.conftest import exit_code_of, results_in
+from tests.helpers import exit_code_of, results_in
 
 STEPS_PER_EPOCH = 4  # 40 images at batch 10: fewer steps than train.CHECK_EVERY
 

@@ -4,6 +4,7 @@ GPU table through a stand-in pynvml."""
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +13,7 @@ import pytest
 
 import utilization
 from hpml import monitor
-from tests.conftest import REPO, exit_code_of, run_script
-from tests.test_monitor import FAKE_PYNVML
+from tests.helpers import FAKE_PYNVML, REPO, exit_code_of, run_script
 
 SUMMARY_FIELDS = ["interval_s", "samples", "samples_csv", "nvml", "nvml_error", "gpus", "mean_gpu_util_pct",
                   "max_gpu_util_pct", "peak_gpu_mem_mib", "mean_cpu_pct", "peak_ram_mib"]
@@ -31,7 +31,7 @@ def with_fake_gpus(tmp_path):
     """Subprocess environment whose pynvml is the two-GPU stand-in."""
     folder = tmp_path / "fake"
     folder.mkdir()
-    (folder / "pynvml.py").write_text(FAKE_PYNVML)
+    shutil.copy(FAKE_PYNVML, folder / "pynvml.py")
     return {"PYTHONPATH": str(folder)}
 
 

@@ -1,0 +1,143 @@
+"""Helpers the test modules share: run a script as a user would or in this process, read its results, make data.
+
+Fixtures live in conftest.py; plain functions and constants live here, so no test module imports another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import boto3
+import numpy as np
+import pytest
+from moto.server import ThreadedMotoServer
+
+from hpml import cli, results
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_PYNVML = Path(__file__).with_name("fake_pynvml.py")  # a two-GPU stand-in for pynvml
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts in a subprocess, as a user would from a shell."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+NO_TORCH = """
+import runpy, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"import of {name} blocked: this must run without torch")
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_without_torch(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts in a Python where `import torch` (or torchvision) fails."""
+    return subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO / script), *args], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def exit_code_of(main: Callable, argv: Sequence[str]) -> int:
+    """Run a script's main(argv) in this process through cli.run_script, as its __main__ does; the exit code."""
+    with pytest.raises(SystemExit) as stop:
+        cli.run_script(main, list(argv))
+    return stop.value.code
+
+
+def script_main(script: str) -> Callable:
+    """The main() of a script given by its path in the repository (bench/ scripts are not importable by name)."""
+    name = "hpml_script_" + script.removesuffix(".py").replace("/", "_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / script)
+        module: ModuleType = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].main
+
+
+def results_in(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def fake_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
+
+
+def write_npz(folder: Path, train: int, test: int) -> Path:
+    """A CIFAR-10 folder in the npz layout with `train` and `test` random images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", train, 1), ("test", test, 2)):
+        images, labels = fake_images(n, seed)
+        np.savez(folder / f"{split}.npz", images=images, labels=labels)
+    return folder
+
+
+def record(run_id: str = "r1", **overrides) -> dict:
+    """A results record of a three-epoch run, as results.write_results takes it."""
+    epochs = [
+        {"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "test_loss": 2.1, "test_acc": 0.3, "epoch_time_s": 4.0,
+         "data_time_s": 1.0, "images_per_s": 100.0},
+        {"epoch": 2, "train_loss": 1.5, "train_acc": 0.4, "test_loss": 1.9, "test_acc": 0.5, "epoch_time_s": 2.0,
+         "data_time_s": 0.5, "images_per_s": 200.0},
+        {"epoch": 3, "train_loss": 1.2, "train_acc": 0.5, "test_loss": 2.0, "test_acc": 0.45, "epoch_time_s": 2.5,
+         "data_time_s": 0.5, "images_per_s": 160.0},
+    ]
+    base = {"schema_version": results.SCHEMA_VERSION, "run_id": run_id, "model": "resnet18", "mode": "single",
+            "world_size": 1, "device": "cpu", "config": {}, "epochs": epochs, **results.summarize_epochs(epochs)}
+    return {**base, **overrides}
+
+
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "HPML_SAGEMAKER_ROLE",
+                 "HPML_CIFAR10")
+
+
+def no_aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No credentials, profile or region from this machine: only what a test sets."""
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@contextlib.contextmanager
+def moto_account(tmp_path: Path, bucket: str, region: str = "us-east-1") -> Iterator[boto3.Session]:
+    """A moto server on 127.0.0.1 with dummy credentials and a bucket; while it runs, this process's AWS settings
+    (and those of what it starts) point at it, and nowhere else."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines in the captured output
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            no_aws_config(monkeypatch, tmp_path)
+            monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+            session = boto3.Session()
+            session.client("s3").create_bucket(Bucket=bucket)
+            yield session
+    finally:
+        server.stop()
