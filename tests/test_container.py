@@ -365,14 +365,20 @@ def single_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     return {"job": job, "code": code, "seconds": seconds, "collected": collected}
 
 
+def the_record(collected: tuple[int, str, list[dict]]) -> dict:
+    """The one results record that `collect` brought home from a job, after it succeeded."""
+    code, out, records = collected
+    assert code == 0, out
+    (record,) = records
+    return record
+
+
 def test_none_runs_in_the_toolkit_and_collect_finds_its_results(single_job):
     job = single_job["job"]
     assert single_job["code"] == 0, job.log[-5000:]
     assert (job.base / "output" / "success").exists()
     assert json.loads(job.description["HyperParameters"]["sagemaker_program"]) == "run_hpc.py"
-    code, out, records = single_job["collected"]
-    assert code == 0, out
-    (record,) = records
+    record = the_record(single_job["collected"])
     assert (record["mode"], record["world_size"], record["backend"], record["launcher"]) == ("single", 1, None, "none")
     assert len(record["epochs"]) == 3
     check_finite(record)
@@ -417,9 +423,7 @@ def test_torchrun_runs_two_cpu_processes(torchrun_job):
     job = torchrun_job["job"]
     assert torchrun_job["code"] == 0, job.log[-5000:]
     assert "torchrun --nnodes 1 --nproc_per_node 2 run_distributed.py" in job.log
-    code, out, records = torchrun_job["collected"]
-    assert code == 0, out
-    (record,) = records
+    record = the_record(torchrun_job["collected"])
     assert (record["mode"], record["world_size"], record["backend"], record["launcher"]) == (
         "distributed", 2, "gloo", "torchrun")
     assert record["sagemaker"]["job_name"] == job.name and record["sagemaker"]["instance_type"] == "ml.g5.12xlarge"
@@ -469,9 +473,7 @@ def check_smddp_job(smddp_job: dict) -> dict:
     assert "Received 0 from exiting process" in job.log
     assert "mpirun --host algo-1 -np 2" in job.log and "SMDATAPARALLEL_USE_SINGLENODE=1" in job.log
     assert "smddprun" in job.log and "-m mpi4py run_distributed.py" in job.log
-    code, out, records = smddp_job["collected"]
-    assert code == 0, out
-    (record,) = records
+    record = the_record(smddp_job["collected"])
     assert (record["mode"], record["world_size"], record["backend"], record["launcher"]) == (
         "distributed", 2, "smddp", "smddprun")
     assert record["sagemaker"]["job_name"] == job.name and record["sagemaker"]["current_host"] == "algo-1"
@@ -562,9 +564,7 @@ def test_spot_restart_after_the_last_epoch_keeps_the_results(spot_job):
     second, third = spot_job["runs"][1:]
     assert third["code"] == 0, third["log"][-5000:]
     assert [record["run_id"] for record in third["results"]] == [record["run_id"] for record in second["results"]]
-    code, out, records = spot_job["collected"]
-    assert code == 0, out
-    (record,) = records
+    record = the_record(spot_job["collected"])
     assert {**record, "sagemaker": None} == {**second["results"][0], "sagemaker": None}
     assert record["sagemaker"]["job_name"] == spot_job["job"].name and record["sagemaker"]["spot"] is True
     assert [path.name for path in (spot_job["job"].base / "model").iterdir()] == [f"{record['run_id']}.pt"]
@@ -605,9 +605,7 @@ def test_none_job_on_the_smddp_containers_python_and_torch(moto_account, cifar_d
     code = job.run()
     assert code == 0, job.log[-5000:]
     job.upload()
-    code, out, records = collect(job.name, tmp_path / "results")
-    assert code == 0, out
-    (record,) = records
+    record = the_record(collect(job.name, tmp_path / "results"))
     assert on_py310(record) and (record["mode"], len(record["epochs"])) == ("single", 2)
     check_finite(record)
 
