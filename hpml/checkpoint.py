@@ -115,7 +115,7 @@ def mark_finished(path: Path, run_id: str, written: list[Path]) -> None:
     """Keep copies of a finished run's results files beside its checkpoint, and note that it finished, so that
     --resume skips the run and can write the files again."""
     for file in written:
-        files.write_atomic(path.with_name(RESULTS_COPIES) / file.name, lambda tmp, f=file: shutil.copyfile(f, tmp))
+        files.copy_atomic(file, path.with_name(RESULTS_COPIES) / file.name)
     results.write_json_atomic(path.with_name(FINISHED_FILE), {"run_id": run_id, "results_file": str(written[0]),
                                                               "files": [file.name for file in written]})
 
@@ -136,7 +136,7 @@ def restore_results(path: Path, finished: dict, output_dir: Path, model_state: d
     for name in finished.get("files", []):
         target, kept = output_dir / name, path.with_name(RESULTS_COPIES) / name
         if not target.exists() and kept.exists():
-            files.write_atomic(target, lambda tmp, k=kept: shutil.copyfile(k, tmp))
+            files.copy_atomic(kept, target)
             log(f"restored {target} from {kept}")
     if finished.get("run_id"):
         save_final_weights(model_state, finished["run_id"], overwrite=False)

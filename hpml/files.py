@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def copy_atomic(source: str | Path, path: str | Path) -> Path:
+    """Copy `source` to `path` through a temp file and a rename (see write_atomic)."""
+    return write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def check_writable(folder: str | Path, what: str) -> Path:
