@@ -15,6 +15,7 @@ import json
 import pickle
 import shutil
 import threading
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,8 @@ RESULTS_COPIES = "results"  # beside last.pt: copies of a finished run's results
 IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed", "dataset", "subset", "scale_lr",
                    "drop_last")
 OLDER_IDENTITY = {"drop_last": False}  # what checkpoints written before a field existed were made with
+# A stopped epoch's position and running sums, enough to finish it exactly.
+PARTIAL_FIELDS = ("steps", "loss_sum", "correct", "images", "epoch_time_s", "data_time_s")
 
 
 def default_root(cfg: TrainConfig) -> Path:
@@ -46,13 +49,96 @@ def default_root(cfg: TrainConfig) -> Path:
 
 
 def run_path(cfg: TrainConfig, model_name: str, world: World) -> Path:
-    mode = "distributed" if world.distributed else "single"
-    return default_root(cfg) / f"{model_name}_{mode}_w{world.size}" / FILE_NAME
+    return default_root(cfg) / f"{model_name}_{world.mode}_w{world.size}" / FILE_NAME
 
 
 def identity(cfg: TrainConfig, model_name: str, world: World) -> dict:
     return {"model": model_name, "world_size": world.size,
             **{name: getattr(cfg, name) for name in IDENTITY_FIELDS}}
+
+
+class RunCheckpoint:
+    """One run's checkpoint: what an earlier attempt left in its folder, and this attempt's saves.
+
+    `progress` is what the checkpoint holds besides the trainer's state: the run's id and start, the metrics of
+    the epochs so far, a stopped epoch's position and sums (`partial`), and times banked over resumes. Every
+    rank reads the checkpoint; rank 0 writes it, in the background. Use it as a context manager around training,
+    so that the last write is complete when training ends.
+    """
+
+    def __init__(self, cfg: TrainConfig, model_name: str, world: World, resume: bool) -> None:
+        self.path, self.world = run_path(cfg, model_name, world), world
+        self.identity = identity(cfg, model_name, world)
+        self.progress = {"run_id": results.new_run_id(model_name, world.mode, world.size),
+                         "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0,
+                         "wall_time_s": 0.0, "setup_time_s": 0.0, "checkpoint_time_s": 0.0}
+        self.clock = time.perf_counter()  # wall time is banked in `progress` at every save, so it adds up over resumes
+        self.writer = BackgroundWriter()
+        self.trainer_state: dict | None = None
+        self.finished: dict | None = None  # finished.json of a run that needs no more training
+        if resume and self.path.exists():
+            state = load(self.path)
+            check_identity(state, self.identity, self.path)
+            self.trainer_state, self.finished = state["trainer"], finished_run(self.path)
+            self.progress = {**self.progress, **state["run"], "resumes": state["run"]["resumes"] + 1}
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.progress["epochs"])
+
+    def restore_finished(self, output_dir: Path, log: Callable[[str], None]) -> None:
+        """A finished run's results go back where they are missing (call when `finished`); training is skipped."""
+        if self.world.is_main:
+            restore_results(self.path, self.finished, output_dir, self.trainer_state["model"], log)
+        log(f"{self.identity['model']}: already finished, results in {self.finished['results_file']}; skipping")
+
+    def start(self, load_trainer_state: Callable[[dict], None], setup_start: float,
+              log: Callable[[str], None]) -> None:
+        """Continue the earlier attempt (its state goes to `load_trainer_state`) or begin afresh in its folder."""
+        name, partial = self.identity["model"], self.progress["partial"]
+        if self.trainer_state is not None:
+            load_trainer_state(self.trainer_state)
+            log(f"{name}: resuming from {self.path} after epoch {self.epochs_done}"
+                + (f", step {partial['steps']} of epoch {self.epochs_done + 1}" if partial else ""))
+        elif self.world.is_main:
+            clear_finished(self.path)
+            if self.path.exists():
+                log(f"{name}: starting afresh; {self.path} will be replaced (use --resume to continue it)")
+        self.progress["setup_time_s"] += time.perf_counter() - setup_start
+        done_by_rank = self.world.all_reduce([self.epochs_done, -self.epochs_done], op="max")
+        if done_by_rank[0] != -done_by_rank[1]:
+            raise UsageError(f"ranks found different checkpoints under {self.path.parent}; put --checkpoint-dir on a "
+                             "folder every node shares")
+
+    def save(self, trainer_state: Callable[[], dict], **progress: object) -> None:
+        """Bank the wall time, update `progress` and (rank 0) write both with the trainer's state."""
+        self.progress.update(progress, wall_time_s=self.progress["wall_time_s"] + time.perf_counter() - self.clock)
+        self.clock = time.perf_counter()
+        if self.world.is_main:  # the time training waits for the write is banked with the next save
+            self.writer.save(self.path, {"identity": self.identity, "run": self.progress, "trainer": trainer_state()})
+            self.progress["checkpoint_time_s"] += time.perf_counter() - self.clock
+
+    def save_epoch(self, metrics: dict, trainer_state: Callable[[], dict]) -> None:
+        self.save(trainer_state, epochs=[*self.progress["epochs"], metrics], partial=None)
+
+    def save_stopped_epoch(self, train: dict, trainer_state: Callable[[], dict]) -> None:
+        """Save where a stopped epoch got to, and wait until the file is written."""
+        self.save(trainer_state, partial={key: train[key] for key in PARTIAL_FIELDS})
+        self.writer.wait()
+
+    def last_good(self) -> str:
+        return f"the last good checkpoint, after epoch {self.epochs_done}, is {self.path}" if self.epochs_done else \
+            "no checkpoint"
+
+    def wall_time_s(self) -> float:
+        return self.progress["wall_time_s"] + time.perf_counter() - self.clock
+
+    def __enter__(self) -> RunCheckpoint:
+        self.writer.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.writer.__exit__(*exc)
 
 
 class BackgroundWriter:

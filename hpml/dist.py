@@ -35,6 +35,17 @@ class World:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    @property
+    def mode(self) -> str:
+        """"distributed" in a process group, else "single": run ids, checkpoint folders and records say which."""
+        return "distributed" if self.distributed else "single"
+
+    def describe(self) -> dict:
+        """The world's fields of a results record."""
+        fields = {"mode": self.mode, "backend": self.backend, "world_size": self.size, "nodes": self.nodes,
+                  "launcher": self.launcher, "device": self.device.type}
+        return {**fields, "sagemaker": self.sagemaker} if self.sagemaker else fields
+
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         """Reduce a few numbers over all ranks (sum or max); the identity in a world of one.
 

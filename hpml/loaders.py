@@ -84,19 +84,29 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the training set is dealt out: batch size, shuffle seed, this rank's shard, and the partial last batch."""
+
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+
+
 class TrainBatches:
     """This rank's shard of the training set, reshuffled every epoch, as augmented batches on the device."""
 
-    def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
-                 device: torch.device, channels_last: bool = False, drop_last: bool = False) -> None:
+    def __init__(self, images: ImageSet, plan: BatchPlan, device: torch.device, channels_last: bool = False) -> None:
         self.size = len(images.train_labels)
-        self.sampler = DistributedSampler(range(self.size), num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=seed)
-        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.sampler = DistributedSampler(range(self.size), num_replicas=plan.world_size, rank=plan.rank,
+                                          shuffle=True, seed=plan.seed)
+        self.batch_size, self.seed, self.device = plan.batch_size, plan.seed, device
         shard = len(self.sampler)
-        self.epoch_size = shard - shard % batch_size if drop_last else shard  # images trained on per epoch
+        self.epoch_size = shard - shard % plan.batch_size if plan.drop_last else shard  # images per epoch
         self.memory_format = memory_format(channels_last)
-        self.augmentation = Augmentation.draw(seed, 0, self.size)
+        self.augmentation = Augmentation.draw(plan.seed, 0, self.size)
         self.skip = 0
 
     def __len__(self) -> int:
@@ -118,9 +128,9 @@ class TrainBatches:
 class TorchTrainBatches(TrainBatches):
     """The classic pipeline: a DataLoader runs torchvision's transforms in `workers` processes."""
 
-    def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
-                 device: torch.device, channels_last: bool = False, drop_last: bool = False, workers: int = 2) -> None:
-        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last, drop_last)
+    def __init__(self, images: ImageSet, plan: BatchPlan, device: torch.device, channels_last: bool = False,
+                 workers: int = 2) -> None:
+        super().__init__(images, plan, device, channels_last)
         self.dataset = AugmentedImages(images.train_images, images.train_labels)
         self.workers = workers
 
@@ -140,9 +150,8 @@ class DeviceTrainBatches(TrainBatches):
     shard; the shard itself is DistributedSampler's, as in the classic pipeline.
     """
 
-    def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int, world_size: int,
-                 device: torch.device, channels_last: bool = False, drop_last: bool = False) -> None:
-        super().__init__(images, batch_size, seed, rank, world_size, device, channels_last, drop_last)
+    def __init__(self, images: ImageSet, plan: BatchPlan, device: torch.device, channels_last: bool = False) -> None:
+        super().__init__(images, plan, device, channels_last)
         pixels = torch.from_numpy(images.train_images).to(device).permute(0, 3, 1, 2)
         self.padded = F.pad(pixels, [CROP_PADDING] * 4)  # zeros, like torchvision's pad
         self.labels = torch.from_numpy(images.train_labels).to(device)
@@ -186,11 +195,9 @@ class EvalBatches:
             yield self.inputs[start:start + self.batch_size], self.targets[start:start + self.batch_size]
 
 
-def make_train_batches(images: ImageSet, loader: str, batch_size: int, seed: int, rank: int, world_size: int,
-                       device: torch.device, channels_last: bool = False, drop_last: bool = False,
-                       workers: int = 2) -> TrainBatches:
+def make_train_batches(images: ImageSet, plan: BatchPlan, device: torch.device, loader: str = "device",
+                       channels_last: bool = False, workers: int = 2) -> TrainBatches:
     """`loader` is "device" (device-resident, augmented in batches) or "torch" (DataLoader + torchvision)."""
     if loader == "torch":
-        return TorchTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last, drop_last,
-                                 workers)
-    return DeviceTrainBatches(images, batch_size, seed, rank, world_size, device, channels_last, drop_last)
+        return TorchTrainBatches(images, plan, device, channels_last, workers)
+    return DeviceTrainBatches(images, plan, device, channels_last)

@@ -93,6 +93,33 @@ def summarize_epochs(epochs: list[dict]) -> dict:
     }
 
 
+def build_record(model: str, progress: dict, config: dict, world: dict, trainer: dict, data: dict,
+                 environment: dict, total_wall_time_s: float, checkpoint: str) -> dict:
+    """One run's record, from the checkpoint's `progress` (epochs, times, resumes), the flags as `config`, what
+    the world, the trainer (lr, speed, params) and the data say of themselves, and the environment."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": progress["run_id"],
+        "model": model,
+        **world,
+        "batch_size": config["batch_size"],
+        "global_batch_size": config["batch_size"] * world["world_size"],
+        **trainer,
+        "started_at": progress["started_at"],
+        "finished_at": utc_now(),
+        "resumes": progress["resumes"],
+        "config": config,
+        "data": data,
+        "environment": environment,
+        "epochs": progress["epochs"],
+        **summarize_epochs(progress["epochs"]),
+        "total_wall_time_s": total_wall_time_s,
+        "setup_time_s": progress["setup_time_s"],
+        "checkpoint_time_s": progress["checkpoint_time_s"],
+        "checkpoint": checkpoint,
+    }
+
+
 def check_writable(folder: str | Path) -> Path:
     """Create the output folder if needed and prove a file can be written there; UsageError otherwise."""
     return files.check_writable(folder, "output folder")

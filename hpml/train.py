@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ from .config import TrainConfig
 from .data import ImageSet
 from .dist import World
 from .errors import RunStopped, UsageError
-from .loaders import IMAGE_SIZE, EvalBatches, make_train_batches, memory_format
+from .loaders import IMAGE_SIZE, BatchPlan, EvalBatches, make_train_batches, memory_format
 
 
 def seed_all(*seed_parts: int) -> None:
@@ -179,8 +180,8 @@ class Trainer:
         seed_all(cfg.seed)
         self.model = speed.prepare_model(models.build(model_name).to(device), self.speed)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.train_batches = make_train_batches(images, self.speed.loader, cfg.batch_size, cfg.seed, world.rank,
-                                                world.size, device, self.speed.channels_last, cfg.drop_last,
+        plan = BatchPlan(cfg.batch_size, cfg.seed, world.rank, world.size, cfg.drop_last)
+        self.train_batches = make_train_batches(images, plan, device, self.speed.loader, self.speed.channels_last,
                                                 cfg.workers)
         if self.train_batches.epoch_size == 0:
             raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(self.train_batches.sampler)} "
@@ -200,6 +201,10 @@ class Trainer:
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.scaler = speed.grad_scaler(self.speed, device)
 
+    def describe(self) -> dict:
+        """The trainer's fields of a results record."""
+        return {"lr": self.lr, "speed": self.speed.as_dict(), "params": self.params}
+
     @property
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -213,7 +218,7 @@ class Trainer:
                                 speed.autocast(self.speed, self.world.device), self.scaler, control, partial)
         if not stats["stopped"]:
             with warnings.catch_warnings():  # an epoch resumed after its last step takes no optimizer step
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
                 self.scheduler.step()
         return stats
 
@@ -240,115 +245,49 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     Returns the results record, or None when --resume finds this run already finished. Raises RunStopped
     after saving a checkpoint when a signal arrives, and when the loss stops being finite.
     """
-    wall_start = time.perf_counter()
-    path = checkpoint.run_path(cfg, model_name, world)
-    run = {"run_id": results.new_run_id(model_name, "distributed" if world.distributed else "single", world.size),
-           "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0, "wall_time_s": 0.0,
-           "setup_time_s": 0.0, "checkpoint_time_s": 0.0}
-    state = None
-    if resuming(cfg) and path.exists():
-        state = checkpoint.load(path)
-        checkpoint.check_identity(state, checkpoint.identity(cfg, model_name, world), path)
-        finished = checkpoint.finished_run(path)
-        if finished:  # checked before the Trainer is built: skipping a finished run sets nothing up
-            if world.is_main:
-                checkpoint.restore_results(path, finished, Path(cfg.output_dir), state["trainer"]["model"], log)
-            log(f"{model_name}: already finished, results in {finished['results_file']}; skipping")
-            return None
-        run = {**run, **state["run"], "resumes": state["run"]["resumes"] + 1}
-        log(f"{model_name}: resuming from {path} after epoch {len(run['epochs'])}"
-            + (f", step {run['partial']['steps']} of epoch {len(run['epochs']) + 1}" if run["partial"] else ""))
+    saved = checkpoint.RunCheckpoint(cfg, model_name, world, resume=resuming(cfg))
+    if saved.finished:  # checked before the Trainer is built: skipping a finished run sets nothing up
+        saved.restore_finished(Path(cfg.output_dir), log)
+        return None
     setup_start = time.perf_counter()
     trainer = Trainer(cfg, model_name, world, images)
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
-    elif world.is_main:
-        checkpoint.clear_finished(path)
-        if path.exists():
-            log(f"{model_name}: starting afresh; {path} will be replaced (use --resume to continue it)")
-    run["setup_time_s"] += time.perf_counter() - setup_start
-    done_by_rank = world.all_reduce([len(run["epochs"]), -len(run["epochs"])], op="max")
-    if done_by_rank[0] != -done_by_rank[1]:
-        raise UsageError(f"ranks found different checkpoints under {path.parent}; put --checkpoint-dir on a "
-                         "folder every node shares")
-
-    clock = wall_start  # wall time is banked in `run` at every save, so it adds up over resumes
-    writer = checkpoint.BackgroundWriter()
-
-    def save(**changes: object) -> None:
-        nonlocal clock
-        run.update(changes, wall_time_s=run["wall_time_s"] + time.perf_counter() - clock)
-        clock = time.perf_counter()
-        if world.is_main:  # the time training waits for it is banked with the next save
-            writer.save(path, {"identity": checkpoint.identity(cfg, model_name, world), "run": run,
-                               "trainer": trainer.state_dict()})
-            run["checkpoint_time_s"] += time.perf_counter() - clock
-
+    saved.start(trainer.load_state_dict, setup_start, log)
     control = StepControl(world, stop_requested)
-    show_progress = world.is_main and not cfg.quiet and sys.stderr.isatty()
-    with writer:
-        for epoch in range(len(run["epochs"]) + 1, cfg.epochs + 1):
+    with saved:
+        for epoch in range(saved.epochs_done + 1, cfg.epochs + 1):
             epoch_lr = trainer.current_lr
-            with tqdm(total=len(trainer.train_batches), desc=f"{model_name} {epoch}/{cfg.epochs}", unit="batch",
-                      leave=False, disable=not show_progress, dynamic_ncols=True) as progress:
-                train = trainer.train_epoch(epoch, progress, control, run["partial"])
+            with epoch_progress(cfg, world, model_name, epoch, len(trainer.train_batches)) as progress:
+                train = trainer.train_epoch(epoch, progress, control, saved.progress["partial"])
             if train["stopped"] == "diverged":
-                kept = f"the last good checkpoint, after epoch {epoch - 1}, is {path}" if epoch > 1 else \
-                    "no checkpoint"
-                raise RunStopped(f"{model_name}: the training loss became NaN or infinite in epoch {epoch}; "
-                                 f"stopped ({kept}); try a lower --lr or --precision fp32", exit_code=3)
+                raise RunStopped(f"{model_name}: the training loss became NaN or infinite in epoch {epoch}; stopped "
+                                 f"({saved.last_good()}); try a lower --lr or --precision fp32", exit_code=3)
             if train["stopped"] == "stop":
-                save(partial={key: train[key] for key in ("steps", "loss_sum", "correct", "images", "epoch_time_s",
-                                                          "data_time_s")})
-                writer.wait()
+                saved.save_stopped_epoch(train, trainer.state_dict)
                 raise RunStopped(f"{model_name}: stopped by a signal at step {train['steps']} of epoch {epoch}; "
-                                 f"checkpoint saved to {path}; rerun with --resume to continue", exit_code=130)
+                                 f"checkpoint saved to {saved.path}; rerun with --resume to continue", exit_code=130)
             eval_start = time.perf_counter()
             test = trainer.evaluate()
-            eval_time = time.perf_counter() - eval_start
-            run["epochs"].append(epoch_metrics(epoch, epoch_lr, train, test, eval_time, world))
-            save(partial=None)
+            metrics = epoch_metrics(epoch, epoch_lr, train, test, time.perf_counter() - eval_start, world)
+            saved.save_epoch(metrics, trainer.state_dict)
             if not cfg.quiet and world.is_main:
-                log(format_epoch(model_name, cfg.epochs, run["epochs"][-1]))
+                log(format_epoch(model_name, cfg.epochs, metrics))
             if epoch < cfg.epochs and control.stop_agreed():
-                writer.wait()
-                raise RunStopped(f"{model_name}: stopped by a signal after epoch {epoch}; checkpoint saved to {path}; "
-                                 "rerun with --resume to continue", exit_code=130)
-
-    mode = "distributed" if world.distributed else "single"
-    record = {
-        "schema_version": results.SCHEMA_VERSION,
-        "run_id": run["run_id"],
-        "model": model_name,
-        "mode": mode,
-        "backend": world.backend,
-        "world_size": world.size,
-        "nodes": world.nodes,
-        "launcher": world.launcher,
-        "batch_size": cfg.batch_size,
-        "global_batch_size": cfg.batch_size * world.size,
-        "lr": trainer.lr,
-        "device": world.device.type,
-        "speed": trainer.speed.as_dict(),
-        "started_at": run["started_at"],
-        "finished_at": results.utc_now(),
-        "resumes": run["resumes"],
-        "config": cfg.as_dict(),
-        "data": images.summary(),
-        "environment": results.environment(world.device),
-        "params": trainer.params,
-        "epochs": run["epochs"],
-        **results.summarize_epochs(run["epochs"]),
-        "total_wall_time_s": run["wall_time_s"] + time.perf_counter() - clock,
-        "setup_time_s": run["setup_time_s"],
-        "checkpoint_time_s": run["checkpoint_time_s"],
-        "checkpoint": str(path),
-    }
-    if world.sagemaker:
-        record["sagemaker"] = world.sagemaker
+                saved.writer.wait()
+                raise RunStopped(f"{model_name}: stopped by a signal after epoch {epoch}; checkpoint saved to "
+                                 f"{saved.path}; rerun with --resume to continue", exit_code=130)
+    record = results.build_record(model_name, saved.progress, cfg.as_dict(), world.describe(), trainer.describe(),
+                                  images.summary(), results.environment(world.device), saved.wall_time_s(),
+                                  str(saved.path))
     if world.is_main:
-        checkpoint.save_final_weights(trainer.model.state_dict(), run["run_id"])
+        checkpoint.save_final_weights(trainer.model.state_dict(), record["run_id"])
     return record
+
+
+def epoch_progress(cfg: TrainConfig, world: World, model_name: str, epoch: int, steps: int) -> tqdm:
+    """A progress bar over one epoch's steps, on rank 0 when it writes to a terminal."""
+    show = world.is_main and not cfg.quiet and sys.stderr.isatty()
+    return tqdm(total=steps, desc=f"{model_name} {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not show,
+                dynamic_ncols=True)
 
 
 def resuming(cfg: TrainConfig) -> bool:

@@ -31,8 +31,8 @@ def main(batch_size: int, out: str) -> None:
     model = small_cnn()
     ddp_model = train.wrap_for_world(model, world)
     optimizer = train.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
-    batches = loaders.make_train_batches(images, "torch", cfg.batch_size, cfg.seed, world.rank, world.size,
-                                         world.device)
+    plan = loaders.BatchPlan(cfg.batch_size, cfg.seed, world.rank, world.size)
+    batches = loaders.make_train_batches(images, plan, world.device, "torch")
     for epoch in (1, 2):
         batches.set_epoch(epoch)
         train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))

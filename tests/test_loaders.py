@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hpml import data, loaders
-from hpml.loaders import Augmentation, EvalBatches, make_train_batches
+from hpml.loaders import Augmentation, BatchPlan, EvalBatches, make_train_batches
 
 CPU = torch.device("cpu")
 
@@ -14,7 +14,7 @@ def images() -> data.ImageSet:
 
 
 def test_torch_loader_batches_are_normalised_crops(images):
-    batches = make_train_batches(images, "torch", 64, 0, 0, 1, CPU, workers=0)
+    batches = make_train_batches(images, BatchPlan(64), CPU, "torch", workers=0)
     batches.set_epoch(1)
     shapes = [(x.shape, y.shape) for x, y in batches]
     assert len(shapes) == len(batches) == 5
@@ -25,8 +25,8 @@ def test_torch_loader_batches_are_normalised_crops(images):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_device_loader_gives_exactly_the_classic_pipelines_images(images, channels_last):
-    classic = make_train_batches(images, "torch", 32, 7, 1, 2, CPU, channels_last, workers=2)
-    device = make_train_batches(images, "device", 32, 7, 1, 2, CPU, channels_last)
+    classic = make_train_batches(images, BatchPlan(32, 7, 1, 2), CPU, "torch", channels_last, workers=2)
+    device = make_train_batches(images, BatchPlan(32, 7, 1, 2), CPU, "device", channels_last)
     for epoch in (1, 2):
         classic.set_epoch(epoch)
         device.set_epoch(epoch)
@@ -40,7 +40,7 @@ def test_device_loader_gives_exactly_the_classic_pipelines_images(images, channe
 
 def test_crop_and_flip_follow_the_drawn_offsets(images):
     """Check one device-loader image against a pad/crop/flip done by hand in NumPy."""
-    batches = make_train_batches(images, "device", 300, 3, 0, 1, CPU)
+    batches = make_train_batches(images, BatchPlan(300, 3), CPU, "device")
     batches.set_epoch(5)
     order = list(batches.sampler)
     (x, _), = list(batches)
@@ -68,7 +68,7 @@ def test_augmentation_distribution_matches_torchvision_random_crop_and_flip():
 def test_train_shards_are_disjoint_and_cover_the_set(images):
     seen = []
     for rank in range(2):
-        batches = make_train_batches(images, "device", 50, 0, rank, 2, CPU)
+        batches = make_train_batches(images, BatchPlan(50, 0, rank, 2), CPU, "device")
         batches.set_epoch(3)
         seen.append(torch.cat([y for _, y in batches]).numel())
         seen.append(set(batches.sampler))
@@ -79,13 +79,13 @@ def test_train_shards_are_disjoint_and_cover_the_set(images):
 def test_drop_last_leaves_out_a_different_partial_batch_each_epoch(images, loader):
     kept = {}
     for epoch in (1, 2):
-        batches = make_train_batches(images, loader, 64, 0, 0, 1, CPU, drop_last=True, workers=0)
+        batches = make_train_batches(images, BatchPlan(64, drop_last=True), CPU, loader, workers=0)
         batches.set_epoch(epoch)
         labels = [y for _, y in batches]
         assert len(batches) == len(labels) == 4 and all(len(y) == 64 for y in labels)  # 300 = 4 x 64 + 44
         kept[epoch] = set(batches.epoch_order())
     assert len(kept[1]) == 256 and kept[1] != kept[2]
-    batches = make_train_batches(images, loader, 64, 0, 0, 1, CPU, drop_last=False, workers=0)
+    batches = make_train_batches(images, BatchPlan(64, drop_last=False), CPU, loader, workers=0)
     batches.set_epoch(1)
     assert [len(y) for _, y in batches] == [64, 64, 64, 64, 44]
 
@@ -97,6 +97,6 @@ def test_test_batches_cover_every_image_once_over_ranks(images):
 
 @pytest.mark.parametrize("loader", ["device", "torch"])
 def test_an_epoch_resumed_after_its_last_step_has_no_batches_left(images, loader):
-    batches = make_train_batches(images, loader, 64, 0, 0, 1, CPU, drop_last=True, workers=0)
+    batches = make_train_batches(images, BatchPlan(64, drop_last=True), CPU, loader, workers=0)
     batches.set_epoch(1, skip_batches=4)  # 300 images: 4 full batches, all taken before the stop
     assert len(batches) == 0 and list(batches) == []

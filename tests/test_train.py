@@ -46,6 +46,7 @@ def uninterrupted(images, tmp_path_factory) -> dict:
     return train.fit(cfg, "shufflenetv2", dist.single_process("cpu"), images, log=lambda _: None)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # the resumed epoch takes no step: the scheduler must not warn
 def test_a_stop_at_an_epochs_last_step_resumes_to_the_same_run(images, uninterrupted, tmp_path):
     world = dist.single_process("cpu")
     with pytest.raises(RunStopped, match=f"at step {STEPS_PER_EPOCH} of epoch 1"):
