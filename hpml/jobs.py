@@ -275,9 +275,9 @@ class DataUpload:
     def of(cls, folder: Path) -> DataUpload:
         relative = cifar_files(folder)
         data.load_cifar10(folder)  # the training scripts' own checks, before anything is uploaded
-        files = [(path, key, _sha256(path)) for path, key in relative]
-        digest = hashlib.sha256("".join(f"{key} {sha}\n" for _, key, sha in files).encode()).hexdigest()
-        return cls(folder, files, f"{S3_PREFIX}/data/cifar10-{digest[:16]}/")
+        hashed = [(path, key, _sha256(path)) for path, key in relative]
+        digest = hashlib.sha256("".join(f"{key} {sha}\n" for _, key, sha in hashed).encode()).hexdigest()
+        return cls(folder, hashed, f"{S3_PREFIX}/data/cifar10-{digest[:16]}/")
 
     @property
     def size(self) -> int:
@@ -289,15 +289,11 @@ def cifar_files(folder: Path) -> list[tuple[Path, str]]:
     if not folder.is_dir():
         raise UsageError(f"no CIFAR-10 folder at {folder.resolve()}: pass --data-dir DIR to upload a local copy, "
                          "--s3-data s3://BUCKET/PREFIX for one already in S3, or --dataset synthetic")
-    if (folder / "train.npz").exists() or (folder / "test.npz").exists():
-        names = ["train.npz", "test.npz"] + (["README.md"] if (folder / "README.md").exists() else [])
-        return [(folder / name, name) for name in names]
-    for batches in (folder / data.BATCHES_FOLDER, folder):
-        if (batches / "data_batch_1").exists():
-            names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-            return [(batches / name, f"{data.BATCHES_FOLDER}/{name}") for name in names]
-    raise UsageError(f"no CIFAR-10 in {folder.resolve()}: expected train.npz and test.npz, or "
-                     f"{data.BATCHES_FOLDER}/; pass --s3-data for data already in S3, or --dataset synthetic")
+    found = data.cifar10_files(folder)
+    if found is None:
+        raise UsageError(f"no CIFAR-10 in {folder.resolve()}: expected train.npz and test.npz, or "
+                         f"{data.BATCHES_FOLDER}/; pass --s3-data for data already in S3, or --dataset synthetic")
+    return found
 
 
 def _sha256(path: Path) -> str:
