@@ -29,8 +29,7 @@ if TYPE_CHECKING:
     import boto3
     import sagemaker.session
 
-# Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (the data channel,
-# $SM_OUTPUT_DATA_DIR/results, /opt/ml/checkpoints synced to S3).
+# Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (hpml/container.py).
 LOCAL_PATH_FLAGS = ("data_dir", "output_dir", "checkpoint_dir")
 DEFAULT_MAX_RUN_S = 2 * 3600
 PLACEHOLDER_ROLE = "arn:aws:iam::ACCOUNT_ID:role/ROLE_NAME"
@@ -80,7 +79,7 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     job.add_argument("--job-name", help="training job name (default: hpml-<model>-<distribution>-<UTC time>)")
     job.add_argument("--spot", action="store_true",
                      help="managed spot training: cheaper, may be interrupted; the job then resumes from its "
-                          "checkpoints, which are always kept in S3 (synced with /opt/ml/checkpoints) "
+                          f"checkpoints, which are always kept in S3 (synced with {container.JOB_CHECKPOINT_DIR}) "
                           "(default: off, on-demand)")
     job.add_argument("--max-run", type=int, default=DEFAULT_MAX_RUN_S, metavar="SECONDS",
                      help="stop the job after this much training time; also the cost estimate's bound "
@@ -151,16 +150,16 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: a SageMaker job keeps its checkpoints in "
                          f"{container.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
                          "drop the flag")
-    distributed = args.distribution != "none"
-    if not distributed:
+    single_device = jobs.ENTRY_POINTS[args.distribution] == jobs.SINGLE_DEVICE_SCRIPT
+    if single_device:
         for flag, value, default in (("--scale-lr", cfg.scale_lr, False),
                                      ("--dist-timeout", cfg.dist_timeout, cli.DEFAULTS.dist_timeout)):
             if value != default:
-                raise UsageError(f"{flag} applies to data-parallel runs; --distribution none runs run_hpc.py, "
-                                 "one process: drop the flag")
+                raise UsageError(f"{flag} applies to data-parallel runs; --distribution {args.distribution} runs "
+                                 f"{jobs.SINGLE_DEVICE_SCRIPT}, one process: drop the flag")
     flags = argparse.ArgumentParser(add_help=False)
     cli.add_training_args(flags)
-    if distributed:
+    if not single_device:
         cli.add_distributed_args(flags)
     hyperparameters = {}
     for name in vars(flags.parse_args([])):
