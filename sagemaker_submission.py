@@ -21,8 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import cli, prices, results
-from hpml import sagemaker as aws
+from hpml import cli, container, jobs, prices, results
 from hpml.config import TrainConfig, default_data_dir
 from hpml.errors import UsageError
 
@@ -30,8 +29,7 @@ if TYPE_CHECKING:
     import boto3
     import sagemaker.session
 
-# Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (the data channel,
-# $SM_OUTPUT_DATA_DIR/results, /opt/ml/checkpoints synced to S3).
+# Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (hpml/container.py).
 LOCAL_PATH_FLAGS = ("data_dir", "output_dir", "checkpoint_dir")
 DEFAULT_MAX_RUN_S = 2 * 3600
 PLACEHOLDER_ROLE = "arn:aws:iam::ACCOUNT_ID:role/ROLE_NAME"
@@ -39,7 +37,7 @@ PLACEHOLDER_ROLE = "arn:aws:iam::ACCOUNT_ID:role/ROLE_NAME"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with aws.aws_errors():
+    with jobs.aws_errors():
         return args.run(args)
 
 
@@ -69,19 +67,19 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
                      help="training instance type; SMDDP runs on ml.p3.16xlarge, ml.p3dn.24xlarge, ml.p4d.24xlarge "
                           "and ml.p4de.24xlarge only (default: %(default)s)")
     job.add_argument("--instance-count", type=int, default=1, help="instances in the cluster (default: %(default)s)")
-    job.add_argument("--distribution", choices=tuple(aws.DISTRIBUTIONS), default="smddp",
+    job.add_argument("--distribution", choices=tuple(jobs.DISTRIBUTIONS), default="smddp",
                      help="smddp: SageMaker's distributed data parallel library (mpirun, one process per GPU); "
                           "torchrun: PyTorch's launcher; none: run_hpc.py, the single-device baseline, on one GPU "
                           "of one instance, recorded as mode single (default: %(default)s)")
-    job.add_argument("--framework-version", default=aws.DEFAULT_FRAMEWORK_VERSION,
+    job.add_argument("--framework-version", default=jobs.DEFAULT_FRAMEWORK_VERSION,
                      help="PyTorch version of SageMaker's training container; the default is the newest the SDK "
                           "offers SMDDP for (default: %(default)s)")
-    job.add_argument("--py-version", default=aws.DEFAULT_PY_VERSION,
+    job.add_argument("--py-version", default=jobs.DEFAULT_PY_VERSION,
                      help="Python version of that container (default: %(default)s)")
     job.add_argument("--job-name", help="training job name (default: hpml-<model>-<distribution>-<UTC time>)")
     job.add_argument("--spot", action="store_true",
                      help="managed spot training: cheaper, may be interrupted; the job then resumes from its "
-                          "checkpoints, which are always kept in S3 (synced with /opt/ml/checkpoints) "
+                          f"checkpoints, which are always kept in S3 (synced with {container.JOB_CHECKPOINT_DIR}) "
                           "(default: off, on-demand)")
     job.add_argument("--max-run", type=int, default=DEFAULT_MAX_RUN_S, metavar="SECONDS",
                      help="stop the job after this much training time; also the cost estimate's bound "
@@ -150,18 +148,18 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
     cfg = cli.config_from_args(args)
     if getattr(args, "checkpoint_dir", None):
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: a SageMaker job keeps its checkpoints in "
-                         f"{aws.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
+                         f"{container.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
                          "drop the flag")
-    distributed = args.distribution != "none"
-    if not distributed:
+    single_device = jobs.ENTRY_POINTS[args.distribution] == jobs.SINGLE_DEVICE_SCRIPT
+    if single_device:
         for flag, value, default in (("--scale-lr", cfg.scale_lr, False),
                                      ("--dist-timeout", cfg.dist_timeout, cli.DEFAULTS.dist_timeout)):
             if value != default:
-                raise UsageError(f"{flag} applies to data-parallel runs; --distribution none runs run_hpc.py, "
-                                 "one process: drop the flag")
+                raise UsageError(f"{flag} applies to data-parallel runs; --distribution {args.distribution} runs "
+                                 f"{jobs.SINGLE_DEVICE_SCRIPT}, one process: drop the flag")
     flags = argparse.ArgumentParser(add_help=False)
     cli.add_training_args(flags)
-    if distributed:
+    if not single_device:
         cli.add_distributed_args(flags)
     hyperparameters = {}
     for name in vars(flags.parse_args([])):
@@ -176,40 +174,40 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
 
 def run_submit(args: argparse.Namespace) -> int:
     cfg, hyperparameters = training_hyperparameters(args)
-    region = aws.resolve_region(args.region, args.profile)
+    region = jobs.resolve_region(args.region, args.profile)
     if not region and not args.dry_run:
-        raise UsageError(aws.NO_REGION)
-    aws.check_distribution(args.distribution, args.instance_type, args.instance_count, args.framework_version,
-                           args.py_version, cfg.backend, cfg.device, region or "us-east-1")
+        raise UsageError(jobs.NO_REGION)
+    jobs.check_distribution(args.distribution, args.instance_type, args.instance_count, args.framework_version,
+                            args.py_version, cfg.backend, cfg.device, region or "us-east-1")
     check_time_limits(args)
     if args.wait:
         results.check_writable(args.output_dir)
-    role = args.role or aws.default_role(ask_aws=not args.dry_run)
+    role = args.role or jobs.default_role(ask_aws=not args.dry_run)
     if role:
-        aws.check_role(role)
+        jobs.check_role(role)
     elif not args.dry_run:
         raise UsageError("no IAM role for the job: pass --role arn:aws:iam::ACCOUNT_ID:role/NAME or set "
                          "HPML_SAGEMAKER_ROLE (a role SageMaker can assume, with access to the S3 bucket)")
-    job_name = aws.check_job_name(args.job_name) if args.job_name else aws.job_name_for(cfg.models, args.distribution)
-    spec = aws.JobSpec(
+    job_name = jobs.check_job_name(args.job_name) if args.job_name else jobs.job_name_for(cfg.models, args.distribution)
+    spec = jobs.JobSpec(
         job_name=job_name,
         instance_type=args.instance_type, instance_count=args.instance_count, distribution=args.distribution,
         framework_version=args.framework_version, py_version=args.py_version, hyperparameters=hyperparameters,
-        region=region or "us-east-1", role=role, bucket=aws.check_bucket(args.bucket) if args.bucket else None,
+        region=region or "us-east-1", role=role, bucket=jobs.check_bucket(args.bucket) if args.bucket else None,
         s3_data=None, spot=args.spot, max_run=args.max_run,
         max_wait=(args.max_wait or 2 * args.max_run) if args.spot else None)
     upload, data_note = data_source(args, cfg, spec)
     if args.dry_run:
         print_dry_run(spec, upload, args.profile, region is not None, data_note)
         return 0
-    boto = aws.aws_session(region, args.profile)
-    spec.bucket = aws.ensure_bucket(boto, spec.bucket)
+    boto = jobs.aws_session(region, args.profile)
+    spec.bucket = jobs.ensure_bucket(boto, spec.bucket)
     if upload:
-        spec.s3_data = aws.upload_data(boto, spec.bucket, upload)
+        spec.s3_data = jobs.upload_data(boto, spec.bucket, upload)
     elif spec.s3_data:
-        aws.check_s3_data(boto, spec.s3_data)
-    session = aws.sagemaker_session(boto, spec.bucket)
-    aws.submit(spec, session)
+        jobs.check_s3_data(boto, spec.s3_data)
+    session = jobs.sagemaker_session(boto, spec.bucket)
+    jobs.submit(spec, session)
     print_submitted(spec, args)
     if not args.wait:
         return 0
@@ -226,11 +224,11 @@ def check_time_limits(args: argparse.Namespace) -> None:
 
 
 def data_source(args: argparse.Namespace, cfg: TrainConfig,
-                spec: aws.JobSpec) -> tuple[aws.DataUpload | None, str | None]:
+                spec: jobs.JobSpec) -> tuple[jobs.DataUpload | None, str | None]:
     """Point the job at its data: --s3-data as given, or a local folder to upload (returned). A dry run given neither,
     with no CIFAR-10 in the default folder, shows a placeholder location, and returns a note saying so."""
     if args.s3_data:
-        aws.parse_s3_uri(args.s3_data, "--s3-data")
+        jobs.parse_s3_uri(args.s3_data, "--s3-data")
     if cfg.dataset == "synthetic":
         if args.s3_data or args.data_dir:
             raise UsageError("--dataset synthetic is generated inside the job: drop --s3-data and --data-dir")
@@ -241,26 +239,26 @@ def data_source(args: argparse.Namespace, cfg: TrainConfig,
         spec.s3_data = args.s3_data
         return None, None
     try:
-        return aws.DataUpload.of(Path(args.data_dir or default_data_dir()).expanduser()), None
+        return jobs.DataUpload.of(Path(args.data_dir or default_data_dir()).expanduser()), None
     except UsageError as no_data:
         if args.data_dir or not args.dry_run:
             raise
-        spec.s3_data = f"s3://{spec.shown_bucket}/{aws.S3_PREFIX}/data/cifar10-SHA256_OF_YOUR_FILES/"
+        spec.s3_data = f"s3://{spec.shown_bucket}/{jobs.S3_PREFIX}/data/cifar10-SHA256_OF_YOUR_FILES/"
         return None, f"{no_data}; submit needs one of them"
 
 
-def print_dry_run(spec: aws.JobSpec, upload: aws.DataUpload | None, profile: str | None, region_configured: bool,
+def print_dry_run(spec: jobs.JobSpec, upload: jobs.DataUpload | None, profile: str | None, region_configured: bool,
                   data_note: str | None) -> None:
-    shown = aws.JobSpec(**{**vars(spec), "role": spec.role or PLACEHOLDER_ROLE})
+    shown = jobs.JobSpec(**{**vars(spec), "role": spec.role or PLACEHOLDER_ROLE})
     if upload:
         shown.s3_data = f"s3://{spec.shown_bucket}/{upload.prefix}"
-    request = aws.dry_run_request(shown, profile)
+    request = jobs.dry_run_request(shown, profile)
     print("Dry run: nothing was sent to AWS. This is the CreateTrainingJob request that submit would send:")
     print(json.dumps(request, indent=2, default=str))
     print("Notes:")
     code = stage_listing()
-    print(f"  code: {len(code)} files from this repository ({', '.join(aws.CODE_PATHS)} and a requirements.txt of "
-          f"{', '.join(aws.JOB_REQUIREMENTS)}; the container's own torch is kept), packed and uploaded by the SDK "
+    print(f"  code: {len(code)} files from this repository ({', '.join(jobs.CODE_PATHS)} and a requirements.txt of "
+          f"{', '.join(jobs.JOB_REQUIREMENTS)}; the container's own torch is kept), packed and uploaded by the SDK "
           "to the sagemaker_submit_directory above")
     if upload:
         print(f"  data: {len(upload.files)} files ({upload.size / 1e6:.1f} MB) from {upload.folder}, uploaded to "
@@ -283,10 +281,10 @@ def print_dry_run(spec: aws.JobSpec, upload: aws.DataUpload | None, profile: str
 
 def stage_listing() -> list[Path]:
     with tempfile.TemporaryDirectory() as folder:
-        return aws.stage_source(Path(folder))
+        return jobs.stage_source(Path(folder))
 
 
-def cost_estimate(spec: aws.JobSpec) -> str:
+def cost_estimate(spec: jobs.JobSpec) -> str:
     price = prices.hourly_price(spec.instance_type)
     if price is None:
         return f"no on-demand price for {spec.instance_type} in hpml/prices.py, so no estimate"
@@ -295,10 +293,10 @@ def cost_estimate(spec: aws.JobSpec) -> str:
             f"{'; spot usually bills less' if spec.spot else ''})")
 
 
-def print_submitted(spec: aws.JobSpec, args: argparse.Namespace) -> None:
+def print_submitted(spec: jobs.JobSpec, args: argparse.Namespace) -> None:
     print(f"submitted {spec.job_name}: {spec.instance_type} × {spec.instance_count}, {spec.distribution}, "
           f"PyTorch {spec.framework_version}{', spot' if spec.spot else ''}")
-    print(f"  console: {aws.console_url(spec.region, spec.job_name)}")
+    print(f"  console: {jobs.console_url(spec.region, spec.job_name)}")
     print(f"  cost: {cost_estimate(spec)}")
     if not args.wait:
         where = f" --region {spec.region}" + (f" --profile {args.profile}" if args.profile else "")
@@ -309,7 +307,7 @@ def wait_and_collect(boto: boto3.Session, session: sagemaker.session.Session, jo
                      output_dir: Path) -> int:
     print(f"streaming the logs of {job_name} until it ends (Ctrl-C stops watching, not the job)")
     try:
-        job = aws.stream_logs(session, job_name)
+        job = jobs.stream_logs(session, job_name)
     except KeyboardInterrupt:
         print(f"\nstopped watching; {job_name} keeps running: python sagemaker_submission.py collect {job_name}")
         return 130
@@ -326,25 +324,25 @@ def run_collect(args: argparse.Namespace) -> int:
     if bool(args.jobs) == args.all:
         raise UsageError("name the jobs to collect, or pass --all (not both)")
     for name in args.jobs:
-        aws.check_job_name(name)
+        jobs.check_job_name(name)
     output_dir = results.check_writable(args.output_dir)
-    boto = aws.aws_session(args.region, args.profile)
+    boto = jobs.aws_session(args.region, args.profile)
     if args.all:
-        done = aws.collected_jobs(output_dir)
-        jobs = [job for job in aws.suite_jobs(boto) if job["TrainingJobName"] not in done]
-        print(f"{cli.count(len(jobs), 'job')} to collect ({len(done)} already in {output_dir})")
+        done = jobs.collected_jobs(output_dir)
+        descriptions = [job for job in jobs.suite_jobs(boto) if job["TrainingJobName"] not in done]
+        print(f"{cli.count(len(descriptions), 'job')} to collect ({len(done)} already in {output_dir})")
     else:
-        jobs = [aws.describe(boto, name) for name in args.jobs]
-    finished = collect(boto, jobs, output_dir)
-    return 0 if args.all or finished == len(jobs) else 1
+        descriptions = [jobs.describe(boto, name) for name in args.jobs]
+    finished = collect(boto, descriptions, output_dir)
+    return 0 if args.all or finished == len(descriptions) else 1
 
 
-def collect(boto: boto3.Session, jobs: list[dict], output_dir: Path) -> int:
-    """Collect each job and print what it cost; the number of jobs that had finished."""
+def collect(boto: boto3.Session, descriptions: list[dict], output_dir: Path) -> int:
+    """Collect each job (as DescribeTrainingJob describes it) and print what it cost; the number that had finished."""
     finished = 0
-    for job in jobs:
-        written = aws.collect_job(boto, job, output_dir)
-        if job["TrainingJobStatus"] in aws.ENDED:
+    for job in descriptions:
+        written = jobs.collect_job(boto, job, output_dir)
+        if job["TrainingJobStatus"] in jobs.ENDED:
             finished += 1
             print(f"{job['TrainingJobName']}: {len(written)} new files; {bill_text(prices.job_bill(job))}")
     return finished
@@ -365,9 +363,9 @@ def bill_text(bill: dict) -> str:
 def run_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError(f"--limit must be 1 or more, got {args.limit}")
-    boto = aws.aws_session(args.region, args.profile)
+    boto = jobs.aws_session(args.region, args.profile)
     now = datetime.now(timezone.utc)
-    rows = [job_row(job, now) for job in aws.suite_jobs(boto, args.limit)]
+    rows = [job_row(job, now) for job in jobs.suite_jobs(boto, args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -382,7 +380,7 @@ def job_row(job: dict, now: datetime) -> dict:
     return {
         "job_name": job["TrainingJobName"],
         "status": job["TrainingJobStatus"],
-        "model": aws.job_models(job),
+        "model": jobs.job_models(job),
         "created": job["CreationTime"].isoformat(timespec="seconds"),
         **{key: bill[key] for key in ("instance_type", "instance_count", "spot", "training_time_s", "billable_time_s",
                                       "cost_usd", "estimated_cost_usd")},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 DEFAULT_BASE_DIR = "/opt/ml"
 JOB_CHECKPOINT_DIR = f"{DEFAULT_BASE_DIR}/checkpoints"  # the checkpoint_local_path submit gives the SDK
+DATA_CHANNEL = "training"  # the channel submit puts the data in; the job finds it at $SM_CHANNEL_TRAINING
 SMDDP_SUBMITTED = "sagemaker_distributed_dataparallel_enabled"  # the SDK's flag for distribution smddp
 # SageMaker's SMDDP launcher (mpirun + smddprun, sagemaker_training/smdataparallel.py) exports one of these.
 SMDDP_LAUNCH_FLAGS = ("SMDATAPARALLEL_USE_SINGLENODE", "SMDATAPARALLEL_USE_HOMOGENEOUS")

@@ -15,7 +15,12 @@ from .errors import UsageError, one_line
 
 NUM_CLASSES = 10
 CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE = 50_000, 10_000
+# The two layouts of a CIFAR-10 folder: npz files, or torchvision's pickled batches (in BATCHES_FOLDER or the folder).
+NPZ_FILES = ("train.npz", "test.npz")
+NPZ_NOTES = "README.md"  # optional, beside the npz files: how they were made (a JPEG copy, say)
 BATCHES_FOLDER = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCHES = ("test_batch",)
 MIN_TEST_SUBSET = 1_000
 SUBSET_SEED = 0  # fixed, so runs with different --seed train on the same subset
 SYNTHETIC_SEED = 1234
@@ -52,19 +57,41 @@ def load_dataset(cfg: TrainConfig) -> ImageSet:
 
 def load_cifar10(folder: Path) -> ImageSet:
     """CIFAR-10 from `folder` in the npz layout, torchvision's batches layout, or downloaded into it."""
-    if (folder / "train.npz").exists() or (folder / "test.npz").exists():
-        return _load_npz(folder)
+    layout = cifar10_layout(folder)
+    if layout is None:
+        _download(folder)
+        layout = ("batches", folder / BATCHES_FOLDER)
+    kind, files_folder = layout
+    return _load_npz(files_folder) if kind == "npz" else _load_batches(files_folder)
+
+
+def cifar10_layout(folder: Path) -> tuple[str, Path] | None:
+    """("npz", folder), ("batches", the folder holding the batches), or None when `folder` holds neither layout."""
+    if any((folder / name).exists() for name in NPZ_FILES):
+        return "npz", folder
     for batches in (folder / BATCHES_FOLDER, folder):
-        if (batches / "data_batch_1").exists():
-            return _load_batches(batches)
-    _download(folder)
-    return _load_batches(folder / BATCHES_FOLDER)
+        if (batches / TRAIN_BATCHES[0]).exists():
+            return "batches", batches
+    return None
+
+
+def cifar10_files(folder: Path) -> list[tuple[Path, str]] | None:
+    """The files load_cifar10 reads from `folder`, each with its path in a folder of the usual layout (batches under
+    BATCHES_FOLDER); None when `folder` holds neither layout. Imports no torch: the client uploads these files."""
+    layout = cifar10_layout(folder)
+    if layout is None:
+        return None
+    kind, files_folder = layout
+    if kind == "npz":
+        names = [*NPZ_FILES, *([NPZ_NOTES] if (files_folder / NPZ_NOTES).exists() else [])]
+        return [(files_folder / name, name) for name in names]
+    return [(files_folder / name, f"{BATCHES_FOLDER}/{name}") for name in (*TRAIN_BATCHES, *TEST_BATCHES)]
 
 
 def _load_npz(folder: Path) -> ImageSet:
     arrays = {}
-    for split in ("train", "test"):
-        path = folder / f"{split}.npz"
+    for split, name in zip(("train", "test"), NPZ_FILES, strict=True):
+        path = folder / name
         if not path.exists():
             raise UsageError(f"{path} is missing: the npz layout needs both train.npz and test.npz")
         try:
@@ -74,7 +101,7 @@ def _load_npz(folder: Path) -> ImageSet:
             raise UsageError(
                 f"cannot read {path}: {one_line(error)} (expected arrays 'images' and 'labels')"
             ) from None
-    readme = folder / "README.md"
+    readme = folder / NPZ_NOTES
     jpeg = readme.exists() and "jpeg" in readme.read_text(errors="replace").lower()
     note = ", decoded from a JPEG copy: accuracies are close to, not identical with, published CIFAR-10 figures"
     return ImageSet(*arrays["train"], *arrays["test"], f"CIFAR-10 (npz{note if jpeg else ''})")
@@ -96,8 +123,8 @@ def _load_batches(folder: Path) -> ImageSet:
                 raise UsageError(f"cannot read {path}: {one_line(error)}") from None
         return _checked(np.concatenate(images), np.concatenate(labels), folder)
 
-    train = read([f"data_batch_{i}" for i in range(1, 6)])
-    test = read(["test_batch"])
+    train = read(list(TRAIN_BATCHES))
+    test = read(list(TEST_BATCHES))
     return ImageSet(*train, *test, "CIFAR-10 (torchvision batches)")
 
 

@@ -27,6 +27,18 @@ def test_batches_layout_from_parent_or_the_folder_itself(batches_dir):
         assert images.train_labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
+def test_cifar10_files_lists_what_load_cifar10_reads_in_the_usual_layout(npz_dir, batches_dir, tmp_path):
+    assert [key for _, key in data.cifar10_files(npz_dir)] == ["train.npz", "test.npz"]
+    (npz_dir / "README.md").write_text("notes on the copy")
+    assert [key for _, key in data.cifar10_files(npz_dir)] == ["train.npz", "test.npz", "README.md"]
+    batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for folder in (batches_dir, batches_dir / data.BATCHES_FOLDER):
+        found = data.cifar10_files(folder)
+        assert [key for _, key in found] == [f"{data.BATCHES_FOLDER}/{name}" for name in batches]
+        assert [path for path, _ in found] == [batches_dir / data.BATCHES_FOLDER / name for name in batches]
+    assert data.cifar10_files(tmp_path) is None
+
+
 def test_batches_layout_decodes_channels_in_order(batches_dir):
     """The CHW row-major bytes of torchvision's batches must come back as the same HWC image."""
     import pickle

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import plot_hpml
-from hpml import plots
+from hpml import plots, summary
 from hpml.dist import free_port
 from tests.helpers import REPO, exit_code_of, results_in, run_script
 
@@ -52,10 +52,10 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def table_rows(summary: str) -> list[dict]:
+def table_rows(markdown: str) -> list[dict]:
     """The rows of every markdown table in summary.md, as dicts keyed by the header cells."""
     rows, header = [], None
-    for line in summary.splitlines():
+    for line in markdown.splitlines():
         if not line.startswith("|"):
             header = None
             continue
@@ -96,21 +96,15 @@ def test_summary_has_a_row_per_group_and_the_measured_speedup(plotted, results_d
 
 
 def test_figures_and_summary_name_the_hardware_and_data(results_dir, plotted):
-    groups = plots.group_runs(results_in(results_dir), warn=pytest.fail)
-    tag = plots.title_tag(groups)
+    groups = summary.group_runs(results_in(results_dir), warn=pytest.fail)
+    tag = summary.title_tag(groups)
     assert "CPU only" in tag and "synthetic data (not CIFAR-10)" in tag
     assert "20 training images" in tag and "2 epochs" in tag
-    footer = "\n".join(plots.setup_lines(groups))
+    footer = "\n".join(summary.setup_lines(groups))
     cpu = results_in(results_dir)[0]["environment"]["cpu"]
     assert f"CPU {cpu}" in footer and "no GPU" in footer and "Batch: 10 images per process" in footer
-    summary = (plotted[0] / "summary.md").read_text()
-    assert f"CPU {cpu}" in summary and "synthetic CIFAR-shaped data (not CIFAR-10)" in summary
-
-
-def test_medians_and_ranges_of_repeated_runs():
-    spread = plots.Spread.of([3.0, 10.0, 4.0])
-    assert (spread.median, spread.low, spread.high) == (4.0, 3.0, 10.0)
-    assert spread.text(".1f") == "4.0 (3.0–10.0)" and plots.Spread.of([2.0, 2.0]).text(".1f") == "2.0"
+    markdown = (plotted[0] / "summary.md").read_text()
+    assert f"CPU {cpu}" in markdown and "synthetic CIFAR-shaped data (not CIFAR-10)" in markdown
 
 
 def test_malformed_and_foreign_files_are_warned_about_and_skipped(results_dir, tmp_path):
@@ -175,11 +169,11 @@ def test_sagemaker_runs_are_compared_with_the_sagemaker_baseline(results_dir):
     sagemaker = [{**run, "run_id": f"{run['run_id']}-sm", "total_train_time_s": run["total_train_time_s"] * 3,
                   "sagemaker": {"job_name": f"hpml-{run['mode']}", "instance_type": "ml.p3.2xlarge"}}
                  for run in local]
-    groups = plots.group_runs(local + sagemaker, warn=pytest.fail)
-    assert len(groups) == 4 and len(plots.by_setup(groups)) == 2
+    groups = summary.group_runs(local + sagemaker, warn=pytest.fail)
+    assert len(groups) == 4 and len(summary.by_setup(groups)) == 2
     for group in groups:
         assert len(group.runs) == 1
         assert group.baseline.platform == group.platform and group.baseline.mode == "single"
     distributed = {group.platform: group for group in groups if group.mode == "distributed"}
     assert distributed["SageMaker"].speedup == pytest.approx(distributed["local"].speedup)
-    assert plots.title_tag(groups).startswith("SageMaker and local · ")
+    assert summary.title_tag(groups).startswith("SageMaker and local · ")

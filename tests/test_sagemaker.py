@@ -25,8 +25,7 @@ import numpy as np
 import pytest
 
 import sagemaker_submission
-from hpml import cli, prices
-from hpml import sagemaker as aws
+from hpml import cli, jobs, prices
 from tests import helpers
 from tests.helpers import REPO, exit_code_of, fake_images, no_aws_config, results_in, run_script, run_without_torch
 
@@ -67,8 +66,8 @@ def s3_keys(session: boto3.Session, bucket: str = BUCKET) -> list[str]:
 def everything_in(session: boto3.Session) -> tuple[list[str], list[str]]:
     """The account's training jobs and S3 objects, to show that a refused command sent nothing."""
     buckets = [bucket["Name"] for bucket in session.client("s3").list_buckets()["Buckets"]]
-    jobs = session.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
-    return sorted(job["TrainingJobName"] for job in jobs), sorted(f"{b}/{key}" for b in buckets
+    summaries = session.client("sagemaker").list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
+    return sorted(job["TrainingJobName"] for job in summaries), sorted(f"{b}/{key}" for b in buckets
                                                                   for key in s3_keys(session, b))
 
 
@@ -131,7 +130,7 @@ def test_submit_sends_instances_spot_checkpoints_and_tags(moto_account, main_job
     assert job["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/hpml/checkpoints/{MAIN_JOB}",
                                        "LocalPath": "/opt/ml/checkpoints"}
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/hpml/output"
-    assert aws.SUITE_TAG in moto_account.client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]
+    assert jobs.SUITE_TAG in moto_account.client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]
 
 
 def test_submit_forwards_every_training_flag(main_job):
@@ -502,14 +501,14 @@ def test_job_bill_of_a_running_job_and_of_an_unpriced_instance():
 
 
 def test_defaults_are_what_the_pinned_sdk_offers_smddp_for():
-    sdk = aws.sdk()
+    sdk = jobs.sdk()
     assert sdk.__version__.startswith("2.")
-    assert aws.DEFAULT_FRAMEWORK_VERSION in sdk.fw_utils.SM_DATAPARALLEL_SUPPORTED_FRAMEWORK_VERSIONS["pytorch"]
+    assert jobs.DEFAULT_FRAMEWORK_VERSION in sdk.fw_utils.SM_DATAPARALLEL_SUPPORTED_FRAMEWORK_VERSIONS["pytorch"]
     assert "ml.p4d.24xlarge" in sdk.fw_utils.SM_DATAPARALLEL_SUPPORTED_INSTANCE_TYPES
-    image = sdk.image_uris.retrieve("pytorch", region=REGION, version=aws.DEFAULT_FRAMEWORK_VERSION,
-                                    py_version=aws.DEFAULT_PY_VERSION, instance_type="ml.p4d.24xlarge",
+    image = sdk.image_uris.retrieve("pytorch", region=REGION, version=jobs.DEFAULT_FRAMEWORK_VERSION,
+                                    py_version=jobs.DEFAULT_PY_VERSION, instance_type="ml.p4d.24xlarge",
                                     image_scope="training")
-    assert image.endswith(f"pytorch-training:{aws.DEFAULT_FRAMEWORK_VERSION}-gpu-{aws.DEFAULT_PY_VERSION}")
+    assert image.endswith(f"pytorch-training:{jobs.DEFAULT_FRAMEWORK_VERSION}-gpu-{jobs.DEFAULT_PY_VERSION}")
 
 
 def test_only_the_submission_script_loads_the_sdk():
@@ -519,7 +518,7 @@ def test_only_the_submission_script_loads_the_sdk():
     code = (f"import sys, importlib\nfor name in {scripts!r}: importlib.import_module(name)\n"
             "import hpml, pkgutil\n"
             "for module in pkgutil.iter_modules(hpml.__path__):\n"
-            "    module.name != 'sagemaker' and importlib.import_module('hpml.' + module.name)\n"
+            "    module.name != 'jobs' and importlib.import_module('hpml.' + module.name)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sagemaker', 'boto3', 'botocore')))\n"
             "import sagemaker_submission\n"
             "print('sagemaker' in sys.modules)\n")

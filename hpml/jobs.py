@@ -1,5 +1,7 @@
-"""Everything that talks to AWS: a SageMaker training job (run_distributed.py, or run_hpc.py for a single-device
-baseline), its code and data in S3, its logs, and its results brought home.
+"""SageMaker training jobs from the client: check, stage, submit, watch, collect, list.
+
+The one module that knows the SageMaker SDK and AWS: a job runs run_distributed.py, or run_hpc.py (the single-device
+path) for the baseline; its code and data go to S3, its logs are streamed, and its results are brought home.
 
 The SageMaker Python SDK is imported on first use, not with this module: importing it takes seconds and, without
 credentials in the environment, makes it probe the EC2 instance-metadata address. Only sagemaker_submission.py
@@ -31,8 +33,7 @@ import botocore.exceptions
 import botocore.session
 from tqdm import tqdm
 
-from . import data, files, prices, results
-from .container import JOB_CHECKPOINT_DIR
+from . import container, data, files, prices, results
 from .errors import UsageError, one_line
 
 if TYPE_CHECKING:  # imported on first use at run time (see above)
@@ -40,16 +41,17 @@ if TYPE_CHECKING:  # imported on first use at run time (see above)
     import sagemaker.session
 
 REPO = Path(__file__).resolve().parent.parent
-# The script each distribution runs: data-parallel under SMDDP or torchrun; the single-device path on one GPU.
-ENTRY_POINTS = {"smddp": "run_distributed.py", "torchrun": "run_distributed.py", "none": "run_hpc.py"}
+DATA_PARALLEL_SCRIPT = "run_distributed.py"
+SINGLE_DEVICE_SCRIPT = "run_hpc.py"  # the single-device path: one process on one GPU, the speedups' baseline
+# The script each distribution runs: data-parallel under SMDDP or torchrun; the single-device path without one.
+ENTRY_POINTS = {"smddp": DATA_PARALLEL_SCRIPT, "torchrun": DATA_PARALLEL_SCRIPT, "none": SINGLE_DEVICE_SCRIPT}
 # The code a job needs, and nothing else (no data, results, tests, virtual environments or git history).
-CODE_PATHS = ("run_distributed.py", "run_hpc.py", "hpml", "models")
+CODE_PATHS = (DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, "hpml", "models")
 # What the training code imports beyond the container's own torch, torchvision, numpy and pillow. SageMaker
 # pip-installs a requirements.txt found in the source folder: the repository's own lists torch, and installing it
 # would replace the container's CUDA build, so the job gets this list instead.
 JOB_REQUIREMENTS = ("psutil>=5.9", "nvidia-ml-py>=12.535", "tqdm>=4.64")
 S3_PREFIX = "hpml"
-DATA_CHANNEL = "training"  # the job sees it as $SM_CHANNEL_TRAINING, the training scripts' default data folder
 SUITE_TAG = {"Key": "hpml-suite", "Value": "hpml"}  # `list` and `collect --all` find this suite's jobs by it
 ENDED = ("Completed", "Stopped", "Failed")  # training job statuses after which SageMaker has uploaded the output
 
@@ -58,7 +60,7 @@ DISTRIBUTIONS = {
     "torchrun": {"torch_distributed": {"enabled": True}},
     "none": None,
 }
-BACKENDS_FOR_DISTRIBUTION = {  # what the job's script can start under each launcher (run_hpc.py has no backend)
+BACKENDS_FOR_DISTRIBUTION = {  # what the job's script can start under each launcher (the single-device path has none)
     "smddp": ("auto", "smddp"),
     "torchrun": ("auto", "smddp", "nccl", "gloo"),
     "none": ("auto",),
@@ -273,9 +275,9 @@ class DataUpload:
     def of(cls, folder: Path) -> DataUpload:
         relative = cifar_files(folder)
         data.load_cifar10(folder)  # the training scripts' own checks, before anything is uploaded
-        files = [(path, key, _sha256(path)) for path, key in relative]
-        digest = hashlib.sha256("".join(f"{key} {sha}\n" for _, key, sha in files).encode()).hexdigest()
-        return cls(folder, files, f"{S3_PREFIX}/data/cifar10-{digest[:16]}/")
+        hashed = [(path, key, _sha256(path)) for path, key in relative]
+        digest = hashlib.sha256("".join(f"{key} {sha}\n" for _, key, sha in hashed).encode()).hexdigest()
+        return cls(folder, hashed, f"{S3_PREFIX}/data/cifar10-{digest[:16]}/")
 
     @property
     def size(self) -> int:
@@ -287,15 +289,11 @@ def cifar_files(folder: Path) -> list[tuple[Path, str]]:
     if not folder.is_dir():
         raise UsageError(f"no CIFAR-10 folder at {folder.resolve()}: pass --data-dir DIR to upload a local copy, "
                          "--s3-data s3://BUCKET/PREFIX for one already in S3, or --dataset synthetic")
-    if (folder / "train.npz").exists() or (folder / "test.npz").exists():
-        names = ["train.npz", "test.npz"] + (["README.md"] if (folder / "README.md").exists() else [])
-        return [(folder / name, name) for name in names]
-    for batches in (folder / data.BATCHES_FOLDER, folder):
-        if (batches / "data_batch_1").exists():
-            names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-            return [(batches / name, f"{data.BATCHES_FOLDER}/{name}") for name in names]
-    raise UsageError(f"no CIFAR-10 in {folder.resolve()}: expected train.npz and test.npz, or "
-                     f"{data.BATCHES_FOLDER}/; pass --s3-data for data already in S3, or --dataset synthetic")
+    found = data.cifar10_files(folder)
+    if found is None:
+        raise UsageError(f"no CIFAR-10 in {folder.resolve()}: expected train.npz and test.npz, or "
+                         f"{data.BATCHES_FOLDER}/; pass --s3-data for data already in S3, or --dataset synthetic")
+    return found
 
 
 def _sha256(path: Path) -> str:
@@ -452,7 +450,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
             output_path=where["output"],
             code_location=where["code"],
             checkpoint_s3_uri=where["checkpoints"],
-            checkpoint_local_path=JOB_CHECKPOINT_DIR,
+            checkpoint_local_path=container.JOB_CHECKPOINT_DIR,
             use_spot_instances=spec.spot,
             max_run=spec.max_run,
             max_wait=spec.max_wait if spec.spot else None,
@@ -465,7 +463,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
 
 
 def _inputs(spec: JobSpec) -> dict[str, str] | None:
-    return {DATA_CHANNEL: spec.s3_data} if spec.s3_data else None
+    return {container.DATA_CHANNEL: spec.s3_data} if spec.s3_data else None
 
 
 def dry_run_request(spec: JobSpec, profile: str | None) -> dict:

@@ -1,0 +1,36 @@
+"""hpml.summary: results grouped for comparison and the summary table, without matplotlib or torch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpml import summary
+from tests.helpers import REPO, record
+
+
+def test_medians_and_ranges_of_repeated_runs():
+    spread = summary.Spread.of([3.0, 10.0, 4.0])
+    assert (spread.median, spread.low, spread.high) == (4.0, 3.0, 10.0)
+    assert spread.text(".1f") == "4.0 (3.0–10.0)" and summary.Spread.of([2.0, 2.0]).text(".1f") == "2.0"
+
+
+def test_a_distributed_group_is_compared_with_the_single_device_group():
+    single = [record("s1"), record("s2", total_train_time_s=9.5)]
+    distributed = record("d1", mode="distributed", backend="gloo", world_size=2, total_train_time_s=4.5)
+    groups = summary.group_runs([distributed, *single], warn=pytest.fail)
+    assert [(group.mode, len(group.runs)) for group in groups] == [("single", 2), ("distributed", 1)]
+    assert groups[1].baseline is groups[0] and groups[0].compared
+    assert groups[1].speedup == pytest.approx(9.0 / 4.5) and groups[1].efficiency == pytest.approx(1.0)
+    markdown = summary.summary_markdown(groups, Path("results"))
+    assert "| resnet18 | single | — | 1 | cpu | 3 | 2 | 9.0 (8.5–9.5) |" in markdown
+    assert "| 2.00× | 100% |" in markdown and "| baseline | — |" in markdown
+
+
+def test_imports_neither_matplotlib_nor_torch():
+    code = ("import sys, hpml.summary\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'torch', 'torchvision'}))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
