@@ -4,19 +4,25 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import run_hpc
+from hpml import data
 from tests.helpers import exit_code_of, results_in, run_script
 
-SHORT_RUN = ["--model", "resnet18", "--dataset", "synthetic", "--subset", "320", "--batch-size", "32",
-             "--epochs", "3", "--workers", "0"]
+SHORT_RUN = ["--model", "resnet18", "--batch-size", "16", "--epochs", "3", "--workers", "0"]
+TRAIN_IMAGES, TEST_IMAGES = 160, 100  # resnet18 learns the synthetic set in 3 epochs; a small test set keeps it quick
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> dict:
+    images = data.synthetic_cifar10(TRAIN_IMAGES, TEST_IMAGES)
+    folder = tmp_path_factory.mktemp("synthetic")
+    np.savez(folder / "train.npz", images=images.train_images, labels=images.train_labels)
+    np.savez(folder / "test.npz", images=images.test_images, labels=images.test_labels)
     out = tmp_path_factory.mktemp("results")
-    done = run_script("run_hpc.py", *SHORT_RUN, "--output-dir", str(out))
+    done = run_script("run_hpc.py", *SHORT_RUN, "--data-dir", str(folder), "--output-dir", str(out))
     assert done.returncode == 0, done.stderr
     (record,) = results_in(out)
     return record
@@ -34,15 +40,15 @@ def test_results_schema(short_run):
         assert field in short_run, field
     assert short_run["mode"] == "single" and short_run["backend"] is None and short_run["world_size"] == 1
     assert short_run["model"] == "resnet18" and short_run["params"] == 11_173_962
-    assert short_run["config"]["epochs"] == 3 and short_run["config"]["batch_size"] == 32
+    assert short_run["config"]["epochs"] == 3 and short_run["config"]["batch_size"] == 16
     for field in ("python", "torch", "torchvision", "cuda", "gpu", "cpu", "hostname", "git_commit"):
         assert field in short_run["environment"], field
     assert [e["epoch"] for e in short_run["epochs"]] == [1, 2, 3]
     for epoch in short_run["epochs"]:
         assert 0 <= epoch["train_acc"] <= 1 and 0 <= epoch["test_acc"] <= 1
         assert epoch["epoch_time_s"] > 0 and 0 <= epoch["data_time_s"] <= epoch["epoch_time_s"]
-        assert epoch["images_per_s"] == pytest.approx(320 / epoch["epoch_time_s"])
-        assert epoch["test_images"] == 1000
+        assert epoch["images_per_s"] == pytest.approx(TRAIN_IMAGES / epoch["epoch_time_s"])
+        assert epoch["test_images"] == TEST_IMAGES
     assert short_run["total_train_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in short_run["epochs"]))
     assert short_run["best_test_acc"] == max(e["test_acc"] for e in short_run["epochs"])
     assert short_run["final_test_acc"] == short_run["epochs"][-1]["test_acc"]
@@ -143,13 +149,13 @@ def test_help_explains_every_flag():
 @pytest.mark.skipif(not os.environ.get("HPML_CIFAR10"), reason="HPML_CIFAR10 is not set")
 def test_real_cifar10_short_run_reaches_sane_accuracy(tmp_path):
     # shufflenetv2 with SGD: the suite's fastest model on a CPU (resnet18 on an AVX2-only CPU ran past 600 s here)
-    done = run_script("run_hpc.py", "--model", "shufflenetv2", "--subset", "2000", "--batch-size", "32", "--epochs",
+    done = run_script("run_hpc.py", "--model", "shufflenetv2", "--subset", "1500", "--batch-size", "32", "--epochs",
                       "3", "--optimizer", "sgd", "--lr", "0.05", "--workers", "0", "--output-dir", str(tmp_path),
                       "--quiet")
     assert done.returncode == 0, done.stderr
     (record,) = results_in(tmp_path)
     assert "CIFAR-10" in record["data"]["description"]
-    assert record["data"]["train_size"] == 2000 and record["epochs"][-1]["test_images"] == 1000
+    assert record["data"]["train_size"] == 1500 and record["epochs"][-1]["test_images"] == 1000
     print(f"real CIFAR-10 subset accuracy: {record['final_test_acc']:.3f}")
     assert record["final_test_acc"] > 0.2  # chance is 0.1
     json.dumps(record)
