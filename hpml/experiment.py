@@ -25,10 +25,10 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     written = []
     with stop_on_signals() as stop_requested:
         for name in cfg.models:
-            with monitoring(cfg, world) as sampler:
+            with utilization_monitor(cfg, world) as utilization:
                 record = train.fit(cfg, name, world, images, log, stop_requested)
-            if record is not None and sampler is not None:
-                add_utilization(record, sampler, world, cfg.output_dir)
+            if record is not None and utilization is not None:
+                add_utilization(record, utilization, world, cfg.output_dir)
             if record is None or not world.is_main:
                 continue
             path = results.write_results(record, cfg.output_dir)
@@ -41,20 +41,20 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     return written
 
 
-def monitoring(cfg: TrainConfig, world: World) -> monitor.Monitor | nullcontext:
-    """With --utilization, a sampler of this rank's own GPU (or the host alone on the CPU) around the run."""
+def utilization_monitor(cfg: TrainConfig, world: World) -> monitor.Monitor | nullcontext:
+    """With --utilization, a monitor sampling this rank's own GPU (or the host alone on the CPU) during the run."""
     if not cfg.utilization:
         return nullcontext()
     return monitor.Monitor(cfg.sample_interval, gpu_indices=monitor.device_gpus(world.device), rank=world.rank)
 
 
-def add_utilization(record: dict, sampler: monitor.Monitor, world: World, output_dir: str) -> None:
+def add_utilization(record: dict, utilization: monitor.Monitor, world: World, output_dir: str) -> None:
     """Gather every rank's samples on rank 0: the summary goes into the record, the rows into a CSV beside it."""
-    rows = world.gather_lists(sampler.samples)
+    rows = world.gather_lists(utilization.samples)
     if world.is_main:
         csv_name = f"{record['run_id']}.utilization.csv"
         monitor.write_samples_csv(Path(output_dir) / csv_name, rows)
-        record["utilization"] = monitor.summarize(rows, sampler.interval, nvml_error=sampler.nvml_error,
+        record["utilization"] = monitor.summarize(rows, utilization.interval, nvml_error=utilization.nvml_error,
                                                   samples_csv=csv_name)
 
 
