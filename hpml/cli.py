@@ -102,6 +102,10 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
     group.add_argument("--output-dir", default=None,
                        help="folder for the results JSON files, one per run (default: results, or "
                             f"$SM_OUTPUT_DATA_DIR/results inside a SageMaker job; now {default_output_dir()})")
+    group.add_argument("--target-acc", type=float, default=None, metavar="FRACTION",
+                       help="record the training time at which test accuracy first reaches this fraction "
+                            "(0 < FRACTION <= 1, e.g. 0.8), or that it never does: time to accuracy, the fair "
+                            "speedup when a larger global batch learns more slowly (default: off)")
     add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary")
     add_switch(group, "--resume", "continue the checkpoint of the same model and settings if there is one "
                                   "(implied after a torchrun restart and inside SageMaker)")

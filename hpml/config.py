@@ -52,6 +52,7 @@ class TrainConfig:
     utilization: bool = False  # --utilization / --monitor
     sample_interval: float = 1.0
     checkpoint_dir: str | None = None
+    target_acc: float | None = None  # test accuracy (0-1) whose first epoch reaching it is recorded
     loader: str = "device"
     precision: str = "auto"
     channels_last: bool | None = None  # None: chosen per device
@@ -74,6 +75,9 @@ class TrainConfig:
                  f"--subset must be at least {MIN_SUBSET} (one image per class), got {self.subset}")
         _require(math.isfinite(self.sample_interval) and self.sample_interval > 0,
                  f"--sample-interval must be a positive number of seconds, got {self.sample_interval}")
+        _require(self.target_acc is None or (math.isfinite(self.target_acc) and 0 < self.target_acc <= 1),
+                 f"--target-acc must be a fraction of test images above 0 and at most 1 (e.g. 0.8), "
+                 f"got {self.target_acc}")
         _require(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
                  f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         for name, value, allowed in [

@@ -78,8 +78,10 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def summarize_epochs(epochs: list[dict]) -> dict:
-    """Run totals from per-epoch metrics. Throughput is the median over epochs after the first (warm-up)."""
+def summarize_epochs(epochs: list[dict], target_acc: float | None = None) -> dict:
+    """Run totals from per-epoch metrics. Throughput is the median over epochs after the first (warm-up).
+    Time to target: training time up to the end of the first epoch whose test accuracy reaches `target_acc`
+    (None when there is no target or no epoch reached it)."""
     steady = epochs[1:] or epochs
     best = max(epochs, key=lambda e: e["test_acc"])
     return {
@@ -90,7 +92,19 @@ def summarize_epochs(epochs: list[dict]) -> dict:
         "best_test_acc": best["test_acc"],
         "best_epoch": best["epoch"],
         "time_to_best_s": sum(e["epoch_time_s"] for e in epochs[: best["epoch"] - epochs[0]["epoch"] + 1]),
+        "target_acc": target_acc,
+        "time_to_target_s": None if target_acc is None else time_to_target(epochs, target_acc),
     }
+
+
+def time_to_target(epochs: list[dict], target_acc: float) -> float | None:
+    """Training time summed up to the first epoch whose test accuracy is at least `target_acc`; None if none is."""
+    elapsed = 0.0
+    for epoch in epochs:
+        elapsed += epoch["epoch_time_s"]
+        if epoch["test_acc"] >= target_acc:
+            return elapsed
+    return None
 
 
 def build_record(model: str, progress: dict, config: dict, world: dict, trainer: dict, data: dict,
@@ -112,7 +126,7 @@ def build_record(model: str, progress: dict, config: dict, world: dict, trainer:
         "data": data,
         "environment": environment,
         "epochs": progress["epochs"],
-        **summarize_epochs(progress["epochs"]),
+        **summarize_epochs(progress["epochs"], config.get("target_acc")),
         "total_wall_time_s": total_wall_time_s,
         "setup_time_s": progress["setup_time_s"],
         "checkpoint_time_s": progress["checkpoint_time_s"],

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from hpml import results
+from hpml.config import TrainConfig
 from hpml.errors import UsageError
 from tests.helpers import record
 
@@ -46,3 +47,18 @@ def test_check_writable_refuses_a_path_below_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="not writable"):
         results.check_writable(tmp_path / "file" / "sub")
+
+
+def test_time_to_target_is_training_time_up_to_the_first_epoch_reaching_it():
+    epochs = record()["epochs"]  # test_acc 0.3, 0.5, 0.45 after 4.0, 2.0, 2.5 s
+    assert results.summarize_epochs(epochs, 0.5)["time_to_target_s"] == 6.0
+    assert results.summarize_epochs(epochs, 0.3)["time_to_target_s"] == 4.0
+    never = results.summarize_epochs(epochs, 0.9)
+    assert never["target_acc"] == 0.9 and never["time_to_target_s"] is None
+    assert results.summarize_epochs(epochs)["time_to_target_s"] is None
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
+def test_target_acc_outside_zero_to_one_is_refused(bad):
+    with pytest.raises(UsageError, match="--target-acc"):
+        TrainConfig(target_acc=bad).validate()
