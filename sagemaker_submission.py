@@ -157,15 +157,8 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
             if value != default:
                 raise UsageError(f"{flag} applies to data-parallel runs; --distribution {args.distribution} runs "
                                  f"{jobs.SINGLE_DEVICE_SCRIPT}, one process: drop the flag")
-    flags = argparse.ArgumentParser(add_help=False)
-    cli.add_training_args(flags)
-    if not single_device:
-        cli.add_distributed_args(flags)
-    hyperparameters = {}
-    for name in vars(flags.parse_args([])):
-        value = ",".join(cfg.models) if name == "model" else getattr(cfg, name, getattr(args, name))
-        if name not in LOCAL_PATH_FLAGS and value is not None:
-            hyperparameters[name.replace("_", "-")] = str(value).lower() if isinstance(value, bool) else str(value)
+    hyperparameters = {name: value for name, value in cli.flag_values(cfg, distributed=not single_device).items()
+                       if name.replace("-", "_") not in LOCAL_PATH_FLAGS}
     return cfg, hyperparameters
 
 

@@ -150,6 +150,21 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                                     "compare like for like)")
 
 
+def flag_values(cfg: TrainConfig, distributed: bool) -> dict[str, str]:
+    """Every training flag (and with `distributed` every data-parallel flag) set to cfg's value, as flag name
+    without dashes -> the text the flag parses back; flags whose value is None are left out."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_training_args(flags)
+    if distributed:
+        add_distributed_args(flags)
+    values = {}
+    for name in vars(flags.parse_args([])):
+        value = ",".join(cfg.models) if name == "model" else getattr(cfg, name)
+        if value is not None:
+            values[name.replace("_", "-")] = str(value).lower() if isinstance(value, bool) else str(value)
+    return values
+
+
 def count(number: int, noun: str) -> str:
     """'1 run', '2 runs': a number and a regular noun in agreement."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
