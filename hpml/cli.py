@@ -46,11 +46,12 @@ def parse_bool(text: str) -> bool:
 class FlagGroup:
     """An argument group that adds only the flags named in `only` (every flag when None)."""
 
-    def __init__(self, group: argparse._ArgumentGroup, only: Collection[str] | None) -> None:
-        self.group, self.only = group, only
+    def __init__(self, group: argparse._ArgumentGroup, only: Collection[str] | None,
+                 leave_out: Collection[str] = ()) -> None:
+        self.group, self.only, self.leave_out = group, only, leave_out
 
     def add_argument(self, *flags: str, **options: object) -> None:
-        if self.only is None or flags[0] in self.only:
+        if (self.only is None or flags[0] in self.only) and flags[0] not in self.leave_out:
             self.group.add_argument(*flags, **options)
 
 
@@ -61,9 +62,11 @@ def add_switch(group: argparse._ArgumentGroup | FlagGroup, flag: str, help: str,
     group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
-def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
-    """Every flag of one training run (or those named in `only`), with the study's defaults."""
-    group = FlagGroup(parser.add_argument_group("training"), only)
+def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | None = None,
+                      leave_out: Collection[str] = ()) -> None:
+    """Every flag of one training run (or those named in `only`) but those in `leave_out`, with the study's
+    defaults."""
+    group = FlagGroup(parser.add_argument_group("training"), only, leave_out)
     group.add_argument("--model", default=",".join(DEFAULTS.models),
                        help="model name, a comma list, or 'all': vgg16, resnet18, mobilenetv2, shufflenetv2, "
                             "densenet121 (aliases vgg, resnet, mobilenet, shufflenet, densenet); "
@@ -121,7 +124,7 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                        help="folder for checkpoints, one sub-folder per run, written every epoch and on "
                             "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")
     fast = FlagGroup(parser.add_argument_group("speed (the defaults are the fastest settings that keep accuracy)"),
-                     only)
+                     only, leave_out)
     fast.add_argument("--loader", choices=LOADERS, default=DEFAULTS.loader,
                       help="device: the training set lives on the device and is cropped, flipped and normalised "
                            "there in batches; torch: the classic DataLoader with --workers processes and "

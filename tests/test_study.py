@@ -1,0 +1,121 @@
+"""run_study.py and hpml.study: the matrix, which cells are done, running the rest, and the figures at the end."""
+
+import argparse
+import uuid
+
+import pytest
+
+from hpml import cli, results, study
+from hpml.config import TrainConfig
+from hpml.errors import UsageError
+from tests.helpers import exit_code_of, record, results_in, run_script, script_main
+
+FLAGS = ["--dataset", "synthetic", "--subset", "64", "--epochs", "1", "--batch-size", "16"]
+
+
+def run_record(model: str, world_size: int, cfg: TrainConfig, **overrides) -> dict:
+    """A results record of a run of this model and world size with cfg's settings."""
+    mode = "single" if world_size == 1 else "distributed"
+    return record(f"{model}_w{world_size}_{uuid.uuid4().hex[:6]}", model=model, world_size=world_size, mode=mode,
+                  config=cfg.as_dict(), **overrides)
+
+
+def test_plan_is_models_by_world_sizes_by_repeats_baseline_first():
+    cells = study.plan(["vgg16", "resnet18"], study.parse_world_sizes("4,1,2,2"), repeats=2)
+    assert [(c.model, c.world_size, c.repeat) for c in cells[:6]] == [
+        ("vgg16", 1, 0), ("vgg16", 1, 1), ("vgg16", 2, 0), ("vgg16", 2, 1), ("vgg16", 4, 0), ("vgg16", 4, 1)]
+    assert len(cells) == 12 and cells[6].model == "resnet18"
+
+
+@pytest.mark.parametrize("text", ["0", "1,two", "-2", " , "])
+def test_bad_world_sizes_are_one_line(text):
+    with pytest.raises(UsageError, match="--world-sizes"):
+        study.parse_world_sizes(text)
+
+
+def test_a_cell_with_results_of_the_same_settings_is_done():
+    cfg = TrainConfig(models=["resnet18"], epochs=1, dataset="synthetic").validate()
+    cells = study.plan(["resnet18"], [1, 2], repeats=2)
+    records = [run_record("resnet18", 1, cfg), run_record("resnet18", 2, cfg),
+               run_record("resnet18", 2, TrainConfig(epochs=2, dataset="synthetic")),  # another experiment
+               run_record("resnet18", 1, cfg, sagemaker={"job_name": "j"}),  # not a local run
+               run_record("vgg16", 1, cfg)]
+    to_run = study.cells_to_run(cells, records, cfg)
+    assert [(c.world_size, c.repeat) for c in to_run] == [(1, 1), (2, 1)]
+    assert study.cells_to_run(cells, records, cfg, force=True) == cells
+
+
+def test_scale_lr_tells_apart_data_parallel_runs_only():
+    cfg = TrainConfig(dataset="synthetic", scale_lr=True)
+    plain = TrainConfig(dataset="synthetic")
+    records = [run_record("resnet18", 1, plain), run_record("resnet18", 2, plain)]
+    assert study.cells_to_run(study.plan(["resnet18"], [1, 2], 1), records, cfg) == [study.Cell("resnet18", 2, 0)]
+
+
+def test_world_size_one_runs_the_single_device_script_larger_ones_torchrun():
+    cfg = TrainConfig(models=["resnet18", "vgg16"], epochs=3, scale_lr=True, target_acc=0.5).validate()
+    single = study.local_command(study.Cell("vgg16", 1, 0), cfg)
+    assert single[1].endswith("run_hpc.py") and "--backend" not in single and "--scale-lr" not in single
+    assert single[single.index("--model") + 1] == "vgg16" and single[single.index("--target-acc") + 1] == "0.5"
+    ddp = study.local_command(study.Cell("vgg16", 4, 0), cfg)
+    assert ddp[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"] and ddp[5] == "4"
+    assert ddp[6].endswith("run_distributed.py") and ddp[ddp.index("--scale-lr") + 1] == "true"
+
+
+def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
+    """A stand-in for a cell's training process: parses the cell's command with the training scripts' flags and
+    writes a results record as the run would (or fails for the cells in `failing`)."""
+    def run(command: list[str]) -> int:
+        world_size = int(command[command.index("--nproc_per_node") + 1]) if "--nproc_per_node" in command else 1
+        parser = argparse.ArgumentParser()
+        cli.add_training_args(parser)
+        cli.add_distributed_args(parser)
+        args = parser.parse_args(command[next(i for i, part in enumerate(command) if part.endswith(".py")) + 1:])
+        cfg = cli.config_from_args(args)
+        ran.append((cfg.models[0], world_size))
+        if (cfg.models[0], world_size) in failing:
+            return 1
+        results.write_results(run_record(cfg.models[0], world_size, cfg, backend="gloo" if world_size > 1 else None,
+                                         total_train_time_s=8.5 / world_size), cfg.output_dir)
+        return 0
+    return run
+
+
+def test_study_goes_on_after_a_failed_cell_draws_and_a_rerun_does_only_the_rest(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(study, "run_command", fake_training({("shufflenetv2", 2)}, ran))
+    argv = ["--models", "resnet18,shufflenetv2", "--world-sizes", "1,2", *FLAGS, "--output-dir", str(tmp_path / "out"),
+            "--figures-dir", str(tmp_path / "fig")]
+    assert exit_code_of(script_main("run_study.py"), argv) == 1
+    out = capsys.readouterr().out
+    assert ran == [("resnet18", 1), ("resnet18", 2), ("shufflenetv2", 1), ("shufflenetv2", 2)]
+    assert "[4/4] shufflenetv2 x2 (distributed) #1: FAILED · 0 to do" in out and "[1/4] resnet18 x1" in out
+    assert "failed: shufflenetv2 x2" in out and "3 of 4 cells finished" in out
+    assert len(results_in(tmp_path / "out")) == 3
+    assert {p.name for p in (tmp_path / "fig").iterdir()} >= {"Time.png", "Accuracy.png", "summary.md"}
+    assert "| 2.00× | 100% |" in (tmp_path / "fig" / "summary.md").read_text()
+
+    ran.clear()
+    monkeypatch.setattr(study, "run_command", fake_training(set(), ran))
+    assert exit_code_of(script_main("run_study.py"), argv) == 0
+    assert ran == [("shufflenetv2", 2)] and "4 cells: 3 already in" in capsys.readouterr().out
+
+
+def test_bad_training_flag_stops_the_study_before_it_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "run_command", pytest.fail)
+    argv = ["--models", "resnet18", "--target-acc", "1.5", "--output-dir", str(tmp_path)]
+    assert exit_code_of(script_main("run_study.py"), argv) == 2
+    assert "--target-acc" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # two real trainings (one under torchrun): a minute or more on two shared cores
+def test_a_real_study_on_the_cpu_then_its_rerun_skips_every_cell(tmp_path):
+    argv = ["--models", "shufflenetv2", "--world-sizes", "1,2", *FLAGS, "--quiet",
+            "--output-dir", str(tmp_path / "out"), "--figures-dir", str(tmp_path / "fig")]
+    first = run_script("run_study.py", *argv)
+    assert first.returncode == 0, first.stderr
+    assert sorted((r["mode"], r["world_size"]) for r in results_in(tmp_path / "out")) == [("distributed", 2),
+                                                                                          ("single", 1)]
+    assert (tmp_path / "fig" / "Time.png").exists()
+    again = run_script("run_study.py", *argv)
+    assert again.returncode == 0 and "2 cells: 2 already in" in again.stdout and "---" not in again.stdout
