@@ -158,6 +158,39 @@ def accuracy_figure(groups: list[Group]) -> Figure:
     return body.figure
 
 
+def scaling_figure(groups: list[Group]) -> Figure:
+    """Per model, side by side: training time, speedup and scaling efficiency over the single-device run, final
+    accuracy, and the speedup in time to the target accuracy where runs recorded one."""
+    def relative(value: Callable[[Group], float | None], scale: float = 1.0) -> Callable[[Group], Spread]:
+        def spread(group: Group) -> Spread:
+            number = scale * (1.0 if group.compared else value(group) or 0.0)
+            return Spread(number, number, number)
+        return spread
+
+    metrics = [("training time (s)", lambda group: group.spread("total_train_time_s"), ".1f"),
+               ("speedup (×)", relative(lambda group: group.speedup), ".2f"),
+               ("scaling efficiency (%)", relative(lambda group: group.efficiency, 100), ".0f"),
+               ("final test accuracy (%)", lambda group: group.spread("final_test_acc").scaled(100), ".1f")]
+    if any(group.target_speedup is not None for group in groups):
+        metrics.append(("speedup in time to target (×)", relative(lambda group: group.target_speedup), ".2f"))
+    width, height = bar_figure_size(groups)
+    body = new_figure(width * len(metrics) / 2, height, "Single device vs data-parallel, per model", groups, [
+        median_note(groups),
+        "Speedup: the single-device run's training time ÷ the run's, at the same number of epochs; efficiency: "
+        "speedup ÷ world size; time to target: training time until the test accuracy first reached --target-acc. "
+        "A bar at 0 has no single-device run (or no run reaching the target) to compare with."])
+    drawn = [bar_panels(column, groups, ylabel, value,
+                        lambda group, spread, fmt=fmt: format(spread.median, fmt) if spread.median else None)
+             for column, (ylabel, value, fmt) in zip(body.subfigures(1, len(metrics)), metrics, strict=True)]
+    handles, labels = [], []
+    for ax, _ in drawn[0]:  # the series' labels are spread over the first metric's panels
+        more_handles, more_labels = ax.get_legend_handles_labels()
+        handles += more_handles
+        labels += more_labels
+    body.legend(handles, labels, loc="outside upper center", ncols=min(4, len(labels)), fontsize=8, frameon=False)
+    return body.figure
+
+
 def curve(group: Group, x_of: Callable[[dict], list[float]]) -> tuple[list[float], list[Spread]]:
     """Per epoch: x (median over the runs) and test accuracy in % (median, min, max over the runs)."""
     xs = [statistics.median(values) for values in zip(*(x_of(run) for run in group.runs), strict=True)]
@@ -320,7 +353,8 @@ def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
     log(f"{cli.count(len(records), 'run')} in {cli.count(len(groups), 'group')} from {source}")
     written = [save_figure(time_figure(groups), target / "Time.png", dpi),
                save_figure(accuracy_figure(groups), target / "Accuracy.png", dpi),
-               save_figure(curves_figure(groups), target / "Curves.png", dpi)]
+               save_figure(curves_figure(groups), target / "Curves.png", dpi),
+               save_figure(scaling_figure(groups), target / "Scaling.png", dpi)]
     found = representative_samples(groups, source, warn)
     if found:
         written.append(save_figure(utilization_figure(found), target / "Utilization.png", dpi))

@@ -88,6 +88,24 @@ class Group:
         return None if speedup is None else speedup / self.world_size
 
     @property
+    def time_to_target(self) -> Spread | None:
+        """Training time to the target accuracy, when every run had the same target and reached it."""
+        targets = {run.get("target_acc") for run in self.runs}
+        if len(targets) != 1 or None in targets or any(run.get("time_to_target_s") is None for run in self.runs):
+            return None
+        return self.spread("time_to_target_s")
+
+    @property
+    def target_speedup(self) -> float | None:
+        """Speedup in time to the target accuracy: the honest one when a larger global batch learns more slowly."""
+        if self.baseline is None or self.baseline is self:
+            return None
+        mine, theirs = self.time_to_target, self.baseline.time_to_target
+        if mine is None or theirs is None or self.runs[0]["target_acc"] != self.baseline.runs[0]["target_acc"]:
+            return None
+        return theirs.median / mine.median
+
+    @property
     def epochs(self) -> int:
         return len(self.runs[0]["epochs"])
 
@@ -214,19 +232,24 @@ def short_setup(group: Group) -> str:
 # ---- summary table -----------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = ("model", "mode", "backend", "world size", "device", "epochs", "runs", "total time (s)", "images/s",
-                   "speedup", "efficiency", "final acc (%)", "best acc (%)", "time to best (s)")
+                   "speedup", "efficiency", "final acc (%)", "best acc (%)", "time to best (s)", "time to target (s)",
+                   "speedup to target")
 
 
 def summary_row(group: Group) -> tuple[str, ...]:
-    gpu = (group.runs[0].get("environment") or {}).get("gpu")
-    speedup = group.speedup
+    env = group.runs[0].get("environment") or {}
+    processor = env.get("gpu") if group.device == "cuda" else env.get("cpu")
+    speedup, to_target, target_speedup = group.speedup, group.time_to_target, group.target_speedup
+    target = group.runs[0].get("target_acc")
     return (group.model, group.mode, group.backend or "—", str(group.world_size),
-            f"{group.device} ({gpu})" if gpu else group.device, str(group.epochs), str(len(group.runs)),
+            f"{group.device} ({processor})" if processor else group.device, str(group.epochs), str(len(group.runs)),
             group.spread("total_train_time_s").text(".1f"), group.spread("median_images_per_s").text(".0f"),
             "baseline" if group.compared else "—" if speedup is None else f"{speedup:.2f}×",
             "—" if speedup is None else f"{group.efficiency:.0%}",
             group.spread("final_test_acc").scaled(100).text(".1f"),
-            group.spread("best_test_acc").scaled(100).text(".1f"), group.spread("time_to_best_s").text(".1f"))
+            group.spread("best_test_acc").scaled(100).text(".1f"), group.spread("time_to_best_s").text(".1f"),
+            "—" if target is None else f"{to_target.text('.1f')} to {target:.0%}" if to_target else "not reached",
+            "baseline" if group.compared and to_target else "—" if target_speedup is None else f"{target_speedup:.2f}×")
 
 
 def summary_markdown(groups: list[Group], results_dir: Path) -> str:
@@ -236,7 +259,9 @@ def summary_markdown(groups: list[Group], results_dir: Path) -> str:
              "Numbers are medians over a group's runs (min–max in brackets when they differ). Speedup = median "
              "training time of the single-device group with the same model, device type and data ÷ this group's; "
              "efficiency = speedup ÷ world size. Training time excludes evaluation; images/s is the median over the "
-             "epochs after the first."]
+             "epochs after the first. Time to target (--target-acc): training time until the test accuracy first "
+             "reached the target, and the speedup in it, the fair measure when a larger global batch learns more "
+             "slowly."]
     for panel in by_setup(groups):
         lines += ["", f"## {title_tag(panel)}", "", *(f"- {line}" for line in setup_lines(panel)), "",
                   "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]

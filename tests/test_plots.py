@@ -70,7 +70,7 @@ def table_rows(markdown: str) -> list[dict]:
 def test_writes_every_figure_and_the_summary(plotted):
     out, done = plotted
     assert done.returncode == 0, done.stderr
-    for name in ("Time.png", "Accuracy.png", "Curves.png", "Utilization.png"):
+    for name in ("Time.png", "Accuracy.png", "Curves.png", "Scaling.png", "Utilization.png"):
         width, height = png_size(out / name)
         assert 900 <= width <= 4000 and 600 <= height <= 4000, (name, width, height)
         assert (out / name).stat().st_size > 30_000, name  # a blank canvas of that size compresses far below
@@ -132,7 +132,7 @@ def test_a_model_with_one_mode_has_no_speedup(mode, results_dir, tmp_path, capsy
     assert row["mode"] == mode and row["speedup"] == "—" and row["efficiency"] == "—"
     made = sorted(p.name for p in (tmp_path / "img").iterdir())
     if mode == "distributed":  # only the single run has monitor samples
-        assert made == ["Accuracy.png", "Curves.png", "Time.png", "summary.md"]
+        assert made == ["Accuracy.png", "Curves.png", "Scaling.png", "Time.png", "summary.md"]
         assert "Utilization.png not made: no run has monitor samples" in capsys.readouterr().out
     else:
         assert "Utilization.png" in made

@@ -34,3 +34,20 @@ def test_imports_neither_matplotlib_nor_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_speedup_in_time_to_target_where_both_runs_reached_it():
+    def run(run_id, world_size, time_to_target, target=0.5, **more):
+        return record(run_id, world_size=world_size, mode="single" if world_size == 1 else "distributed",
+                      target_acc=target, time_to_target_s=time_to_target, **more)
+
+    groups = summary.group_runs([run("s", 1, 6.0), run("d", 2, 4.0, total_train_time_s=4.25)], warn=pytest.fail)
+    assert groups[1].speedup == pytest.approx(2.0) and groups[1].target_speedup == pytest.approx(1.5)
+    rows = summary.summary_markdown(groups, Path("results")).splitlines()
+    assert rows[-2].endswith("| 6.0 to 50% | baseline |") and rows[-1].endswith("| 4.0 to 50% | 1.50× |")
+    never = summary.group_runs([run("s", 1, 6.0), run("d", 2, None)], warn=pytest.fail)
+    assert never[1].target_speedup is None
+    assert summary.summary_markdown(never, Path("results")).splitlines()[-1].endswith("| not reached | — |")
+    other_target = summary.group_runs([run("s", 1, 6.0), run("d", 2, 3.0, target=0.4)], warn=pytest.fail)
+    assert other_target[1].target_speedup is None
+    assert summary.summary_markdown(summary.group_runs([record()], warn=pytest.fail), Path("r")).endswith("| — | — |\n")
