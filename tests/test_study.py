@@ -1,6 +1,7 @@
 """run_study.py and hpml.study: the matrix, which cells are done, running the rest, and the figures at the end."""
 
 import argparse
+import os
 import uuid
 
 import pytest
@@ -119,3 +120,60 @@ def test_a_real_study_on_the_cpu_then_its_rerun_skips_every_cell(tmp_path):
     assert (tmp_path / "fig" / "Time.png").exists()
     again = run_script("run_study.py", *argv)
     assert again.returncode == 0 and "2 cells: 2 already in" in again.stdout and "---" not in again.stdout
+
+
+def stand_in(folder, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch, srun and scontrol stand-ins on PATH: sbatch runs the script at once as SLURM would on one node, srun
+    writes the command it was given to srun.log instead of running it. Returns srun.log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in(bin_dir, "sbatch", 'n=$(( $(cat "$0.count" 2>/dev/null || echo 0) + 1 )); echo $n > "$0.count"\n'
+                                'SLURM_JOB_ID=$n SLURM_NNODES=1 SLURM_JOB_NODELIST=node1 bash "$1" || exit 1\n'
+                                'echo "Submitted batch job $n"\n')
+    stand_in(bin_dir, "srun", f'echo "$@" >> {tmp_path / "srun.log"}\n')
+    stand_in(bin_dir, "scontrol", "echo node1\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return tmp_path / "srun.log"
+
+
+def test_slurm_submits_one_batch_script_per_cell_once_then_collect_draws(tmp_path, fake_slurm, capsys):
+    out = tmp_path / "out"
+    argv = ["--where", "slurm", "--models", "resnet18", "--world-sizes", "1,8", *FLAGS, "--output-dir", str(out),
+            "--figures-dir", str(tmp_path / "fig")]
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--dry-run"]) == 0
+    assert "#SBATCH --nodes=2" in capsys.readouterr().out and not out.joinpath("slurm").exists()
+
+    assert exit_code_of(script_main("run_study.py"), argv) == 0
+    single, ddp = fake_slurm.read_text().splitlines()
+    assert "run_hpc.py --model resnet18 --epochs 1" in single
+    assert "torch.distributed.run --nnodes 1 --nproc_per_node 4 --rdzv-id 2" in ddp and "--backend auto" in ddp
+    assert "#SBATCH --gpus-per-node=4" in (out / "slurm" / "hpml-resnet18-w8-r1.sbatch").read_text()
+    assert "submitted as job 2" in capsys.readouterr().out
+
+    assert exit_code_of(script_main("run_study.py"), argv) == 0  # nothing submitted twice
+    assert len(fake_slurm.read_text().splitlines()) == 2 and "submitted before as job 1" in capsys.readouterr().out
+
+    cfg = TrainConfig(models=["resnet18"], dataset="synthetic", subset=64, epochs=1, batch_size=16)
+    results.write_results(run_record("resnet18", 1, cfg), out)
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--collect"]) == 1
+    assert "1 of 2 cells finished; no results yet for resnet18 x8" in capsys.readouterr().out
+    assert (tmp_path / "fig" / "Time.png").exists()
+    results.write_results(run_record("resnet18", 8, cfg, backend="nccl"), out)
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--collect"]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--where", "slurm", "--world-sizes", "6"], "--world-sizes 6 does not fill whole nodes of --gpus-per-node 4"),
+    (["--where", "slurm", "--time-limit", "an hour"], "--time-limit must be a SLURM time"),
+    (["--collect"], "--collect gathers the results of --where slurm jobs"),
+])
+def test_bad_slurm_flags_are_one_line(flags, message, tmp_path, capsys):
+    assert exit_code_of(script_main("run_study.py"), [*flags, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
