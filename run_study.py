@@ -12,12 +12,21 @@ cell finished.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hpml import cli, files, results, slurm, study
+import sagemaker_submission
+from hpml import cli, files, jobs, results, sagemaker_plan, slurm, study
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
+
+if TYPE_CHECKING:
+    import boto3
+    import sagemaker.session
+
+POLL_S = 60  # seconds between looks at running SageMaker jobs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = cli.config_from_args(args)
     world_sizes = study.parse_world_sizes(args.world_sizes)
     cells = study.plan(cfg.models, world_sizes, args.repeats)
+    if args.where == "sagemaker":
+        if args.collect:
+            raise UsageError("--where sagemaker waits for its jobs and collects them itself: drop --collect")
+        return run_on_sagemaker(args, cfg, cells)
     if args.where == "slurm":
         slurm.check_time_limit(args.time_limit)
         for size in world_sizes:
@@ -73,14 +86,110 @@ def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[stu
     return 0
 
 
+def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[study.Cell]) -> int:
+    """Plan the jobs and print them with their cost; unless --dry-run, submit the new ones (--yes or a prompt)
+    at most --max-jobs at a time, wait for them, collect and draw. Jobs submitted before are picked up, not paid for
+    again: their names are fixed by model, world size, repeat and settings."""
+    cli.require_positive(args, "max_jobs", "max_run")
+    if args.epoch_seconds is not None and not args.epoch_seconds > 0:
+        raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
+    planned = sagemaker_plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type)
+    specs = {job.job_name: job_spec(args, job) for job in planned}
+    upload, data_note = sagemaker_submission.data_source(args, cfg, specs[planned[0].job_name])
+    output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
+    records, _ = results.load_all(output_dir)
+    costs = {job.job_name: sagemaker_plan.cost_line(job, cfg.epochs, args.epoch_seconds, records, args.max_run)
+             for job in planned}
+    if args.dry_run:
+        print(f"Dry run: nothing was sent to AWS. The study's {cli.count(len(planned), 'job')}:")
+        print("\n".join(sagemaker_plan.plan_table(planned, {}, costs, args.max_run)))
+        if data_note:
+            print(f"data: {data_note}")
+        return 0
+    role = args.role or jobs.default_role(ask_aws=True)
+    if not role:
+        raise UsageError("no IAM role for the jobs: pass --role arn:aws:iam::ACCOUNT_ID:role/NAME or set "
+                         "HPML_SAGEMAKER_ROLE")
+    jobs.check_role(role)
+    boto = jobs.aws_session(args.region, args.profile)
+    known = {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)}
+    status = {name: job["TrainingJobStatus"] for name, job in known.items()}
+    print(f"The study's {cli.count(len(planned), 'job')} ({sum(job.job_name in known for job in planned)} "
+          "submitted before):")
+    print("\n".join(sagemaker_plan.plan_table(planned, status, costs, args.max_run)))
+    new = [specs[job.job_name] for job in planned if job.job_name not in known]
+    if new and not args.yes and input(f"submit {cli.count(len(new), 'new job')}? [y/N] ").strip().lower() != "y":
+        print("nothing submitted")
+        return 1
+    if new:
+        prepare_submission(boto, new, role, upload, specs[planned[0].job_name].s3_data)
+    session = jobs.sagemaker_session(boto, new[0].bucket) if new else None
+    ended = wait_for_jobs(boto, new, [job.job_name for job in planned if job.job_name in known], args.max_jobs,
+                          session)
+    done = jobs.collected_jobs(output_dir)
+    sagemaker_submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done], output_dir)
+    draw(output_dir, figures_dir)
+    failed = [job["TrainingJobName"] for job in ended if job["TrainingJobStatus"] != "Completed"]
+    print(f"{len(ended) - len(failed)} of {cli.count(len(planned), 'job')} completed"
+          + (f"; not completed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.JobSpec:
+    """The JobSpec of a planned job, checked with the submit command's own checks (before anything is sent)."""
+    baseline = job.distribution == "none"  # one process: the data-parallel flags mean nothing there
+    flags = argparse.Namespace(**{**vars(args), "model": job.cell.model, "distribution": job.distribution,
+                                  "scale_lr": args.scale_lr and not baseline,
+                                  "dist_timeout": cli.DEFAULTS.dist_timeout if baseline else args.dist_timeout})
+    cfg, hyperparameters = sagemaker_submission.training_hyperparameters(flags)
+    region = jobs.resolve_region(args.region, args.profile) or "us-east-1"
+    jobs.check_distribution(job.distribution, job.instance_type, job.instance_count, args.framework_version,
+                            args.py_version, cfg.backend, cfg.device, region)
+    return jobs.JobSpec(job_name=jobs.check_job_name(job.job_name), instance_type=job.instance_type,
+                        instance_count=job.instance_count, distribution=job.distribution,
+                        framework_version=args.framework_version, py_version=args.py_version,
+                        hyperparameters=hyperparameters, region=region, role=None,
+                        bucket=jobs.check_bucket(args.bucket) if args.bucket else None, s3_data=None, spot=args.spot,
+                        max_run=args.max_run, max_wait=2 * args.max_run if args.spot else None)
+
+
+def prepare_submission(boto: boto3.Session, specs: list[jobs.JobSpec], role: str, upload: jobs.DataUpload | None,
+                       s3_data: str | None) -> None:
+    """Role, bucket and data (uploaded once, or --s3-data checked) for every new job."""
+    bucket = jobs.ensure_bucket(boto, specs[0].bucket)
+    if upload:
+        s3_data = jobs.upload_data(boto, bucket, upload)
+    elif s3_data:
+        jobs.check_s3_data(boto, s3_data)
+    for spec in specs:
+        spec.role, spec.bucket, spec.s3_data = role, bucket, s3_data
+
+
+def wait_for_jobs(boto: boto3.Session, new: list[jobs.JobSpec], earlier: list[str], max_jobs: int,
+                  session: sagemaker.session.Session | None) -> list[dict]:
+    """Submit the new jobs, at most `max_jobs` running at a time (the earlier ones count), and wait until every job
+    has ended; their final descriptions."""
+    pending, active, ended = list(new), list(earlier), []
+    while pending or active:
+        while pending and len(active) < max_jobs:
+            spec = pending.pop(0)
+            jobs.submit(spec, session)
+            print(f"submitted {spec.job_name} ({jobs.console_url(spec.region, spec.job_name)})")
+            active.append(spec.job_name)
+        finished = [description for description in (jobs.describe(boto, name) for name in active)
+                    if description["TrainingJobStatus"] in jobs.ENDED]
+        for description in finished:
+            active.remove(description["TrainingJobName"])
+            print(f"{description['TrainingJobName']}: {description['TrainingJobStatus']}")
+        ended += finished
+        if active and not finished:
+            time.sleep(POLL_S)
+    return ended
+
+
 def draw_finished(cells: list[study.Cell], cfg: TrainConfig, output_dir: Path, figures_dir: Path) -> int:
     """Draw every result in the output folder; exit code 0 only when every cell of the study has its results."""
-    records, _ = results.load_all(output_dir)
-    missing = study.cells_to_run(cells, records, cfg)
-    if records:
-        from hpml import plots  # only now: importing matplotlib takes a moment
-
-        plots.make_all(output_dir, figures_dir)
+    missing = study.cells_to_run(cells, draw(output_dir, figures_dir), cfg)
     print(f"{len(cells) - len(missing)} of {cli.count(len(cells), 'cell')} finished"
           + (f"; no results yet for {', '.join(map(str, missing))}" if missing else ""))
     return 1 if missing else 0
@@ -100,18 +209,54 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_switch(matrix, "--force", "run every cell again, even those whose results are already in --output-dir")
     cli.add_switch(matrix, "--dry-run", "print the command (with --where slurm: the batch script) of every cell "
                                         "still to run, and run or submit nothing")
-    matrix.add_argument("--where", choices=("local", "slurm"), default="local",
+    matrix.add_argument("--where", choices=("local", "slurm", "sagemaker"), default="local",
                         help="local: every cell in turn on this machine; slurm: one sbatch script per cell, "
-                             "submitted with sbatch (default: %(default)s)")
+                             "submitted with sbatch; sagemaker: SageMaker training jobs (default: %(default)s)")
     cli.add_switch(matrix, "--collect", "--where slurm: draw whatever cells have finished, and say which have not")
     cluster = parser.add_argument_group("SLURM (--where slurm; not tested against a real SLURM)")
     cluster.add_argument("--gpus-per-node", type=int, default=4,
                          help="GPUs of a node; a world size above it must fill whole nodes (default: %(default)s)")
     cluster.add_argument("--time-limit", default="01:00:00",
                          help="each job's sbatch --time, e.g. 30:00 or 1-00:00:00 (default: %(default)s)")
+    add_sagemaker_args(parser)
     cli.add_training_args(parser, leave_out=("--model",))
     cli.add_distributed_args(parser)
     return parser
+
+
+def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
+    cloud = parser.add_argument_group("SageMaker (--where sagemaker; the data comes from --s3-data or --data-dir)")
+    cloud.add_argument("--instance-type", default="ml.p4d.24xlarge", help="instance type of the SMDDP and "
+                       "torchrun jobs; a world size must fill whole instances (default: %(default)s)")
+    cloud.add_argument("--baseline-instance-type", default="ml.p3.2xlarge", help="one-GPU instance type of the "
+                       "single-GPU baseline jobs (default: %(default)s)")
+    cloud.add_argument("--framework-version", default=jobs.DEFAULT_FRAMEWORK_VERSION,
+                       help="PyTorch version of SageMaker's training container (default: %(default)s)")
+    cloud.add_argument("--py-version", default=jobs.DEFAULT_PY_VERSION,
+                       help="Python version of that container (default: %(default)s)")
+    cloud.add_argument("--role", metavar="ARN", help="IAM role the jobs run as (default: $HPML_SAGEMAKER_ROLE)")
+    cloud.add_argument("--bucket", help="S3 bucket for code, data and outputs (default: the account's SageMaker "
+                       "bucket)")
+    cloud.add_argument("--s3-data", metavar="S3_URI", help="CIFAR-10 already in S3 (default: upload --data-dir)")
+    cli.add_switch(cloud, "--spot", "managed spot training (cheaper, may be interrupted and resumed)")
+    cloud.add_argument("--max-run", type=int, default=7200, metavar="SECONDS", help="stop each job after this much "
+                       "training time; also the bound of the cost estimate (default: %(default)s)")
+    cloud.add_argument("--max-jobs", type=int, default=4, help="jobs running at once (default: %(default)s)")
+    cloud.add_argument("--epoch-seconds", type=float, metavar="SECONDS", help="the time per epoch to estimate "
+                       "costs from when no collected job of the same model and instances measured one "
+                       "(default: none, only the --max-run bound)")
+    cli.add_switch(cloud, "--yes", "submit without asking")
+    sagemaker_submission.add_aws_flags(cloud)
+
+
+def draw(output_dir: Path, figures_dir: Path) -> list[dict]:
+    """The figures and summary.md of every result in the output folder, when there is one; the results."""
+    records, _ = results.load_all(output_dir)
+    if records:
+        from hpml import plots  # only now: importing matplotlib takes a moment
+
+        plots.make_all(output_dir, figures_dir)
+    return records
 
 
 if __name__ == "__main__":

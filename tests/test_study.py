@@ -2,14 +2,15 @@
 
 import argparse
 import os
+import re
 import uuid
 
 import pytest
 
-from hpml import cli, results, study
+from hpml import cli, jobs, results, study
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
-from tests.helpers import exit_code_of, record, results_in, run_script, script_main
+from tests.helpers import exit_code_of, moto_account, no_aws_config, record, results_in, run_script, script_main
 
 FLAGS = ["--dataset", "synthetic", "--subset", "64", "--epochs", "1", "--batch-size", "16"]
 
@@ -177,3 +178,47 @@ def test_slurm_submits_one_batch_script_per_cell_once_then_collect_draws(tmp_pat
 def test_bad_slurm_flags_are_one_line(flags, message, tmp_path, capsys):
     assert exit_code_of(script_main("run_study.py"), [*flags, "--output-dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+ROLE = "arn:aws:iam::123456789012:role/hpml-test"
+SAGEMAKER = ["--where", "sagemaker", "--models", "shufflenetv2", "--world-sizes", "1,8", "--dataset", "synthetic",
+             "--epochs", "2", "--region", "us-east-1"]
+
+
+def test_sagemaker_dry_run_prints_the_plan_with_costs_and_sends_nothing(tmp_path, monkeypatch, capsys):
+    no_aws_config(monkeypatch, tmp_path)
+    monkeypatch.setattr(jobs, "aws_session", pytest.fail)
+    argv = [*SAGEMAKER, "--epoch-seconds", "30", "--output-dir", str(tmp_path / "out"), "--dry-run"]
+    assert exit_code_of(script_main("run_study.py"), argv) == 0
+    out = capsys.readouterr().out
+    assert "Dry run: nothing was sent to AWS. The study's 3 jobs:" in out
+    assert re.search(r"hpml-shufflenetv2-none-w1-r1-\w{8}: ml.p3.2xlarge × 1, none, new; ~\$0.06 for 2 × 30.0 s per "
+                     r"epoch \(stated by --epoch-seconds", out)
+    assert "ml.p4d.24xlarge × 1, smddp, new" in out and "ml.p4d.24xlarge × 1, torchrun, new" in out
+
+
+def test_sagemaker_world_sizes_must_fill_whole_instances(tmp_path, capsys):
+    argv = [*SAGEMAKER, "--world-sizes", "1,4", "--output-dir", str(tmp_path), "--dry-run"]
+    assert exit_code_of(script_main("run_study.py"), argv) == 2
+    assert "--world-sizes 4 does not fill whole ml.p4d.24xlarge instances of 8 GPUs" in capsys.readouterr().err
+
+
+def test_sagemaker_study_submits_tagged_jobs_once_and_collect_finds_them(tmp_path, capsys):
+    argv = [*SAGEMAKER, "--role", ROLE, "--bucket", "hpml-study", "--output-dir", str(tmp_path / "out"),
+            "--figures-dir", str(tmp_path / "fig"), "--yes"]
+    with moto_account(tmp_path, "hpml-study") as session:
+        assert exit_code_of(script_main("run_study.py"), argv) == 0
+        out = capsys.readouterr().out
+        names = sorted(job["TrainingJobName"] for job in jobs.suite_jobs(session))
+        assert [name.rsplit("-", 2)[0] for name in names] == [
+            "hpml-shufflenetv2-none-w1", "hpml-shufflenetv2-smddp-w8", "hpml-shufflenetv2-torchrun-w8"]
+        assert all(f"submitted {name}" in out for name in names) and "3 of 3 jobs completed" in out
+        assert session.client("sagemaker").describe_training_job(TrainingJobName=names[1])[
+            "ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+
+        assert exit_code_of(script_main("run_study.py"), argv) == 0  # picks the jobs up, submits nothing
+        out = capsys.readouterr().out
+        assert "(3 submitted before)" in out and "submitted hpml" not in out
+        assert sorted(job["TrainingJobName"] for job in jobs.suite_jobs(session)) == names
+        assert exit_code_of(script_main("sagemaker_submission.py"), ["collect", "--all"]) == 0
+        assert "3 jobs to collect" in capsys.readouterr().out
