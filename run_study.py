@@ -118,7 +118,7 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
           "submitted before):")
     print("\n".join(sagemaker_plan.plan_table(planned, status, costs, args.max_run)))
     new = [specs[job.job_name] for job in planned if job.job_name not in known]
-    if new and not args.yes and input(f"submit {cli.count(len(new), 'new job')}? [y/N] ").strip().lower() != "y":
+    if new and not args.yes and not confirmed(f"submit {cli.count(len(new), 'new job')}? [y/N] "):
         print("nothing submitted")
         return 1
     if new:
@@ -133,6 +133,14 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     print(f"{len(ended) - len(failed)} of {cli.count(len(planned), 'job')} completed"
           + (f"; not completed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def confirmed(question: str) -> bool:
+    """Whether the user answers yes; no answer (no terminal) is no."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.JobSpec:

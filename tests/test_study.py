@@ -1,8 +1,10 @@
 """run_study.py and hpml.study: the matrix, which cells are done, running the rest, and the figures at the end."""
 
 import argparse
+import io
 import os
 import re
+import sys
 import uuid
 
 import pytest
@@ -222,3 +224,14 @@ def test_sagemaker_study_submits_tagged_jobs_once_and_collect_finds_them(tmp_pat
         assert sorted(job["TrainingJobName"] for job in jobs.suite_jobs(session)) == names
         assert exit_code_of(script_main("sagemaker_submission.py"), ["collect", "--all"]) == 0
         assert "3 jobs to collect" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("answer", ["", "n\n"])
+def test_sagemaker_study_submits_nothing_unless_confirmed(answer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(jobs, "aws_session", lambda region, profile: None)
+    monkeypatch.setattr(jobs, "suite_jobs", lambda boto: [])
+    monkeypatch.setattr(jobs, "submit", pytest.fail)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(answer))
+    argv = [*SAGEMAKER, "--role", ROLE, "--output-dir", str(tmp_path)]
+    assert exit_code_of(script_main("run_study.py"), argv) == 1
+    assert "submit 3 new jobs? [y/N] nothing submitted" in capsys.readouterr().out
