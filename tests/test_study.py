@@ -235,3 +235,15 @@ def test_sagemaker_study_submits_nothing_unless_confirmed(answer, tmp_path, monk
     argv = [*SAGEMAKER, "--role", ROLE, "--output-dir", str(tmp_path)]
     assert exit_code_of(script_main("run_study.py"), argv) == 1
     assert "submit 3 new jobs? [y/N] nothing submitted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("threads, expected", [(None, "1"), ("3", "3")])
+def test_each_training_process_gets_one_thread_unless_told(threads, expected, monkeypatch):
+    seen = []
+    monkeypatch.setattr(study.subprocess, "run", lambda command, env: seen.append(env) or argparse.Namespace(
+        returncode=0))
+    if threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    assert study.run_command(["true"]) == 0 and seen[0]["OMP_NUM_THREADS"] == expected
