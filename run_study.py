@@ -71,7 +71,8 @@ def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[stu
     folder = output_dir / "slurm"
     for cell in to_run:
         script = slurm.batch_script(cell, cfg, args.gpus_per_node, args.time_limit, folder)
-        path, job_file = folder / f"{slurm.job_name(cell)}.sbatch", folder / f"{slurm.job_name(cell)}.job"
+        name = slurm.job_name(cell, cfg)
+        path, job_file = folder / f"{name}.sbatch", folder / f"{name}.job"
         if args.dry_run:
             print(f"# {path}\n{script}")
         elif job_file.exists() and not args.force:

@@ -7,15 +7,13 @@ Job names are fixed by the cell and its settings, so a re-run finds the jobs it 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
 from dataclasses import dataclass
 
 from . import prices
 from .config import TrainConfig
 from .errors import UsageError
-from .study import Cell, defining_settings
+from .study import Cell, settings_id
 
 # GPUs per instance of the types the study can run on (AWS's instance type pages).
 GPUS_PER_INSTANCE = {
@@ -48,11 +46,6 @@ def gpus_per_instance(instance_type: str) -> int:
     return GPUS_PER_INSTANCE[instance_type]
 
 
-def settings_hash(cfg: TrainConfig, cell: Cell, instance_type: str) -> str:
-    text = json.dumps([defining_settings(cfg.as_dict(), cell.world_size), instance_type], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
 def plan_jobs(cells: list[Cell], cfg: TrainConfig, instance_type: str, baseline_type: str) -> list[PlannedJob]:
     """Every job of the study; UsageError naming a world size that does not fill whole instances."""
     if gpus_per_instance(baseline_type) != 1:
@@ -62,13 +55,13 @@ def plan_jobs(cells: list[Cell], cfg: TrainConfig, instance_type: str, baseline_
     planned = []
     for cell in cells:
         if cell.world_size == 1:
-            planned.append(PlannedJob(cell, "none", baseline_type, 1, settings_hash(cfg, cell, baseline_type)))
+            planned.append(PlannedJob(cell, "none", baseline_type, 1, settings_id(cfg, cell, baseline_type)))
             continue
         if cell.world_size % gpus:
             raise UsageError(f"--world-sizes {cell.world_size} does not fill whole {instance_type} instances of "
                              f"{gpus} GPUs; use 1 or a multiple of {gpus}")
         planned += [PlannedJob(cell, distribution, instance_type, cell.world_size // gpus,
-                               settings_hash(cfg, cell, instance_type)) for distribution in DATA_PARALLEL]
+                               settings_id(cfg, cell, instance_type)) for distribution in DATA_PARALLEL]
     return planned
 
 

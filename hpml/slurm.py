@@ -15,7 +15,7 @@ from pathlib import Path
 from . import cli
 from .config import TrainConfig
 from .errors import UsageError
-from .study import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell
+from .study import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell, settings_id
 
 SUBMITTED = re.compile(r"Submitted batch job (\d+)")
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d\d){0,2}")  # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
@@ -37,8 +37,8 @@ def nodes_and_gpus(world_size: int, gpus_per_node: int) -> tuple[int, int]:
     return world_size // gpus_per_node, gpus_per_node
 
 
-def job_name(cell: Cell) -> str:
-    return f"hpml-{cell.model}-w{cell.world_size}-r{cell.repeat + 1}"
+def job_name(cell: Cell, cfg: TrainConfig) -> str:
+    return f"hpml-{cell.model}-w{cell.world_size}-r{cell.repeat + 1}-{settings_id(cfg, cell)}"
 
 
 def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: str, log_dir: Path) -> str:
@@ -60,13 +60,13 @@ def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: s
         launch, rendezvous = f"srun {python} {shlex.quote(str(SINGLE_DEVICE_SCRIPT))} {flags}", ""
     return (f"#!/bin/bash\n"
             f"# {cell}: written by run_study.py --where slurm\n"
-            f"#SBATCH --job-name={job_name(cell)}\n"
+            f"#SBATCH --job-name={job_name(cell, cfg)}\n"
             f"#SBATCH --nodes={nodes}\n"
             f"#SBATCH --ntasks-per-node=1\n"
             f"#SBATCH --gpus-per-node={gpus}\n"
             f"#SBATCH --cpus-per-task={4 * gpus}\n"
             f"#SBATCH --time={time_limit}\n"
-            f"#SBATCH --output={log_dir / job_name(cell)}-%j.out\n\n"
+            f"#SBATCH --output={log_dir / job_name(cell, cfg)}-%j.out\n\n"
             f"set -euo pipefail\n"
             f"{rendezvous}"
             "# CPU threads per training process (one per GPU): the data sits on the GPU, so the CPU mostly launches "

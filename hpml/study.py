@@ -7,6 +7,8 @@ several repeats, the first n cells of a model and world size are done when n suc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +70,13 @@ def defining_settings(config: dict, world_size: int) -> dict:
     if world_size == 1:
         settings["scale_lr"] = False
     return settings
+
+
+def settings_id(cfg: TrainConfig, cell: Cell, *more: str) -> str:
+    """8 hex digits that differ when the cell's defining settings (or `more`, e.g. an instance type) differ: part of
+    the names of the cell's batch and SageMaker jobs, so that a re-run finds them and another study does not."""
+    text = json.dumps([defining_settings(cfg.as_dict(), cell.world_size), *more], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def is_run_of(record: dict, cell: Cell, cfg: TrainConfig) -> bool:

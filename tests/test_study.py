@@ -157,11 +157,14 @@ def test_slurm_submits_one_batch_script_per_cell_once_then_collect_draws(tmp_pat
     single, ddp = fake_slurm.read_text().splitlines()
     assert "run_hpc.py --model resnet18 --epochs 1" in single
     assert "torch.distributed.run --nnodes 1 --nproc_per_node 4 --rdzv-id 2" in ddp and "--backend auto" in ddp
-    assert "#SBATCH --gpus-per-node=4" in (out / "slurm" / "hpml-resnet18-w8-r1.sbatch").read_text()
+    (script,) = (out / "slurm").glob("hpml-resnet18-w8-r1-*.sbatch")
+    assert "#SBATCH --gpus-per-node=4" in script.read_text()
     assert "submitted as job 2" in capsys.readouterr().out
 
     assert exit_code_of(script_main("run_study.py"), argv) == 0  # nothing submitted twice
     assert len(fake_slurm.read_text().splitlines()) == 2 and "submitted before as job 1" in capsys.readouterr().out
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--epochs", "2"]) == 0  # another study: new jobs
+    assert len(fake_slurm.read_text().splitlines()) == 4 and "submitted as job 4" in capsys.readouterr().out
 
     cfg = TrainConfig(models=["resnet18"], dataset="synthetic", subset=64, epochs=1, batch_size=16)
     results.write_results(run_record("resnet18", 1, cfg), out)
