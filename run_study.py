@@ -17,14 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import sagemaker_submission
-from hpml import cli, files, jobs, results, sagemaker_plan, slurm, study
+from hpml import cli, files, results, sagemaker_plan, slurm, study
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
 
 if TYPE_CHECKING:
     import boto3
     import sagemaker.session
+
+    from hpml import jobs
 
 POLL_S = 60  # seconds between looks at running SageMaker jobs
 
@@ -91,7 +92,12 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     """Plan the jobs and print them with their cost; unless --dry-run, submit the new ones (--yes or a prompt)
     at most --max-jobs at a time, wait for them, collect and draw. Jobs submitted before are picked up, not paid for
     again: their names are fixed by model, world size, repeat and settings."""
+    import sagemaker_submission  # here: a local or SLURM study loads neither boto3 nor the SDK
+    from hpml import jobs
+
     cli.require_positive(args, "max_jobs", "max_run")
+    args.framework_version = args.framework_version or jobs.DEFAULT_FRAMEWORK_VERSION
+    args.py_version = args.py_version or jobs.DEFAULT_PY_VERSION
     if args.epoch_seconds is not None and not args.epoch_seconds > 0:
         raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
     planned = sagemaker_plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type)
@@ -146,6 +152,9 @@ def confirmed(question: str) -> bool:
 
 def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.JobSpec:
     """The JobSpec of a planned job, checked with the submit command's own checks (before anything is sent)."""
+    import sagemaker_submission
+    from hpml import jobs
+
     baseline = job.distribution == "none"  # one process: the data-parallel flags mean nothing there
     flags = argparse.Namespace(**{**vars(args), "model": job.cell.model, "distribution": job.distribution,
                                   "scale_lr": args.scale_lr and not baseline,
@@ -165,6 +174,8 @@ def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.J
 def prepare_submission(boto: boto3.Session, specs: list[jobs.JobSpec], role: str, upload: jobs.DataUpload | None,
                        s3_data: str | None) -> None:
     """Role, bucket and data (uploaded once, or --s3-data checked) for every new job."""
+    from hpml import jobs
+
     bucket = jobs.ensure_bucket(boto, specs[0].bucket)
     if upload:
         s3_data = jobs.upload_data(boto, bucket, upload)
@@ -178,6 +189,8 @@ def wait_for_jobs(boto: boto3.Session, new: list[jobs.JobSpec], earlier: list[st
                   session: sagemaker.session.Session | None) -> list[dict]:
     """Submit the new jobs, at most `max_jobs` running at a time (the earlier ones count), and wait until every job
     has ended; their final descriptions."""
+    from hpml import jobs
+
     pending, active, ended = list(new), list(earlier), []
     while pending or active:
         while pending and len(active) < max_jobs:
@@ -239,10 +252,10 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
                        "torchrun jobs; a world size must fill whole instances (default: %(default)s)")
     cloud.add_argument("--baseline-instance-type", default="ml.p3.2xlarge", help="one-GPU instance type of the "
                        "single-GPU baseline jobs (default: %(default)s)")
-    cloud.add_argument("--framework-version", default=jobs.DEFAULT_FRAMEWORK_VERSION,
-                       help="PyTorch version of SageMaker's training container (default: %(default)s)")
-    cloud.add_argument("--py-version", default=jobs.DEFAULT_PY_VERSION,
-                       help="Python version of that container (default: %(default)s)")
+    cloud.add_argument("--framework-version", help="PyTorch version of SageMaker's training container (default: "
+                       "that of sagemaker_submission.py submit)")
+    cloud.add_argument("--py-version", help="Python version of that container (default: that of "
+                       "sagemaker_submission.py submit)")
     cloud.add_argument("--role", metavar="ARN", help="IAM role the jobs run as (default: $HPML_SAGEMAKER_ROLE)")
     cloud.add_argument("--bucket", help="S3 bucket for code, data and outputs (default: the account's SageMaker "
                        "bucket)")
@@ -255,7 +268,7 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
                        "costs from when no collected job of the same model and instances measured one "
                        "(default: none, only the --max-run bound)")
     cli.add_switch(cloud, "--yes", "submit without asking")
-    sagemaker_submission.add_aws_flags(cloud)
+    cli.add_aws_flags(cloud)
 
 
 def draw(output_dir: Path, figures_dir: Path) -> list[dict]:

@@ -101,7 +101,7 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     where.add_argument("--role", metavar="ARN",
                        help="IAM role the job runs as (default: $HPML_SAGEMAKER_ROLE, or inside a SageMaker notebook "
                             "its own role)")
-    add_aws_flags(where)
+    cli.add_aws_flags(where)
     parser.add_argument("--output-dir", default="results",
                         help="with --wait: folder the job's results JSON files are collected into "
                              "(default: %(default)s)")
@@ -122,7 +122,7 @@ def add_collect_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("jobs", nargs="*", metavar="JOB", help="training job names")
     parser.add_argument("--all", action="store_true", help="every job of this suite not collected yet (default: off)")
     parser.add_argument("--output-dir", default="results", help="where the results go (default: %(default)s)")
-    add_aws_flags(parser)
+    cli.add_aws_flags(parser)
     parser.set_defaults(run=run_collect)
 
 
@@ -133,13 +133,8 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
                     "instances, duration, billable time and cost (estimated so far for running jobs).")
     parser.add_argument("--limit", type=int, default=20, help="how many jobs, newest first (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table (default: off)")
-    add_aws_flags(parser)
+    cli.add_aws_flags(parser)
     parser.set_defaults(run=run_list)
-
-
-def add_aws_flags(group: argparse._ActionsContainer) -> None:
-    group.add_argument("--region", help="AWS region (default: AWS_REGION, or the profile's region)")
-    group.add_argument("--profile", help="AWS profile from ~/.aws/config (default: AWS_PROFILE, or the default one)")
 
 
 def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, str]]:

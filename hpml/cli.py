@@ -153,6 +153,12 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                                     "compare like for like)")
 
 
+def add_aws_flags(group: argparse._ActionsContainer) -> None:
+    """Where AWS calls go: sagemaker_submission.py's commands and run_study.py --where sagemaker."""
+    group.add_argument("--region", help="AWS region (default: AWS_REGION, or the profile's region)")
+    group.add_argument("--profile", help="AWS profile from ~/.aws/config (default: AWS_PROFILE, or the default one)")
+
+
 def flag_values(cfg: TrainConfig, distributed: bool) -> dict[str, str]:
     """Every training flag (and with `distributed` every data-parallel flag) set to cfg's value, as flag name
     without dashes -> the text the flag parses back; flags whose value is None are left out."""
