@@ -14,7 +14,7 @@ import pytest
 import plot_hpml
 from hpml import plots, summary
 from hpml.dist import free_port
-from tests.helpers import REPO, exit_code_of, results_in, run_script
+from tests.helpers import REPO, exit_code_of, record, results_in, run_script
 
 TINY_RUN = ["--dataset", "synthetic", "--subset", "20", "--batch-size", "10", "--epochs", "2", "--workers", "0",
             "--quiet"]
@@ -177,3 +177,16 @@ def test_sagemaker_runs_are_compared_with_the_sagemaker_baseline(results_dir):
     distributed = {group.platform: group for group in groups if group.mode == "distributed"}
     assert distributed["SageMaker"].speedup == pytest.approx(distributed["local"].speedup)
     assert summary.title_tag(groups).startswith("SageMaker and local · ")
+
+
+def test_scaling_figure_adds_the_speedup_in_time_to_target_when_runs_recorded_it():
+    def run(run_id, world_size, **more):
+        return record(run_id, world_size=world_size, mode="single" if world_size == 1 else "distributed", **more)
+
+    plain = summary.group_runs([run("s", 1), run("d", 2, total_train_time_s=4.25)], warn=pytest.fail)
+    targeted = summary.group_runs([run("s", 1, target_acc=0.5, time_to_target_s=6.0),
+                                   run("d", 2, total_train_time_s=4.25, target_acc=0.5, time_to_target_s=4.0)],
+                                  warn=pytest.fail)
+    labels = [{ax.get_ylabel() for ax in plots.scaling_figure(groups).get_axes()} for groups in (plain, targeted)]
+    assert labels[0] == {"training time (s)", "speedup (×)", "scaling efficiency (%)", "final test accuracy (%)"}
+    assert labels[1] == labels[0] | {"speedup in time to target (×)"}
