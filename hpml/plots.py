@@ -182,6 +182,9 @@ def scaling_figure(groups: list[Group]) -> Figure:
     drawn = [bar_panels(column, groups, ylabel, value,
                         lambda group, spread, fmt=fmt: format(spread.median, fmt) if spread.median else None)
              for column, (ylabel, value, fmt) in zip(body.subfigures(1, len(metrics)), metrics, strict=True)]
+    for ax, _ in (panel for column in drawn for panel in column):  # five model names side by side in a narrow panel
+        for tick in ax.get_xticklabels():
+            tick.set(rotation=25, ha="right", rotation_mode="anchor")
     handles, labels = [], []
     for ax, _ in drawn[0]:  # the series' labels are spread over the first metric's panels
         more_handles, more_labels = ax.get_legend_handles_labels()
