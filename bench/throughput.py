@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hpml import cli, data, dist, files, results, speed  # noqa: E402
-from hpml.config import DEVICES, MIN_SUBSET, TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import MIN_SUBSET, TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
@@ -43,10 +43,7 @@ CUDA_ABLATIONS = {"fast, no CUDA graphs": {"cuda_graphs": False}}
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="all", help="model name, comma list or 'all' (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="device to measure on (default: %(default)s)")
+    parser = cli.measurement_parser(__doc__, model="all")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20,
                         help="steps per timed epoch; the classic loader starts its workers every epoch, as in "

@@ -61,6 +61,14 @@ def add_switch(group: argparse._ArgumentGroup | FlagGroup, flag: str, help: str,
     group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
+def measurement_parser(doc: str, model: str) -> ArgumentParser:
+    """A bench script's parser: its docstring's first paragraph, and --model (default `model`) and --device."""
+    parser = ArgumentParser(description=doc.split("\n\n")[0])
+    add_training_args(parser, only={"--model", "--device"})
+    parser.set_defaults(model=model)
+    return parser
+
+
 def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
     """Every flag of one training run (or those named in `only`), with the study's defaults."""
     group = FlagGroup(parser.add_argument_group("training"), only)
