@@ -134,8 +134,8 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                       help="autocast precision: fp32, bf16, or fp16 (with a gradient scaler); auto is bf16 on "
                            "CUDA GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 (default: %(default)s)")
     add_switch(fast, "--channels-last", "NHWC memory layout for the model and batches (default: on)", default=None)
-    add_switch(fast, "--compile", "torch.compile the model instead of CUDA graphs (slow first steps; measured "
-                                  "0.31x the default speed on an H100, and no gain over eager on a 2-core CPU)")
+    add_switch(fast, "--compile", "torch.compile the model instead of CUDA graphs (slow first steps; slower than "
+                                  "the defaults where measured: see bench/README.md)")
     add_switch(fast, "--cuda-graphs", "CUDA only: capture the model's forward and backward once as CUDA graphs and "
                                       "replay them every full batch, so the GPU is not left waiting on Python "
                                       "(default: on for CUDA unless --compile)", default=None)

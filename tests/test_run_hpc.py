@@ -142,7 +142,7 @@ def test_help_explains_every_flag(capsys):
 
 @pytest.mark.skipif(not os.environ.get("HPML_CIFAR10"), reason="HPML_CIFAR10 is not set")
 def test_real_cifar10_short_run_reaches_sane_accuracy(tmp_path):
-    # shufflenetv2 with SGD: the suite's fastest model on a CPU (resnet18 on an AVX2-only CPU ran past 600 s here)
+    # shufflenetv2 with SGD: the suite's fastest model on a CPU (resnet18 takes minutes on CPUs without native bf16)
     done = run_script("run_hpc.py", "--model", "shufflenetv2", "--subset", "1500", "--batch-size", "32", "--epochs",
                       "3", "--optimizer", "sgd", "--lr", "0.05", "--workers", "0", "--output-dir", str(tmp_path),
                       "--quiet")
