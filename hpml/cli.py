@@ -12,6 +12,7 @@ from .config import (
     BACKENDS,
     DATASETS,
     DEVICES,
+    GRAD_COMPRESSIONS,
     LOADERS,
     OPTIMIZERS,
     PRECISIONS,
@@ -152,6 +153,15 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                             "fails instead of hanging (default: %(default)s)")
     add_switch(group, "--scale-lr", "multiply --lr by the world size (then runs of different sizes no longer "
                                     "compare like for like)")
+    group.add_argument("--grad-compression", choices=GRAD_COMPRESSIONS, default=DEFAULTS.grad_compression,
+                       help="how DDP sends gradients, through PyTorch's DDP communication hooks: none (fp32 "
+                            "all-reduce), fp16 or bf16 (half the bytes, cast back after), powersgd (a rank-1 "
+                            "approximation with error feedback, from the third step) (default: %(default)s)")
+    group.add_argument("--bucket-cap-mb", type=float, default=DEFAULTS.bucket_cap_mb,
+                       help="size of DDP's gradient buckets: smaller ones start sending earlier in the backward "
+                            "pass, larger ones make fewer calls (default: %(default)s)")
+    add_switch(group, "--static-graph", "tell DDP the model runs the same graph every step, so it can skip "
+                                        "per-step bookkeeping")
 
 
 def count(number: int, noun: str) -> str:

@@ -253,6 +253,9 @@ def test_a_single_gpu_baseline_job_runs_the_single_device_script(moto_account, c
      "--backend nccl does not work with --distribution none; use one of auto"),
     (["--distribution", "none", "--instance-type", "ml.p3.2xlarge", "--scale-lr"],
      "--scale-lr applies to data-parallel runs; --distribution none runs run_hpc.py"),
+    (["--distribution", "none", "--instance-type", "ml.p3.2xlarge", "--grad-compression", "fp16"],
+     "--grad-compression applies to data-parallel runs; --distribution none runs run_hpc.py"),
+    (["--grad-compression", "powersgd"], "--grad-compression powersgd is not available with the smddp backend"),
     (["--data-dir", "/nonexistent/cifar"], "no CIFAR-10 folder at /nonexistent/cifar"),
     (["--profile", "nosuchprofile"], "nosuchprofile"),
 ])
