@@ -157,11 +157,11 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                        help="how DDP sends gradients, through PyTorch's DDP communication hooks: none (fp32 "
                             "all-reduce), fp16 or bf16 (half the bytes, cast back after), powersgd (a rank-1 "
                             "approximation with error feedback, from the third step) (default: %(default)s)")
+    add_switch(group, "--static-graph", "tell DDP the model runs the same graph every step, so it can skip "
+                                        "per-step bookkeeping")
     group.add_argument("--bucket-cap-mb", type=float, default=DEFAULTS.bucket_cap_mb,
                        help="size of DDP's gradient buckets: smaller ones start sending earlier in the backward "
                             "pass, larger ones make fewer calls (default: %(default)s)")
-    add_switch(group, "--static-graph", "tell DDP the model runs the same graph every step, so it can skip "
-                                        "per-step bookkeeping")
 
 
 def count(number: int, noun: str) -> str:
