@@ -27,7 +27,16 @@ import pytest
 import sagemaker_submission
 from hpml import cli, jobs, prices
 from tests import helpers
-from tests.helpers import REPO, exit_code_of, fake_images, no_aws_config, results_in, run_script, run_without_torch
+from tests.helpers import (
+    REPO,
+    exit_code_of,
+    fake_images,
+    no_aws_config,
+    results_in,
+    run_script,
+    run_without_torch,
+    write_npz,
+)
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-test-bucket"
@@ -353,10 +362,11 @@ def test_dry_run_prints_what_submit_sends(moto_account, capsys, main_job, cifar_
 
 @pytest.fixture(scope="module")
 def run_record(tmp_path_factory) -> dict:
-    """A real results record from a short run_hpc.py run on synthetic data."""
+    """A real results record from a short run_hpc.py run on a tiny npz set (10 train / 10 test images)."""
     out = tmp_path_factory.mktemp("run")
-    done = run_script("run_hpc.py", "--model", "mobilenetv2", "--dataset", "synthetic", "--subset", "10",
-                      "--batch-size", "10", "--epochs", "1", "--workers", "0", "--quiet", "--output-dir", str(out))
+    folder = write_npz(tmp_path_factory.mktemp("data"), train=10, test=10)
+    done = run_script("run_hpc.py", "--model", "mobilenetv2", "--data-dir", str(folder), "--batch-size", "10",
+                      "--epochs", "1", "--workers", "0", "--quiet", "--output-dir", str(out))
     assert done.returncode == 0, done.stderr
     (record,) = results_in(out)
     return record
