@@ -159,3 +159,32 @@ def test_allreduce_refuses_bad_input_in_one_line(argv, message, capsys):
     assert exit_code_of(script_main("bench/allreduce.py"), argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_ddp_measures_the_step_with_and_without_gradient_synchronisation(tmp_path):
+    out = tmp_path / "ddp.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "bench" / "throughput.py"), *THROUGHPUT, "--ddp", "--grad-compression",
+                           "none,fp16", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "2 ranks, gloo" in done.stdout
+    report = json.loads(out.read_text())
+    assert (report["world_size"], report["backend"]) == (2, "gloo")
+    for compression in ("none", "fp16"):
+        figures = report["models"]["shufflenetv2"][compression]
+        assert figures["step_ms"] > 0 and figures["no_sync_step_ms"] > 0
+        assert figures["exposed_ms"] == pytest.approx(figures["step_ms"] - figures["no_sync_step_ms"])
+        assert {setup: len(times) for setup, times in figures["repeats_step_ms"].items()} == {"synced": 1,
+                                                                                             "no_sync": 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ddp"], "--ddp: start it under torchrun"),
+    (["--ddp", "--nproc", "2"], "--ddp measures one world under torchrun; run --nproc and --ablate without it"),
+    (["--grad-compression", "none,zip"], "--grad-compression takes a comma list of none, fp16, bf16, powersgd, "
+                                         "got 'zip'"),
+])
+def test_throughput_refuses_bad_ddp_flags_in_one_line(argv, message, capsys):
+    assert exit_code_of(script_main("bench/throughput.py"), argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
