@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def device_name(world: dist.World) -> str:
     env = results.environment(world.device)
-    return env["gpu"] if world.device.type == "cuda" else f"cpu: {env['cpu']} ({env['torch_threads']} threads)"
+    threads = cli.count(env["torch_threads"], "thread")
+    return env["gpu"] if world.device.type == "cuda" else f"cpu: {env['cpu']} ({threads})"
 
 
 if __name__ == "__main__":
