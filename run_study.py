@@ -156,9 +156,10 @@ def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.J
     from hpml import jobs
 
     baseline = job.distribution == "none"  # one process: the data-parallel flags mean nothing there
+    data_parallel_defaults = {name: getattr(cli.DEFAULTS, name)
+                              for name in (*study.DATA_PARALLEL_FIELDS, "dist_timeout")} if baseline else {}
     flags = argparse.Namespace(**{**vars(args), "model": job.cell.model, "distribution": job.distribution,
-                                  "scale_lr": args.scale_lr and not baseline,
-                                  "dist_timeout": cli.DEFAULTS.dist_timeout if baseline else args.dist_timeout})
+                                  **data_parallel_defaults})
     cfg, hyperparameters = sagemaker_submission.training_hyperparameters(flags)
     region = jobs.resolve_region(args.region, args.profile) or "us-east-1"
     jobs.check_distribution(job.distribution, job.instance_type, job.instance_count, args.framework_version,

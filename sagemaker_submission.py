@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpml import cli, container, jobs, prices, results
-from hpml.config import TrainConfig, default_data_dir
+from hpml.config import TrainConfig, check_grad_compression, default_data_dir
 from hpml.errors import UsageError
 
 if TYPE_CHECKING:
@@ -148,10 +148,14 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
     single_device = jobs.ENTRY_POINTS[args.distribution] == jobs.SINGLE_DEVICE_SCRIPT
     if single_device:
         for flag, value, default in (("--scale-lr", cfg.scale_lr, False),
-                                     ("--dist-timeout", cfg.dist_timeout, cli.DEFAULTS.dist_timeout)):
+                                     ("--dist-timeout", cfg.dist_timeout, cli.DEFAULTS.dist_timeout),
+                                     ("--grad-compression", cfg.grad_compression, cli.DEFAULTS.grad_compression),
+                                     ("--bucket-cap-mb", cfg.bucket_cap_mb, cli.DEFAULTS.bucket_cap_mb),
+                                     ("--static-graph", cfg.static_graph, cli.DEFAULTS.static_graph)):
             if value != default:
                 raise UsageError(f"{flag} applies to data-parallel runs; --distribution {args.distribution} runs "
                                  f"{jobs.SINGLE_DEVICE_SCRIPT}, one process: drop the flag")
+    check_grad_compression(cfg.grad_compression, "smddp" if "smddp" in (args.distribution, cfg.backend) else None)
     hyperparameters = {name: value for name, value in cli.flag_values(cfg, distributed=not single_device).items()
                        if name.replace("-", "_") not in LOCAL_PATH_FLAGS}
     return cfg, hyperparameters

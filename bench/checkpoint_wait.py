@@ -29,16 +29,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hpml import checkpoint, cli, data, dist, files  # noqa: E402
-from hpml.config import DEVICES, TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer, synchronize  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18", help="model name, comma list or 'all' (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="where the state lives before it is saved (default: %(default)s)")
+    parser = cli.measurement_parser(__doc__, model="resnet18")
     parser.add_argument("--repeats", type=int, default=7, help="saves of each kind (default: %(default)s)")
     parser.add_argument("--gap", type=float, default=2.0,
                         help="seconds between saves, standing in for an epoch (default: %(default)s)")

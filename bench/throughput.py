@@ -4,16 +4,22 @@
     python bench/throughput.py --model resnet18 --device cpu --json b.json
     python bench/throughput.py --nproc 2            # also DDP scaling efficiency over 2 ranks
     python bench/throughput.py --ablate             # also the fast defaults with one setting changed at a time
+    torchrun --nproc_per_node 2 bench/throughput.py --ddp --grad-compression none,fp16   # exposed communication
 
 Reference: DataLoader with --workers 2 and torchvision transforms, fp32, eager (no CUDA graphs), NCHW. Fast:
 the defaults of run_hpc.py on this device. Both train the same model with the same code (hpml.train.Trainer) on
 CIFAR-shaped synthetic data; epochs of --steps steps alternate between the setups, the first epoch of each is
 warm-up, and the figure is the median images/s over --repeats epochs.
+
+With --ddp, under torchrun, it measures instead how much of a data-parallel step is communication that the
+backward pass does not hide: the fast defaults' step time with DDP's gradient synchronisation, against the same
+step under DDP's no_sync() (same per-rank batch, no all-reduce), per model and per --grad-compression choice.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -22,6 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hpml import cli, data, dist, files, results, speed  # noqa: E402
-from hpml.config import DEVICES, MIN_SUBSET, TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import GRAD_COMPRESSIONS, TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
@@ -43,10 +50,7 @@ CUDA_ABLATIONS = {"fast, no CUDA graphs": {"cuda_graphs": False}}
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="all", help="model name, comma list or 'all' (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="device to measure on (default: %(default)s)")
+    parser = cli.measurement_parser(__doc__, model="all")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20,
                         help="steps per timed epoch; the classic loader starts its workers every epoch, as in "
@@ -61,16 +65,26 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="also measure the fast defaults with one setting changed at a time: "
                              + "; ".join([*ABLATIONS, *CUDA_ABLATIONS]) + " (on CUDA only); compiling adds a "
                              "minute or more per model (default: off)")
+    parser.add_argument("--ddp", action="store_true",
+                        help="under torchrun: the step time with gradient synchronisation against the same step "
+                             "under no_sync(), per model and --grad-compression choice (default: off)")
+    parser.add_argument("--grad-compression", default="none",
+                        help="with --ddp: a comma list of " + ", ".join(GRAD_COMPRESSIONS) + " (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "batch_size", "steps", "repeats")
     if args.nproc < 0:
         raise UsageError(f"--nproc must be 0 (off) or more, got {args.nproc}")
-    if args.nproc and args.steps * args.batch_size * args.nproc < MIN_SUBSET:
-        raise UsageError(f"--nproc {args.nproc} trains on --steps x --batch-size images per rank, "
-                         f"{args.steps * args.batch_size * args.nproc} in all, fewer than the {MIN_SUBSET} "
-                         "run_distributed.py takes; raise --steps or --batch-size")
+    args.grad_compression = [part.strip() for part in args.grad_compression.split(",")]
+    for choice in args.grad_compression:
+        if choice not in GRAD_COMPRESSIONS:
+            raise UsageError(f"--grad-compression takes a comma list of {', '.join(GRAD_COMPRESSIONS)}, "
+                             f"got {choice!r}")
+    if args.ddp and (args.nproc or args.ablate):
+        raise UsageError("--ddp measures one world under torchrun; run --nproc and --ablate without it")
+    if args.ddp and dist.launcher_from_env() != "torchrun":
+        raise UsageError("--ddp: start it under torchrun, e.g. torchrun --nproc_per_node 2 bench/throughput.py --ddp")
     if args.json:
         files.check_output_file(args.json, "--json")
     return args, parse_model_list(args.model)
@@ -104,22 +118,77 @@ def measure_model(name: str, args: argparse.Namespace, world: dist.World, images
 
 
 def measure_ddp(name: str, args: argparse.Namespace, nproc: int) -> float:
-    """Median images/s of run_distributed.py with `nproc` ranks (fast defaults), from its results JSON."""
+    """Median images/s of run_distributed.py with `nproc` ranks (fast defaults), from its results JSON.
+
+    It trains on synthetic images saved in the npz layout, with a test split of ten: evaluation is not timed.
+    """
     with tempfile.TemporaryDirectory() as out:
+        images = data.synthetic_cifar10(args.steps * args.batch_size * nproc, 10)
+        for split in ("train", "test"):
+            np.savez(Path(out) / f"{split}.npz", images=getattr(images, f"{split}_images"),
+                     labels=getattr(images, f"{split}_labels"))
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_port", str(dist.free_port()), str(REPO / "run_distributed.py"), "--model", name,
-                   "--dataset", "synthetic", "--subset", str(args.steps * args.batch_size * nproc),
-                   "--batch-size", str(args.batch_size), "--epochs", str(args.repeats + 1),
-                   "--device", args.device, "--quiet", "--output-dir", out]
+                   "--data-dir", out, "--batch-size", str(args.batch_size), "--epochs", str(args.repeats + 1),
+                   "--device", args.device, "--quiet", "--output-dir", str(Path(out) / "results")]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if done.returncode != 0:
             raise RuntimeError(f"torchrun with {nproc} ranks failed:\n{done.stdout}\n{done.stderr}")
-        (record,) = results.load_all(out)[0]
+        (record,) = results.load_all(Path(out) / "results")[0]
         return record["median_images_per_s"]
+
+
+def measure_exposed_communication(name: str, compression: str, args: argparse.Namespace, world: dist.World,
+                                  images: data.ImageSet) -> dict:
+    """Median step times (slowest rank) with DDP's synchronisation and under no_sync(), alternating epochs."""
+    cfg = TrainConfig(models=[name], batch_size=args.batch_size, device=args.device, grad_compression=compression,
+                      quiet=True).validate()
+    trainer = Trainer(cfg, name, world, images)
+    ddp = getattr(trainer.train_model, "_orig_mod", trainer.train_model)  # under --compile, the module it wraps
+    step_ms: dict[str, list[float]] = {"synced": [], "no_sync": []}
+    for epoch in range(1, args.repeats + 2):
+        for setup in ("synced", "no_sync") if epoch % 2 else ("no_sync", "synced"):
+            with ddp.no_sync() if setup == "no_sync" else contextlib.nullcontext():
+                stats = trainer.train_epoch(epoch, tqdm(disable=True))
+            (slowest,) = world.all_reduce([stats["epoch_time_s"] / stats["steps"]], op="max")
+            if epoch > 1:
+                step_ms[setup].append(slowest * 1e3)
+    synced, alone = (statistics.median(step_ms[setup]) for setup in ("synced", "no_sync"))
+    return {"step_ms": synced, "no_sync_step_ms": alone, "exposed_ms": synced - alone,
+            "exposed_fraction": (synced - alone) / synced, "repeats_step_ms": step_ms}
+
+
+def main_ddp(args: argparse.Namespace, names: list[str]) -> int:
+    world = dist.setup(TrainConfig(device=args.device).validate(), log=lambda _: None)
+    try:
+        images = data.synthetic_cifar10(args.steps * args.batch_size * world.size, 10)
+        report = {"device": device_name(world), "backend": world.backend, "world_size": world.size,
+                  "batch_size": args.batch_size, "steps_per_epoch": args.steps, "repeats": args.repeats,
+                  "environment": results.environment(world.device), "models": {}}
+        if world.is_main:
+            print(f"{world.size} ranks, {world.backend}, {report['device']}: step time with and without DDP's "
+                  "gradient synchronisation")
+            print(f"{'model':<14}{'compression':<13}{'step ms':>9}{'no_sync ms':>12}{'exposed ms':>12}{'exposed':>9}")
+        for name in names:
+            report["models"][name] = {}
+            for compression in args.grad_compression:
+                figures = measure_exposed_communication(name, compression, args, world, images)
+                report["models"][name][compression] = figures
+                if world.is_main:
+                    print(f"{name:<14}{compression:<13}{figures['step_ms']:>9.1f}{figures['no_sync_step_ms']:>12.1f}"
+                          f"{figures['exposed_ms']:>12.1f}{figures['exposed_fraction']:>8.0%}", flush=True)
+        if world.is_main and args.json:
+            results.write_json_atomic(args.json, report)
+            print(f"wrote {args.json}")
+    finally:
+        dist.teardown()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, names = parse_args(argv)
+    if args.ddp:
+        return main_ddp(args, names)
     world = dist.single_process(args.device)
     if world.device.type == "cuda" and args.nproc > torch.cuda.device_count():
         raise UsageError(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank); this machine has "
@@ -152,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def device_name(world: dist.World) -> str:
     env = results.environment(world.device)
-    return env["gpu"] if world.device.type == "cuda" else f"cpu: {env['cpu']} ({env['torch_threads']} threads)"
+    threads = cli.count(env["torch_threads"], "thread")
+    return env["gpu"] if world.device.type == "cuda" else f"cpu: {env['cpu']} ({threads})"
 
 
 if __name__ == "__main__":

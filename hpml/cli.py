@@ -12,6 +12,7 @@ from .config import (
     BACKENDS,
     DATASETS,
     DEVICES,
+    GRAD_COMPRESSIONS,
     LOADERS,
     OPTIMIZERS,
     PRECISIONS,
@@ -60,6 +61,14 @@ def add_switch(group: argparse._ArgumentGroup | FlagGroup, flag: str, help: str,
     if "(default" not in help:
         help += f" (default: {'on' if default else 'off'})"
     group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+
+
+def measurement_parser(doc: str, model: str) -> ArgumentParser:
+    """A bench script's parser: its docstring's first paragraph, and --model (default `model`) and --device."""
+    parser = ArgumentParser(description=doc.split("\n\n")[0])
+    add_training_args(parser, only={"--model", "--device"})
+    parser.set_defaults(model=model)
+    return parser
 
 
 def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | None = None,
@@ -133,8 +142,8 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                       help="autocast precision: fp32, bf16, or fp16 (with a gradient scaler); auto is bf16 on "
                            "CUDA GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 (default: %(default)s)")
     add_switch(fast, "--channels-last", "NHWC memory layout for the model and batches (default: on)", default=None)
-    add_switch(fast, "--compile", "torch.compile the model instead of CUDA graphs (slow first steps; measured "
-                                  "0.31x the default speed on an H100, and no gain over eager on a 2-core CPU)")
+    add_switch(fast, "--compile", "torch.compile the model instead of CUDA graphs (slow first steps; slower than "
+                                  "the defaults where measured: see bench/README.md)")
     add_switch(fast, "--cuda-graphs", "CUDA only: capture the model's forward and backward once as CUDA graphs and "
                                       "replay them every full batch, so the GPU is not left waiting on Python "
                                       "(default: on for CUDA unless --compile)", default=None)
@@ -151,6 +160,15 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                             "fails instead of hanging (default: %(default)s)")
     add_switch(group, "--scale-lr", "multiply --lr by the world size (then runs of different sizes no longer "
                                     "compare like for like)")
+    group.add_argument("--grad-compression", choices=GRAD_COMPRESSIONS, default=DEFAULTS.grad_compression,
+                       help="how DDP sends gradients, through PyTorch's DDP communication hooks: none (fp32 "
+                            "all-reduce), fp16 or bf16 (half the bytes, cast back after), powersgd (a rank-1 "
+                            "approximation with error feedback, from the third step) (default: %(default)s)")
+    add_switch(group, "--static-graph", "tell DDP the model runs the same graph every step, so it can skip "
+                                        "per-step bookkeeping")
+    group.add_argument("--bucket-cap-mb", type=float, default=DEFAULTS.bucket_cap_mb,
+                       help="size of DDP's gradient buckets: smaller ones start sending earlier in the backward "
+                            "pass, larger ones make fewer calls (default: %(default)s)")
 
 
 def add_aws_flags(group: argparse._ActionsContainer) -> None:

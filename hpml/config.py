@@ -17,6 +17,8 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "smddp", "nccl", "gloo")
 LOADERS = ("device", "torch")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+GRAD_COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+DDP_BUCKET_CAP_MB = 25.0  # DistributedDataParallel's own default
 MIN_SUBSET = 10  # one image per class
 
 
@@ -62,6 +64,9 @@ class TrainConfig:
     backend: str = "auto"
     dist_timeout: float = 300.0
     scale_lr: bool = False
+    grad_compression: str = "none"
+    bucket_cap_mb: float = DDP_BUCKET_CAP_MB
+    static_graph: bool = False
 
     def validate(self) -> TrainConfig:
         """Raise UsageError naming the first bad value and what is allowed; return self."""
@@ -80,6 +85,8 @@ class TrainConfig:
                  f"got {self.target_acc}")
         _require(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
                  f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
+        _require(math.isfinite(self.bucket_cap_mb) and self.bucket_cap_mb > 0,
+                 f"--bucket-cap-mb must be a positive number of megabytes, got {self.bucket_cap_mb}")
         for name, value, allowed in [
             ("--optimizer", self.optimizer, OPTIMIZERS),
             ("--schedule", self.schedule, SCHEDULES),
@@ -88,12 +95,21 @@ class TrainConfig:
             ("--backend", self.backend, BACKENDS),
             ("--loader", self.loader, LOADERS),
             ("--precision", self.precision, PRECISIONS),
+            ("--grad-compression", self.grad_compression, GRAD_COMPRESSIONS),
         ]:
             _require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return self
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_grad_compression(compression: str, backend: str | None) -> None:
+    """Refuse --grad-compression where the backend cannot take a DDP communication hook."""
+    if compression != "none" and backend == "smddp":
+        raise UsageError(f"--grad-compression {compression} is not available with the smddp backend: SMDDP "
+                         "documents its AllReduce and AllGather, not DDP communication hooks; use --grad-compression "
+                         "none, or --backend nccl (--distribution torchrun on SageMaker)")
 
 
 def parse_model_list(text: str) -> list[str]:

@@ -194,6 +194,20 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
                  backend=torch_dist.get_backend(), device=device, launcher=launcher, sagemaker=container.job_info())
 
 
+def register_grad_compression(ddp: torch.nn.parallel.DistributedDataParallel, compression: str, seed: int) -> None:
+    """--grad-compression through PyTorch's DDP communication hooks; none keeps DDP's own fp32 all-reduce."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if compression == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif compression == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif compression == "powersgd":  # error feedback needs the first two steps to be plain all-reduces
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2,
+                                            random_seed=seed)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+
 def teardown() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -9,13 +9,14 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from . import checkpoint, data, monitor, results, speed, train
-from .config import TrainConfig
+from .config import TrainConfig, check_grad_compression
 from .dist import World
 
 
 def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = print) -> list[Path]:
     """Train every model in cfg.models in turn; rank 0 writes one results JSON per model."""
     speed.resolve(cfg, world.device)  # refuse speed settings this device cannot run before the data loads
+    check_grad_compression(cfg.grad_compression, world.backend)
     if world.is_main:
         results.check_writable(cfg.output_dir)
         checkpoint.check_writable(cfg)

@@ -23,8 +23,9 @@ from .errors import UsageError
 
 # The settings that make two runs the same experiment (besides model and world size); others (loader workers,
 # quiet, monitoring) change how a run is watched, not what it measures.
-DEFINING_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "dataset", "subset", "seed", "scale_lr",
-                   "target_acc")
+DEFINING_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "dataset", "subset", "seed", "target_acc")
+# Settings of data-parallel runs only: one process ignores them, so a baseline matches whatever they are.
+DATA_PARALLEL_FIELDS = ("scale_lr", "grad_compression", "bucket_cap_mb", "static_graph")
 REPO = Path(__file__).resolve().parent.parent
 SINGLE_DEVICE_SCRIPT, DATA_PARALLEL_SCRIPT = REPO / "run_hpc.py", REPO / "run_distributed.py"
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone")
@@ -65,11 +66,10 @@ def plan(models: Sequence[str], world_sizes: Sequence[int], repeats: int) -> lis
 
 
 def defining_settings(config: dict, world_size: int) -> dict:
-    """What makes a run of this world size the same experiment; --scale-lr means nothing to one process."""
-    settings = {name: config.get(name) for name in DEFINING_FIELDS}
-    if world_size == 1:
-        settings["scale_lr"] = False
-    return settings
+    """What makes a run of this world size the same experiment. A setting a record predates counts as its
+    default."""
+    names = DEFINING_FIELDS + (DATA_PARALLEL_FIELDS if world_size > 1 else ())
+    return {name: config.get(name, getattr(cli.DEFAULTS, name)) for name in names}
 
 
 def settings_id(cfg: TrainConfig, cell: Cell, *more: str) -> str:

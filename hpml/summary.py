@@ -19,6 +19,7 @@ from pathlib import Path
 import models
 
 from . import cli
+from .config import DDP_BUCKET_CAP_MB
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "synthetic": "synthetic data (not CIFAR-10)"}
 # Config values that should be equal within a group; a mix is reported, since the median would blur it.
@@ -59,6 +60,7 @@ class Group:
     device: str
     workload: str
     platform: str = "local"
+    communication: str = ""  # how DDP sent gradients, where not as DDP does by default
     runs: list[dict] = field(default_factory=list)
     baseline: Group | None = None
     compared: bool = False  # a single-device group that some other group's speedup is measured against
@@ -71,7 +73,8 @@ class Group:
     @property
     def series(self) -> tuple:
         """How the runs were spread over devices: one colour per series in every figure, single first."""
-        return (self.mode != "single", self.device, self.world_size, self.nodes, self.backend or "", self.mode)
+        return (self.mode != "single", self.device, self.world_size, self.nodes, self.backend or "", self.mode,
+                self.communication)
 
     def spread(self, name: str) -> Spread:
         return Spread.of(run[name] for run in self.runs)
@@ -119,6 +122,19 @@ def workload_of(record: dict) -> str:
     return f"{description}; {sizes}{len(record['epochs'])} epochs"
 
 
+def communication_of(record: dict) -> str:
+    """A data-parallel run's gradient communication where it is not DDP's default: "fp16, 1 MB buckets"."""
+    config = record["config"]
+    if record["mode"] == "single":
+        return ""
+    parts = [config["grad_compression"]] if config.get("grad_compression", "none") != "none" else []
+    if config.get("bucket_cap_mb", DDP_BUCKET_CAP_MB) != DDP_BUCKET_CAP_MB:
+        parts.append(f"{config['bucket_cap_mb']:g} MB buckets")
+    if config.get("static_graph"):
+        parts.append("static graph")
+    return ", ".join(parts)
+
+
 def platform_of(record: dict) -> str:
     """Where a run trained: "SageMaker" (a SageMaker job) or "local" (a machine or cluster of one's own)."""
     return "SageMaker" if record.get("sagemaker") else "local"
@@ -136,7 +152,8 @@ def group_runs(records: list[dict], warn: Callable[[str], None]) -> list[Group]:
     for record in records:
         group = Group(model=record["model"], mode=record["mode"], backend=record.get("backend"),
                       world_size=int(record["world_size"]), nodes=int(record.get("nodes") or 1),
-                      device=record["device"], workload=workload_of(record), platform=platform_of(record))
+                      device=record["device"], workload=workload_of(record), platform=platform_of(record),
+                      communication=communication_of(record))
         groups.setdefault((group.setup, model_order(group.model), group.series), group).runs.append(record)
     ordered = [groups[key] for key in sorted(groups)]
     for group in ordered:
@@ -171,8 +188,9 @@ def label(group: Group) -> str:
         count += f" on {group.nodes} nodes"
     if group.mode == "single":
         return f"{count} (single)"
-    how = "DDP" if group.mode == "distributed" else group.mode
-    return f"{count} ({how}, {group.backend})" if group.backend else f"{count} ({how})"
+    how = ", ".join(filter(None, ("DDP" if group.mode == "distributed" else group.mode, group.backend,
+                                  group.communication)))
+    return f"{count} ({how})"
 
 
 # ---- what the numbers were measured on ---------------------------------------------------------

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import models
 
-from . import checkpoint, container, results, speed
+from . import checkpoint, container, dist, results, speed
 from .config import TrainConfig
 from .data import ImageSet
 from .dist import World
@@ -43,11 +43,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def wrap_for_world(model: nn.Module, world: World) -> nn.Module:
-    """DistributedDataParallel in a process group (gradients averaged over ranks), else the model itself."""
+def wrap_for_world(model: nn.Module, world: World, cfg: TrainConfig) -> nn.Module:
+    """DistributedDataParallel in a process group (gradients averaged over ranks, sent as --grad-compression
+    says), else the model itself."""
     if not world.distributed:
         return model
-    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                                  bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph)
+    dist.register_grad_compression(ddp, cfg.grad_compression, cfg.seed)
+    return ddp
 
 
 def make_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -194,7 +198,7 @@ class Trainer:
             batch = torch.randn(cfg.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
             batch = batch.contiguous(memory_format=memory_format(self.speed.channels_last))
             step_model = speed.GraphedModel(self.model, batch, speed.autocast(self.speed, device))
-        train_model = wrap_for_world(step_model, world)
+        train_model = wrap_for_world(step_model, world, cfg)
         self.train_model = torch.compile(train_model) if self.speed.compile else train_model
         self.lr = cfg.lr * world.size if cfg.scale_lr else cfg.lr
         self.optimizer = make_optimizer(cfg, self.model.parameters(), self.lr)

@@ -1,10 +1,12 @@
 """Worker for test_distributed.py: a few SGD steps through hpml's sharding, augmentation, DDP and loop.
 
-Run as a world of one with batch B, or under torchrun with 2 ranks and batch B/2; rank 0 saves the weights.
+Run as a world of one with batch B, or under torchrun with 2 ranks and batch B/2 (once per communication option);
+rank 0 saves the weights.
 The model has no batch norm, so a step over B images is the same computation whether one process or two
 ranks (each over B/2, gradients averaged by DDP) take it; only float summation order differs.
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -22,22 +24,37 @@ def small_cnn() -> nn.Module:
     )
 
 
+# Each under torchrun, beside the plain all-reduce: the communication options of run_distributed.py.
+COMMUNICATION = {
+    "none": {},
+    "fp16": {"grad_compression": "fp16"},
+    "bf16": {"grad_compression": "bf16"},
+    "powersgd": {"grad_compression": "powersgd"},
+    "small buckets, static graph": {"bucket_cap_mb": 0.001, "static_graph": True},
+}
+
+
 def main(batch_size: int, out: str) -> None:
+    """Train with every COMMUNICATION setting under torchrun (only "none" in a world of one); rank 0 saves
+    {setting: weights} to `out`."""
     cfg = TrainConfig(dataset="synthetic", subset=64, batch_size=batch_size, workers=0, optimizer="sgd", lr=0.05,
                       device="cpu", backend="gloo").validate()
     world = dist.setup(cfg, log=lambda _: None)
     images = data.load_dataset(cfg)
-    train.seed_all(cfg.seed)
-    model = small_cnn()
-    ddp_model = train.wrap_for_world(model, world)
-    optimizer = train.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
     plan = loaders.BatchPlan(cfg.batch_size, cfg.seed, world.rank, world.size)
     batches = loaders.make_train_batches(images, plan, world.device, "torch")
-    for epoch in (1, 2):
-        batches.set_epoch(epoch)
-        train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
+    weights = {}
+    for name, options in COMMUNICATION.items() if dist.launcher_from_env() == "torchrun" else [("none", {})]:
+        train.seed_all(cfg.seed)
+        model = small_cnn()
+        ddp_model = train.wrap_for_world(model, world, dataclasses.replace(cfg, **options))
+        optimizer = train.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
+        for epoch in (1, 2):
+            batches.set_epoch(epoch)
+            train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
+        weights[name] = model.state_dict()
     if world.is_main:
-        torch.save(model.state_dict(), out)
+        torch.save(weights, out)
     dist.teardown()
 
 

@@ -62,6 +62,15 @@ def exit_code_of(main: Callable, argv: Sequence[str]) -> int:
     return stop.value.code
 
 
+def refusal(main: Callable, argv: Sequence[str], capsys: pytest.CaptureFixture) -> str:
+    """The one line a script's main(argv) prints on stderr when it refuses its input with exit code 2."""
+    capsys.readouterr()
+    assert exit_code_of(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def script_main(script: str) -> Callable:
     """The main() of a script given by its path in the repository (bench/ scripts are not importable by name)."""
     name = "hpml_script_" + script.removesuffix(".py").replace("/", "_")

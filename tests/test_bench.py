@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, exit_code_of, script_main, write_npz
+from tests.helpers import REPO, exit_code_of, refusal, script_main, write_npz
 
 THROUGHPUT = ["--model", "shufflenetv2", "--device", "cpu", "--batch-size", "16", "--steps", "2", "--repeats", "1"]
 
@@ -132,3 +132,55 @@ def test_monitor_overhead_times_the_training_loop_with_and_without_sampling(caps
     ratios = [float(line.split("ratio ")[1].split()[0]) for line in stdout.splitlines() if "ratio" in line]
     assert len(ratios) == 2 and all(0.2 < ratio < 5 for ratio in ratios)  # wall time and process CPU time
     assert stderr.count("repeat ") == 2
+
+
+def test_allreduce_under_torchrun_prints_and_writes_every_size(tmp_path):
+    out = tmp_path / "allreduce.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "bench" / "allreduce.py"), "--max-bytes", "4M", "--iters", "2", "--warmup", "1",
+                           "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "on gloo, 2 ranks" in done.stdout and "shufflenetv2 bf16" in done.stdout  # 2.5 MB of bf16 gradients
+    report = json.loads(out.read_text())
+    assert [row["bytes"] for row in report["sizes"]] == [8 * 2**k for k in range(20)]  # 8 B to 4 MiB, doubling
+    for row in report["sizes"]:
+        assert row["time_us"] > 0 and row["algbw_gbps"] == pytest.approx(row["bytes"] / row["time_us"] / 1e3)
+        assert row["busbw_gbps"] == pytest.approx(row["algbw_gbps"])  # 2(n-1)/n = 1 for two ranks
+    assert report["models"]["resnet18"] == {"params": 11_173_962, "fp32_bytes": 44_695_848, "bf16_bytes": 22_347_924}
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "no launcher: start the ranks with torchrun"),
+    (["--min-bytes", "1M", "--max-bytes", "64K"], "--min-bytes 1048576 is larger than --max-bytes 65536"),
+    (["--max-bytes", "2"], "expected at least 4 bytes"),
+    (["--max-bytes", "12Q"], "expected a byte count such as 8, 64K, 256M or 1G, got '12Q'"),
+])
+def test_allreduce_refuses_bad_input_in_one_line(argv, message, capsys):
+    assert message in refusal(script_main("bench/allreduce.py"), argv, capsys)
+
+
+def test_ddp_measures_the_step_with_and_without_gradient_synchronisation(tmp_path):
+    out = tmp_path / "ddp.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "bench" / "throughput.py"), *THROUGHPUT, "--ddp", "--grad-compression",
+                           "none,fp16", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "2 ranks, gloo" in done.stdout
+    report = json.loads(out.read_text())
+    assert (report["world_size"], report["backend"]) == (2, "gloo")
+    for compression in ("none", "fp16"):
+        figures = report["models"]["shufflenetv2"][compression]
+        assert figures["step_ms"] > 0 and figures["no_sync_step_ms"] > 0
+        assert figures["exposed_ms"] == pytest.approx(figures["step_ms"] - figures["no_sync_step_ms"])
+        assert {setup: len(times) for setup, times in figures["repeats_step_ms"].items()} == {"synced": 1,
+                                                                                             "no_sync": 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ddp"], "--ddp: start it under torchrun"),
+    (["--ddp", "--nproc", "2"], "--ddp measures one world under torchrun; run --nproc and --ablate without it"),
+    (["--grad-compression", "none,zip"], "--grad-compression takes a comma list of none, fp16, bf16, powersgd, "
+                                         "got 'zip'"),
+])
+def test_throughput_refuses_bad_ddp_flags_in_one_line(argv, message, capsys):
+    assert message in refusal(script_main("bench/throughput.py"), argv, capsys)

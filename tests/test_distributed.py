@@ -12,14 +12,15 @@ import psutil
 import pytest
 import torch
 
+import run_distributed
 from hpml import dist
-from hpml.config import TrainConfig
+from hpml.config import TrainConfig, check_grad_compression
 from hpml.dist import free_port
 from hpml.errors import UsageError
 from hpml.monitor import read_samples_csv
 from hpml.train import seed_all
 from tests.ddp_equivalence import small_cnn
-from tests.helpers import REPO, results_in, run_script
+from tests.helpers import REPO, refusal, results_in, run_script
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -83,12 +84,19 @@ def test_two_ranks_with_half_batches_match_one_process(tmp_path):
     assert done.returncode == 0, done.stderr
     done = torchrun("-m", "tests.ddp_equivalence", "8", str(double))
     assert done.returncode == 0, done.stderr
-    one, two = torch.load(single), torch.load(double)
+    one, two = torch.load(single)["none"], torch.load(double)
     seed_all(0)  # as the worker seeds before building the model
     untrained = small_cnn().state_dict()
     for name in one:
         assert not torch.allclose(one[name], untrained[name])  # the steps did move every tensor
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+        for setting in ("none", "small buckets, static graph"):  # the same sums, sent otherwise
+            torch.testing.assert_close(two[setting][name], one[name], rtol=1e-4, atol=1e-5)
+        # Gradients rounded to 16 bits on the way: within the stated tolerance of the fp32 run.
+        torch.testing.assert_close(two["fp16"][name], one[name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(two["bf16"][name], one[name], rtol=1e-2, atol=1e-3)
+        # PowerSGD sends a rank-1 approximation: it trains (every tensor moved, all finite), not to the same weights.
+        assert not torch.allclose(two["powersgd"][name], untrained[name])
+        assert torch.isfinite(two["powersgd"][name]).all()
 
 
 def test_plain_python_trains_as_a_world_of_one(npz_dir, tmp_path):
@@ -101,13 +109,34 @@ def test_plain_python_trains_as_a_world_of_one(npz_dir, tmp_path):
     assert record["launcher"] == "none"
 
 
-def test_scale_lr_multiplies_by_world_size(npz_dir, tmp_path):
+def test_scale_lr_and_the_communication_options_reach_the_record(npz_dir, tmp_path):
     done = torchrun("run_distributed.py", "--model", "shufflenet", "--data-dir", str(npz_dir), "--subset", "20",
                     "--batch-size", "10", "--epochs", "1", "--workers", "0", "--lr", "0.5", "--scale-lr",
+                    "--grad-compression", "powersgd", "--bucket-cap-mb", "1", "--static-graph",
                     "--quiet", "--output-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
     (record,) = results_in(tmp_path)
     assert record["lr"] == 1.0 and record["epochs"][0]["lr"] == 1.0
+    assert {key: record["config"][key] for key in ("grad_compression", "bucket_cap_mb", "static_graph")} == \
+        {"grad_compression": "powersgd", "bucket_cap_mb": 1.0, "static_graph": True}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grad-compression", "int8"], "argument --grad-compression: invalid choice: 'int8'"),
+    (["--bucket-cap-mb", "0"], "--bucket-cap-mb must be a positive number of megabytes, got 0.0"),
+    (["--bucket-cap-mb", "nan"], "--bucket-cap-mb must be a positive number of megabytes, got nan"),
+    (["--static-graph", "sometimes"], "expected true or false, got 'sometimes'"),
+])
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # @record, under pytest's captured stderr
+def test_bad_communication_options_are_one_line(argv, message, capsys, tmp_path):
+    assert message in refusal(run_distributed.main, [*argv, "--output-dir", str(tmp_path)], capsys)
+
+
+def test_grad_compression_is_refused_on_smddp_only():
+    with pytest.raises(UsageError, match="--grad-compression fp16 is not available with the smddp backend"):
+        check_grad_compression("fp16", "smddp")
+    for compression, backend in (("none", "smddp"), ("bf16", "gloo"), ("powersgd", "nccl"), ("fp16", None)):
+        check_grad_compression(compression, backend)
 
 
 def test_a_killed_rank_fails_the_job_instead_of_hanging(tmp_path):

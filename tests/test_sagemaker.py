@@ -27,7 +27,16 @@ import pytest
 import sagemaker_submission
 from hpml import cli, jobs, prices
 from tests import helpers
-from tests.helpers import REPO, exit_code_of, fake_images, no_aws_config, results_in, run_script, run_without_torch
+from tests.helpers import (
+    REPO,
+    exit_code_of,
+    fake_images,
+    no_aws_config,
+    results_in,
+    run_script,
+    run_without_torch,
+    write_npz,
+)
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-test-bucket"
@@ -253,6 +262,9 @@ def test_a_single_gpu_baseline_job_runs_the_single_device_script(moto_account, c
      "--backend nccl does not work with --distribution none; use one of auto"),
     (["--distribution", "none", "--instance-type", "ml.p3.2xlarge", "--scale-lr"],
      "--scale-lr applies to data-parallel runs; --distribution none runs run_hpc.py"),
+    (["--distribution", "none", "--instance-type", "ml.p3.2xlarge", "--grad-compression", "fp16"],
+     "--grad-compression applies to data-parallel runs; --distribution none runs run_hpc.py"),
+    (["--grad-compression", "powersgd"], "--grad-compression powersgd is not available with the smddp backend"),
     (["--data-dir", "/nonexistent/cifar"], "no CIFAR-10 folder at /nonexistent/cifar"),
     (["--profile", "nosuchprofile"], "nosuchprofile"),
 ])
@@ -350,10 +362,11 @@ def test_dry_run_prints_what_submit_sends(moto_account, capsys, main_job, cifar_
 
 @pytest.fixture(scope="module")
 def run_record(tmp_path_factory) -> dict:
-    """A real results record from a short run_hpc.py run on synthetic data."""
+    """A real results record from a short run_hpc.py run on a tiny npz set (10 train / 10 test images)."""
     out = tmp_path_factory.mktemp("run")
-    done = run_script("run_hpc.py", "--model", "mobilenetv2", "--dataset", "synthetic", "--subset", "10",
-                      "--batch-size", "10", "--epochs", "1", "--workers", "0", "--quiet", "--output-dir", str(out))
+    folder = write_npz(tmp_path_factory.mktemp("data"), train=10, test=10)
+    done = run_script("run_hpc.py", "--model", "mobilenetv2", "--data-dir", str(folder), "--batch-size", "10",
+                      "--epochs", "1", "--workers", "0", "--quiet", "--output-dir", str(out))
     assert done.returncode == 0, done.stderr
     (record,) = results_in(out)
     return record

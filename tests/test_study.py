@@ -50,8 +50,9 @@ def test_a_cell_with_results_of_the_same_settings_is_done():
     assert study.cells_to_run(cells, records, cfg, force=True) == cells
 
 
-def test_scale_lr_tells_apart_data_parallel_runs_only():
-    cfg = TrainConfig(dataset="synthetic", scale_lr=True)
+@pytest.mark.parametrize("setting", [{"scale_lr": True}, {"grad_compression": "fp16"}, {"static_graph": True}])
+def test_data_parallel_settings_tell_apart_data_parallel_runs_only(setting):
+    cfg = TrainConfig(dataset="synthetic", **setting)
     plain = TrainConfig(dataset="synthetic")
     records = [run_record("resnet18", 1, plain), run_record("resnet18", 2, plain)]
     assert study.cells_to_run(study.plan(["resnet18"], [1, 2], 1), records, cfg) == [study.Cell("resnet18", 2, 0)]

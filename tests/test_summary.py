@@ -51,3 +51,17 @@ def test_speedup_in_time_to_target_where_both_runs_reached_it():
     other_target = summary.group_runs([run("s", 1, 6.0), run("d", 2, 3.0, target=0.4)], warn=pytest.fail)
     assert other_target[1].target_speedup is None
     assert summary.summary_markdown(summary.group_runs([record()], warn=pytest.fail), Path("r")).endswith("| — | — |\n")
+
+
+def test_each_gradient_communication_is_its_own_series():
+    def ddp(run_id: str, **config) -> dict:
+        run = record(run_id, mode="distributed", backend="gloo", world_size=2)
+        return {**run, "config": {**run["config"], **config}}
+
+    groups = summary.group_runs([record("s1"), ddp("d1"), ddp("d2", grad_compression="fp16"),
+                                 ddp("d3", grad_compression="powersgd", bucket_cap_mb=1.0, static_graph=True)],
+                                warn=pytest.fail)
+    assert [summary.label(group) for group in groups] == [
+        "1 CPU process (single)", "2 CPU processes (DDP, gloo)", "2 CPU processes (DDP, gloo, fp16)",
+        "2 CPU processes (DDP, gloo, powersgd, 1 MB buckets, static graph)"]
+    assert all(group.baseline is groups[0] for group in groups[1:])

@@ -10,7 +10,7 @@ import run_hpc
 from hpml import checkpoint, data, dist, train
 from hpml.config import TrainConfig
 from hpml.errors import RunStopped
-from tests.helpers import exit_code_of, results_in
+from tests.helpers import exit_code_of, results_in, write_npz
 
 STEPS_PER_EPOCH = 4  # 40 images at batch 10: fewer steps than train.CHECK_EVERY
 
@@ -83,7 +83,8 @@ def test_a_spot_restart_writes_every_finished_models_results_again(tmp_path, mon
     monkeypatch.setenv("SM_TRAINING_ENV", "{}")
     monkeypatch.setenv("SM_OUTPUT_DATA_DIR", str(base / "output" / "data"))
     monkeypatch.setenv("SM_MODEL_DIR", str(base / "model"))
-    argv = ["--model", "shufflenet,mobilenet", "--dataset", "synthetic", "--subset", "20", "--batch-size", "10",
+    folder = write_npz(tmp_path / "data", train=20, test=10)
+    argv = ["--model", "shufflenet,mobilenet", "--data-dir", str(folder), "--batch-size", "10",
             "--epochs", "1", "--workers", "0", "--device", "cpu", "--utilization", "--sample-interval", "0.2",
             "--quiet"]
     assert exit_code_of(run_hpc.main, argv) == 0

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Data-parallel scaling predicted by a ring all-reduce model, checked against measurement, projected to GPUs.
+
+    torchrun --nproc_per_node 2 bench/allreduce.py --json ar.json
+    torchrun --nproc_per_node 2 bench/throughput.py --ddp --json ddp.json
+    python bench/scaling.py --allreduce ar.json --ddp ddp.json --single bench/measured/throughput_all_models_h200.json
+
+Check: for each model in the --ddp measurement, the step time the model (hpml/scaling.py) predicts from the
+measured step without synchronisation (compute), the model's fp32 gradient bytes and the link fitted to the
+--allreduce table of the same world, against the step measured with synchronisation. Projection: speedup for 1 to
+64 GPUs from a measured single-GPU throughput (--single: bench/throughput.py's JSON, the fast setup) on a stated
+link (--link), with and without overlap. The figure marks measured points as measured and labels every projected
+curve as a model with its assumptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import models  # noqa: E402
+from hpml import cli, files, results, scaling  # noqa: E402
+from hpml.errors import UsageError  # noqa: E402
+
+GPUS_PER_NODE = 8
+# AWS's ml.p4d.24xlarge: 8 A100s on NVSwitch (600 GB/s bidirectional per GPU, so 300 GB/s each way) and 400 Gbps
+# of EFA per instance. The latencies are assumptions, not measurements.
+STATED_LINKS = {
+    "p4d": (scaling.Link(5e-6, 300e9, "ml.p4d.24xlarge NVSwitch, 300 GB/s each way (AWS); 5 us assumed"),
+            scaling.Link(15e-6, 50e9, "ml.p4d.24xlarge EFA, 400 Gbps per instance (AWS); 15 us assumed")),
+}
+PROJECTED_RANKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--allreduce", type=Path, help="bench/allreduce.py's JSON, for the check's link")
+    parser.add_argument("--ddp", type=Path, help="bench/throughput.py --ddp's JSON of the same world, to check")
+    parser.add_argument("--single", type=Path, help="bench/throughput.py's JSON of one GPU, to project from")
+    parser.add_argument("--link", choices=tuple(STATED_LINKS), default="p4d",
+                        help="the stated interconnect of the projection: 8 GPUs per node on its intra-node link, "
+                             "more across its inter-node link (default: %(default)s)")
+    parser.add_argument("--figure", type=Path, default=Path("results_img/Scaling.png"),
+                        help="the figure to write (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the predictions as JSON here")
+    args = parser.parse_args(argv)
+    if bool(args.ddp) != bool(args.allreduce):
+        raise UsageError("--ddp and --allreduce go together: the check needs the step times and the link of one world")
+    if not args.ddp and not args.single:
+        raise UsageError("give --allreduce and --ddp (a check), --single (a projection), or all three")
+    for path in filter(None, (args.allreduce, args.ddp, args.single)):
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    files.check_output_file(args.figure, "--figure")
+    if args.json:
+        files.check_output_file(args.json, "--json")
+    return args
+
+
+def read_json(path: Path, *keys: str) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: not readable JSON ({type(error).__name__}: {error})") from None
+    missing = [key for key in keys if not isinstance(report, dict) or key not in report]
+    if missing:
+        raise UsageError(f"{path}: not the JSON this needs (no {', '.join(missing)})")
+    return report
+
+
+def gradient_bytes(name: str) -> int:
+    """fp32 gradients, as DDP all-reduces them."""
+    return 4 * sum(p.numel() for p in models.build(name).parameters())
+
+
+def check(allreduce: dict, ddp: dict) -> dict:
+    """Predicted against measured step time, per model, for the world both files were measured in."""
+    ranks = ddp["world_size"]
+    if allreduce["world_size"] != ranks:
+        raise UsageError(f"the all-reduce table is of {allreduce['world_size']} ranks, the --ddp measurement of "
+                         f"{ranks}: measure both in one world")
+    link = scaling.fit_link(allreduce["sizes"], ranks, f"fitted to bench/allreduce.py ({allreduce['backend']})")
+    figures = {}
+    for name, by_compression in ddp["models"].items():
+        if "none" not in by_compression:
+            continue
+        measured = by_compression["none"]
+        compute, grads = measured["no_sync_step_ms"] / 1e3, gradient_bytes(name)
+        predicted = {overlap: scaling.step_s(compute, grads, ranks, link, overlap) * 1e3 for overlap in (True, False)}
+        figures[name] = {"measured_step_ms": measured["step_ms"], "compute_ms": compute * 1e3,
+                         "predicted_step_ms": predicted[True], "predicted_step_ms_no_overlap": predicted[False],
+                         "error": predicted[True] / measured["step_ms"] - 1, "gradient_bytes": grads}
+    return {"ranks": ranks, "backend": ddp["backend"], "device": ddp["device"],
+            "link": {"latency_us": link.latency_s * 1e6, "bus_gbps": link.bandwidth_bytes_per_s / 1e9,
+                     "source": link.source}, "models": figures}
+
+
+def project(single: dict, link_name: str) -> dict:
+    """Speedup over one GPU for PROJECTED_RANKS, per model, with and without overlap."""
+    intra, inter = STATED_LINKS[link_name]
+    curves = {}
+    for name, measured in single["models"].items():
+        compute, grads = single["batch_size"] / measured["fast_images_per_s"], gradient_bytes(name)
+        curves[name] = {
+            str(overlap): [scaling.speedup(compute, grads, n, intra if n <= GPUS_PER_NODE else inter, overlap)
+                           for n in PROJECTED_RANKS] for overlap in (True, False)}
+    return {"device": single["device"], "batch_size": single["batch_size"], "ranks": list(PROJECTED_RANKS),
+            "links": [intra.source, inter.source], "speedup": curves}
+
+
+def draw(checked: dict | None, projected: dict | None, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpml import plots
+
+    panels = [p for p in (checked, projected) if p]
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False, layout="constrained")
+    axes = list(axes[0])
+    if checked:
+        ax, names = axes.pop(0), list(checked["models"])
+        positions = range(len(names))
+        ax.plot(positions, [checked["models"][n]["measured_step_ms"] for n in names], "o", ms=9, label="measured")
+        ax.plot(positions, [checked["models"][n]["predicted_step_ms"] for n in names], "x", ms=9,
+                label="model, with overlap")
+        ax.plot(positions, [checked["models"][n]["predicted_step_ms_no_overlap"] for n in names], "+", ms=9,
+                label="model, no overlap")
+        ax.set_xticks(list(positions), names)
+        ax.set_ylabel("step time (ms)")
+        ax.set_title(f"Check: {checked['ranks']} ranks, {checked['backend']}, {checked['device']}\n"
+                     f"link {checked['link']['bus_gbps']:.2f} GB/s, {checked['link']['latency_us']:.0f} us "
+                     f"({checked['link']['source']})", fontsize=9)
+        ax.legend()
+    if projected:
+        ax = axes.pop(0)
+        ranks = projected["ranks"]
+        ax.plot(ranks, ranks, color="grey", lw=1, label="linear")
+        for name, curves in projected["speedup"].items():
+            (line,) = ax.plot(ranks, curves["True"], "-", label=f"{name} (model, with overlap)")
+            ax.plot(ranks, curves["False"], "--", color=line.get_color(), lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("speedup over one GPU (projected; dashed: no overlap)")
+        ax.set_title(f"Projection from one {projected['device']} (measured), batch {projected['batch_size']} per "
+                     f"GPU\n{projected['links'][0]}; beyond 8: {projected['links'][1]}", fontsize=9)
+        ax.legend(fontsize=7)
+    return plots.save_figure(figure, path, dpi=150)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    checked = check(read_json(args.allreduce, "sizes", "world_size", "backend"),
+                    read_json(args.ddp, "models", "world_size", "backend", "device")) if args.ddp else None
+    projected = project(read_json(args.single, "models", "batch_size", "device"), args.link) if args.single else None
+    if checked:
+        print(f"{'model':<14}{'measured ms':>12}{'predicted ms':>14}{'no overlap ms':>15}{'error':>8}")
+        for name, m in checked["models"].items():
+            print(f"{name:<14}{m['measured_step_ms']:>12.1f}{m['predicted_step_ms']:>14.1f}"
+                  f"{m['predicted_step_ms_no_overlap']:>15.1f}{m['error']:>8.0%}")
+    if projected:
+        print(f"\nprojected speedup on {args.link} (with overlap) for {', '.join(map(str, projected['ranks']))} GPUs")
+        for name, curves in projected["speedup"].items():
+            print(f"{name:<14}" + "".join(f"{value:>7.1f}" for value in curves["True"]))
+    print(f"-> {draw(checked, projected, args.figure)}")
+    if args.json:
+        results.write_json_atomic(args.json, {"check": checked, "projection": projected})
+        print(f"-> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_script(main)
