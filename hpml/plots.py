@@ -158,7 +158,7 @@ def accuracy_figure(groups: list[Group]) -> Figure:
     return body.figure
 
 
-def scaling_figure(groups: list[Group]) -> Figure:
+def speedup_figure(groups: list[Group]) -> Figure:
     """Per model, side by side: training time, speedup and scaling efficiency over the single-device run, final
     accuracy, and the speedup in time to the target accuracy where runs recorded one."""
     def relative(value: Callable[[Group], float | None], scale: float = 1.0) -> Callable[[Group], Spread]:
@@ -357,7 +357,7 @@ def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
     written = [save_figure(time_figure(groups), target / "Time.png", dpi),
                save_figure(accuracy_figure(groups), target / "Accuracy.png", dpi),
                save_figure(curves_figure(groups), target / "Curves.png", dpi),
-               save_figure(scaling_figure(groups), target / "Scaling.png", dpi)]
+               save_figure(speedup_figure(groups), target / "Speedup.png", dpi)]
     found = representative_samples(groups, source, warn)
     if found:
         written.append(save_figure(utilization_figure(found), target / "Utilization.png", dpi))

@@ -70,7 +70,7 @@ def table_rows(markdown: str) -> list[dict]:
 def test_writes_every_figure_and_the_summary(plotted):
     out, done = plotted
     assert done.returncode == 0, done.stderr
-    for name in ("Time.png", "Accuracy.png", "Curves.png", "Scaling.png", "Utilization.png"):
+    for name in ("Time.png", "Accuracy.png", "Curves.png", "Speedup.png", "Utilization.png"):
         width, height = png_size(out / name)
         assert 900 <= width <= 4000 and 600 <= height <= 4000, (name, width, height)
         assert (out / name).stat().st_size > 30_000, name  # a blank canvas of that size compresses far below
@@ -132,7 +132,7 @@ def test_a_model_with_one_mode_has_no_speedup(mode, results_dir, tmp_path, capsy
     assert row["mode"] == mode and row["speedup"] == "—" and row["efficiency"] == "—"
     made = sorted(p.name for p in (tmp_path / "img").iterdir())
     if mode == "distributed":  # only the single run has monitor samples
-        assert made == ["Accuracy.png", "Curves.png", "Scaling.png", "Time.png", "summary.md"]
+        assert made == ["Accuracy.png", "Curves.png", "Speedup.png", "Time.png", "summary.md"]
         assert "Utilization.png not made: no run has monitor samples" in capsys.readouterr().out
     else:
         assert "Utilization.png" in made
@@ -179,7 +179,7 @@ def test_sagemaker_runs_are_compared_with_the_sagemaker_baseline(results_dir):
     assert summary.title_tag(groups).startswith("SageMaker and local · ")
 
 
-def test_scaling_figure_adds_the_speedup_in_time_to_target_when_runs_recorded_it():
+def test_speedup_figure_adds_the_speedup_in_time_to_target_when_runs_recorded_it():
     def run(run_id, world_size, **more):
         return record(run_id, world_size=world_size, mode="single" if world_size == 1 else "distributed", **more)
 
@@ -187,6 +187,6 @@ def test_scaling_figure_adds_the_speedup_in_time_to_target_when_runs_recorded_it
     targeted = summary.group_runs([run("s", 1, target_acc=0.5, time_to_target_s=6.0),
                                    run("d", 2, total_train_time_s=4.25, target_acc=0.5, time_to_target_s=4.0)],
                                   warn=pytest.fail)
-    labels = [{ax.get_ylabel() for ax in plots.scaling_figure(groups).get_axes()} for groups in (plain, targeted)]
+    labels = [{ax.get_ylabel() for ax in plots.speedup_figure(groups).get_axes()} for groups in (plain, targeted)]
     assert labels[0] == {"training time (s)", "speedup (×)", "scaling efficiency (%)", "final test accuracy (%)"}
     assert labels[1] == labels[0] | {"speedup in time to target (×)"}
