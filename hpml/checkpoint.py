@@ -98,7 +98,11 @@ class RunCheckpoint:
         """Continue the earlier attempt (its state goes to `load_trainer_state`) or begin afresh in its folder."""
         name, partial = self.identity["model"], self.progress["partial"]
         if self.trainer_state is not None:
-            load_trainer_state(self.trainer_state)
+            try:
+                load_trainer_state(self.trainer_state)
+            except (RuntimeError, KeyError, ValueError, TypeError) as error:
+                raise UsageError(f"checkpoint {self.path} does not fit {name} ({one_line(error, 200)}); delete it "
+                                 "or use another --checkpoint-dir") from None
             log(f"{name}: resuming from {self.path} after epoch {self.epochs_done}"
                 + (f", step {partial['steps']} of epoch {self.epochs_done + 1}" if partial else ""))
         elif self.world.is_main:

@@ -56,8 +56,12 @@ def place(tmp_path_factory) -> Path:
     other = root / "other" / "resnet18_single_w1" / "last.pt"
     identity = {"model": "resnet18", "world_size": 1, "batch_size": 64, "lr": 0.1, "optimizer": "adadelta",
                 "schedule": "none", "epochs": 1, "seed": 0, "dataset": "synthetic", "subset": 20, "scale_lr": False}
+    misfit = root / "misfit" / "resnet18_single_w1" / "last.pt"
+    progress = {"epochs": [], "partial": None, "resumes": 0}
     with checkpoint.BackgroundWriter() as writer:
         writer.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
+        writer.save(misfit, {"identity": {**identity, "batch_size": 10, "drop_last": True}, "run": progress,
+                             "trainer": {"model": {"w": torch.zeros(1)}}})
     return root
 
 
@@ -101,6 +105,8 @@ CASES = [
     ("run_hpc.py", ["--checkpoint-dir", "{root}/truncated", "--resume"],
      "checkpoint {root}/truncated/resnet18_single_w1/last.pt is corrupt or truncated"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/other", "--resume"], "was made with batch_size 64, this run has 10"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/misfit", "--resume"],
+     "checkpoint {root}/misfit/resnet18_single_w1/last.pt does not fit resnet18 (Error(s) in loading state_dict"),
     ("run_distributed.py", ["--backend", "nccl"], "--backend nccl needs CUDA GPUs"),
     ("run_distributed.py", ["--backend", "smddp"],
      "--backend smddp: the SMDDP library (smdistributed.dataparallel) is not installed here"),
