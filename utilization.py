@@ -35,7 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="stop after S seconds (default: run until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="seconds between samples (default: %(default)s)")
-    parser.add_argument("--csv", default=None, metavar="FILE",
+    parser.add_argument("--csv", type=cli.path_flag, default=None, metavar="FILE",
                         help="append every sample to FILE, one row per GPU (header written when the file is new) "
                              "(default: not written)")
     parser.add_argument("--json", action="store_true",
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         raise UsageError(f"cannot write --csv {args.csv}: {error.strerror or error}") from None
     if args.json:
-        summary = monitor.summarize(rows, args.interval, nvml_error=nvml_error, samples_csv=args.csv)
+        summary = monitor.summarize(rows, args.interval, nvml_error=nvml_error, samples_csv=str(args.csv))
         print(json.dumps(summary, indent=2))
     return 0
 

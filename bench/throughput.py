@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="also measure the fast defaults with one setting changed at a time: "
                              + "; ".join([*ABLATIONS, *CUDA_ABLATIONS]) + " (on CUDA only); compiling adds a "
                              "minute or more per model (default: off)")
-    parser.add_argument("--json", type=Path, default=None,
+    parser.add_argument("--json", type=cli.path_flag, default=None,
                         help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "batch_size", "steps", "repeats")

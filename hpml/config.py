@@ -31,7 +31,7 @@ MAX_DIST_TIMEOUT = 7 * 24 * 3_600  # a week
 
 def default_data_dir() -> str:
     """$HPML_CIFAR10, else a SageMaker job's training channel, else ./data."""
-    return os.environ.get("HPML_CIFAR10") or container.data_channel() or "./data"
+    return os.path.expanduser(os.environ.get("HPML_CIFAR10") or container.data_channel() or "./data")
 
 
 def default_output_dir() -> str:

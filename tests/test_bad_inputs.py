@@ -107,6 +107,15 @@ CASES = [
     ("run_hpc.py", ["--checkpoint-dir", "{root}/other", "--resume"], "was made with batch_size 64, this run has 10"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/misfit", "--resume"],
      "checkpoint {root}/misfit/resnet18_single_w1/last.pt does not fit resnet18 (Error(s) in loading state_dict"),
+    ("run_hpc.py", ["--output-dir", ""], "argument --output-dir: expected a file or folder name, got ''"),
+    ("run_hpc.py", ["--data-dir", " "], "argument --data-dir: expected a file or folder name, got ' '"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir=~/tiny", "--subset", "500"],
+     "--subset 500 is larger than the training set (30 images)"),  # ~ is the fixture folder, as HOME
+    ("plot_hpml.py", ["--results-dir", ""], "argument --results-dir: expected a file or folder name"),
+    ("plot_hpml.py", ["--results-dir", "~/tiny"], "--results-dir {root}/tiny: no valid results"),
+    ("utilization.py", ["--csv", ""], "argument --csv: expected a file or folder name"),
+    ("sagemaker_submission.py", ["collect", "--output-dir", ""], "argument --output-dir: expected a file or folder"),
+    ("bench/throughput.py", ["--json", ""], "argument --json: expected a file or folder name"),
     ("run_distributed.py", ["--backend", "nccl"], "--backend nccl needs CUDA GPUs"),
     ("run_distributed.py", ["--backend", "smddp"],
      "--backend smddp: the SMDDP library (smdistributed.dataparallel) is not installed here"),
@@ -168,6 +177,7 @@ def test_bad_input(script, args, message, place, capfd, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])  # the one line starts with the script's name
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.chdir(place)
+    monkeypatch.setenv("HOME", str(place))
     before = snapshot(place / "results")
     with warnings.catch_warnings(record=True) as warned:  # shown as a script shows them: all but deprecations
         warnings.simplefilter("always")
