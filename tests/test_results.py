@@ -46,3 +46,11 @@ def test_check_writable_refuses_a_path_below_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="not writable"):
         results.check_writable(tmp_path / "file" / "sub")
+
+
+def test_load_all_counts_a_run_copied_twice_once(tmp_path):
+    results.write_results(record("twice"), tmp_path)
+    (tmp_path / "copy-of-twice.json").write_text((tmp_path / "twice.json").read_text())
+    loaded, skipped = results.load_all(tmp_path)
+    assert [r["run_id"] for r in loaded] == ["twice"]
+    assert len(skipped) == 1 and "a copy of run twice" in skipped[0]
