@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from hpml import cli, monitor
+from hpml.config import MAX_SAMPLE_INTERVAL
 from hpml.errors import UsageError
 
 CPU_WINDOW_S = 0.25  # --once: CPU % is an average over a window, so wait this long before the one reading
@@ -46,6 +47,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
         raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
+    if args.interval > MAX_SAMPLE_INTERVAL:
+        raise UsageError(f"--interval must be at most {MAX_SAMPLE_INTERVAL} seconds, got {args.interval}")
+    if args.duration is not None and args.duration < args.interval:
+        raise UsageError(f"--duration {args.duration} is shorter than --interval {args.interval}: no sample would be "
+                         "taken; give a --duration of at least one interval")
     return args
 
 
