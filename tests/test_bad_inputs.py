@@ -199,3 +199,32 @@ def test_bad_input_in_a_subprocess(script, args, message, place):
 def test_dist_timeout_too_large_for_the_c_layer_is_refused():
     with pytest.raises(UsageError, match="--dist-timeout must be at most 604800, got 1000000000000.0"):
         TrainConfig(dist_timeout=1e12).validate()
+
+
+# The property sweep: every value a flag's type must refuse, driven through each script's main.
+BAD_VALUES = {
+    "int": ["x", "1.5", "-1", "", "99999999999999999999"],
+    "float": ["x", "nan", "inf", "-1", ""],
+    "path": ["", " "],
+}
+FLAGS = [
+    ("run_hpc.py", "int", ["--epochs", "--batch-size", "--subset", "--workers", "--seed"]),
+    ("run_hpc.py", "float", ["--lr", "--sample-interval"]),
+    ("run_hpc.py", "path", ["--output-dir", "--data-dir", "--checkpoint-dir"]),
+    ("utilization.py", "float", ["--interval", "--duration"]),
+    ("plot_hpml.py", "int", ["--dpi"]),
+    ("plot_hpml.py", "path", ["--results-dir", "--output-dir"]),
+]
+SWEEP = [(script, flag, value) for script, kind, flags in FLAGS for flag in flags for value in BAD_VALUES[kind]]
+
+
+@pytest.mark.parametrize("script, flag, value", SWEEP, ids=[f"{s} {f} {v!r}" for s, f, v in SWEEP])
+def test_every_bad_value_of_a_flag_type_is_refused(script, flag, value, place, capfd, monkeypatch):
+    args = full_args(script, [flag, value], place)
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
+    monkeypatch.chdir(place)
+    before = snapshot(place / "results")
+    code = exit_code_of(script_main(script), args)
+    err = capfd.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) <= 2 and "Traceback" not in err, err
+    assert snapshot(place / "results") == before
