@@ -18,11 +18,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                "size, epochs); a group's numbers are medians over its runs, min-max as error bars. Speedup = median "
                "training time of the single-device group with the same model, device type and data / the group's; "
                "scaling efficiency = speedup / world size.")
-    parser.add_argument("--results-dir", default="results",
+    parser.add_argument("--results-dir", type=cli.path_flag, default="results",
                         help="folder holding the results JSON files (and the monitor's .utilization.csv files "
                              "beside them); other or malformed JSON files there are skipped with a warning "
                              "(default: %(default)s)")
-    parser.add_argument("--output-dir", default="results_img",
+    parser.add_argument("--output-dir", type=cli.path_flag, default="results_img",
                         help="folder for the figures and summary.md, created if needed; files of the same name "
                              "are replaced (default: %(default)s)")
     parser.add_argument("--dpi", type=int, default=150,

@@ -91,7 +91,7 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     where.add_argument("--s3-data", metavar="S3_URI",
                        help="CIFAR-10 already in S3, e.g. s3://my-bucket/cifar10/ (train.npz and test.npz, or "
                             "cifar-10-batches-py/) (default: upload --data-dir)")
-    where.add_argument("--data-dir", metavar="DIR",
+    where.add_argument("--data-dir", type=cli.path_flag, metavar="DIR",
                        help="a local CIFAR-10 folder to upload (once: files already in S3 with the same SHA-256 "
                             "are not sent again) to s3://BUCKET/hpml/data/ "
                             f"(default when no --s3-data: $HPML_CIFAR10 if set, else ./data; now {default_data_dir()})")
@@ -102,7 +102,7 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
                        help="IAM role the job runs as (default: $HPML_SAGEMAKER_ROLE, or inside a SageMaker notebook "
                             "its own role)")
     cli.add_aws_flags(where)
-    parser.add_argument("--output-dir", default="results",
+    parser.add_argument("--output-dir", type=cli.path_flag, default="results",
                         help="with --wait: folder the job's results JSON files are collected into "
                              "(default: %(default)s)")
     parser.add_argument("--wait", action="store_true",
@@ -121,7 +121,8 @@ def add_collect_parser(commands: argparse._SubParsersAction) -> None:
                     "Files already there are never overwritten, so collecting twice is harmless.")
     parser.add_argument("jobs", nargs="*", metavar="JOB", help="training job names")
     parser.add_argument("--all", action="store_true", help="every job of this suite not collected yet (default: off)")
-    parser.add_argument("--output-dir", default="results", help="where the results go (default: %(default)s)")
+    parser.add_argument("--output-dir", type=cli.path_flag, default="results",
+                        help="where the results go (default: %(default)s)")
     cli.add_aws_flags(parser)
     parser.set_defaults(run=run_collect)
 

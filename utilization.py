@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from hpml import cli, monitor
+from hpml.config import MAX_SAMPLE_INTERVAL
 from hpml.errors import UsageError
 
 CPU_WINDOW_S = 0.25  # --once: CPU % is an average over a window, so wait this long before the one reading
@@ -35,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="stop after S seconds (default: run until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="seconds between samples (default: %(default)s)")
-    parser.add_argument("--csv", default=None, metavar="FILE",
+    parser.add_argument("--csv", type=cli.path_flag, default=None, metavar="FILE",
                         help="append every sample to FILE, one row per GPU (header written when the file is new) "
                              "(default: not written)")
     parser.add_argument("--json", action="store_true",
@@ -46,6 +47,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
         raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
+    if args.interval > MAX_SAMPLE_INTERVAL:
+        raise UsageError(f"--interval must be at most {MAX_SAMPLE_INTERVAL} seconds, got {args.interval}")
+    if args.duration is not None and args.duration < args.interval:
+        raise UsageError(f"--duration {args.duration} is shorter than --interval {args.interval}: no sample would be "
+                         "taken; give a --duration of at least one interval")
     return args
 
 
@@ -154,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         raise UsageError(f"cannot write --csv {args.csv}: {error.strerror or error}") from None
     if args.json:
-        summary = monitor.summarize(rows, args.interval, nvml_error=nvml_error, samples_csv=args.csv)
+        summary = monitor.summarize(rows, args.interval, nvml_error=nvml_error, samples_csv=str(args.csv))
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--repeats", type=int, default=7, help="saves of each kind (default: %(default)s)")
     parser.add_argument("--gap", type=float, default=2.0,
                         help="seconds between saves, standing in for an epoch (default: %(default)s)")
-    parser.add_argument("--dir", type=Path, default=None,
+    parser.add_argument("--dir", type=cli.path_flag, default=None,
                         help="folder to write in, on the disk checkpoints go to (default: a temp folder)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "repeats")

@@ -47,13 +47,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int
     comparison = parser.add_argument_group("comparison")
     comparison.add_argument("--seeds", default="0,1,2",
                             help="comma list of seeds; each trains once in each setup (default: %(default)s)")
-    comparison.add_argument("--output-dir", type=Path, default=Path("parity"),
+    comparison.add_argument("--output-dir", type=cli.path_flag, default=Path("parity"),
                             help="folder for the runs' results, one sub-folder per setup (default: %(default)s)")
     comparison.add_argument("--resume", action="store_true",
                             help="read back the runs already finished under --output-dir with the same model, seed, "
                                  "setup and settings (not the code version) instead of training them again "
                                  "(default: train every run)")
-    comparison.add_argument("--json", type=Path, default=None,
+    comparison.add_argument("--json", type=cli.path_flag, default=None,
                             help="write the comparison to this JSON file (default: not written)")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)

@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                              "under no_sync(), per model and --grad-compression choice (default: off)")
     parser.add_argument("--grad-compression", default="none",
                         help="with --ddp: a comma list of " + ", ".join(GRAD_COMPRESSIONS) + " (default: %(default)s)")
-    parser.add_argument("--json", type=Path, default=None,
+    parser.add_argument("--json", type=cli.path_flag, default=None,
                         help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "batch_size", "steps", "repeats")

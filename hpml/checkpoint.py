@@ -76,6 +76,7 @@ class RunCheckpoint:
         self.writer = BackgroundWriter()
         self.trainer_state: dict | None = None
         self.finished: dict | None = None  # finished.json of a run that needs no more training
+        self.replacing = False  # starting afresh where an earlier run left its files
         if resume and self.path.exists():
             state = load(self.path)
             check_identity(state, self.identity, self.path)
@@ -97,11 +98,15 @@ class RunCheckpoint:
         """Continue the earlier attempt (its state goes to `load_trainer_state`) or begin afresh in its folder."""
         name, partial = self.identity["model"], self.progress["partial"]
         if self.trainer_state is not None:
-            load_trainer_state(self.trainer_state)
+            try:
+                load_trainer_state(self.trainer_state)
+            except (RuntimeError, KeyError, ValueError, TypeError) as error:
+                raise UsageError(f"checkpoint {self.path} does not fit {name} ({one_line(error, 200)}); delete it "
+                                 "or use another --checkpoint-dir") from None
             log(f"{name}: resuming from {self.path} after epoch {self.epochs_done}"
                 + (f", step {partial['steps']} of epoch {self.epochs_done + 1}" if partial else ""))
         elif self.world.is_main:
-            clear_finished(self.path)
+            self.replacing = True  # an earlier run's files stay until this one writes its first checkpoint
             if self.path.exists():
                 log(f"{name}: starting afresh; {self.path} will be replaced (use --resume to continue it)")
         self.progress["setup_time_s"] += time.perf_counter() - setup_start
@@ -115,6 +120,9 @@ class RunCheckpoint:
         self.progress.update(progress, wall_time_s=self.progress["wall_time_s"] + time.perf_counter() - self.clock)
         self.clock = time.perf_counter()
         if self.world.is_main:  # the time training waits for the write is banked with the next save
+            if self.replacing:
+                clear_finished(self.path)
+                self.replacing = False
             self.writer.save(self.path, {"identity": self.identity, "run": self.progress, "trainer": trainer_state()})
             self.progress["checkpoint_time_s"] += time.perf_counter() - self.clock
 

@@ -34,6 +34,13 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def path_flag(text: str) -> Path:
+    """The type of every file and folder flag, in every script: `~` expanded as a shell would, no empty name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a file or folder name, got {text!r}")
+    return Path(text).expanduser()
+
+
 def parse_bool(text: str) -> bool:
     """Accepts the forms SageMaker hyperparameters arrive in ('True', 'false', '1', ...)."""
     lowered = str(text).strip().lower()
@@ -97,7 +104,7 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                                      "the order is reshuffled): a step on a few images, just before evaluation, "
                                      "knocks BatchNorm and the optimizer off course (default: on)",
                default=DEFAULTS.drop_last)
-    group.add_argument("--data-dir", default=None,
+    group.add_argument("--data-dir", type=path_flag, default=None,
                        help="CIFAR-10 folder: train.npz/test.npz or cifar-10-batches-py/ (downloaded there when "
                             "absent and the network allows) (default: $HPML_CIFAR10 if set, else a SageMaker job's "
                             f"$SM_CHANNEL_TRAINING, else ./data; now {default_data_dir()})")
@@ -111,7 +118,7 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                        help="auto (CUDA when available, else CPU), cpu or cuda (default: %(default)s)")
     group.add_argument("--seed", type=int, default=DEFAULTS.seed,
                        help="seed for weights, shuffling and augmentation (default: %(default)s)")
-    group.add_argument("--output-dir", default=None,
+    group.add_argument("--output-dir", type=path_flag, default=None,
                        help="folder for the results JSON files, one per run (default: results, or "
                             f"$SM_OUTPUT_DATA_DIR/results inside a SageMaker job; now {default_output_dir()})")
     group.add_argument("--target-acc", type=float, default=None, metavar="FRACTION",
@@ -129,7 +136,7 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                             "(default: off)")
     group.add_argument("--sample-interval", type=float, default=DEFAULTS.sample_interval,
                        help="seconds between --utilization samples (default: %(default)s)")
-    group.add_argument("--checkpoint-dir", default=None,
+    group.add_argument("--checkpoint-dir", type=path_flag, default=None,
                        help="folder for checkpoints, one sub-folder per run, written every epoch and on "
                             "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")
     fast = FlagGroup(parser.add_argument_group("speed (the defaults are the fastest settings that keep accuracy)"),
@@ -208,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig from parsed flags; UsageError on a bad value."""
     values = {key: value for key, value in vars(args).items() if key in TrainConfig.__dataclass_fields__}
     values["models"] = parse_model_list(args.model)
+    values.update({key: str(value) for key, value in values.items() if isinstance(value, Path)})
     for unset in [key for key in ("data_dir", "output_dir") if values.get(key) is None]:
         del values[unset]
     return TrainConfig(**values).validate()

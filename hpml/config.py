@@ -20,11 +20,20 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GRAD_COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 DDP_BUCKET_CAP_MB = 25.0  # DistributedDataParallel's own default
 MIN_SUBSET = 10  # one image per class
+# Upper bounds on the size flags: far above any sensible run, low enough that a typo fails at once instead of
+# allocating petabytes, spawning thousands of processes or overflowing a C timeout.
+MAX_SUBSET = 50_000  # CIFAR-10's training set; the synthetic set is that size too
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 50_000
+MAX_WORKERS = 256
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding limit
+MAX_SAMPLE_INTERVAL = 3_600
+MAX_DIST_TIMEOUT = 7 * 24 * 3_600  # a week
 
 
 def default_data_dir() -> str:
     """$HPML_CIFAR10, else a SageMaker job's training channel, else ./data."""
-    return os.environ.get("HPML_CIFAR10") or container.data_channel() or "./data"
+    return os.path.expanduser(os.environ.get("HPML_CIFAR10") or container.data_channel() or "./data")
 
 
 def default_output_dir() -> str:
@@ -87,6 +96,16 @@ class TrainConfig:
                  f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         _require(math.isfinite(self.bucket_cap_mb) and self.bucket_cap_mb > 0,
                  f"--bucket-cap-mb must be a positive number of megabytes, got {self.bucket_cap_mb}")
+        for flag, value, most in [
+            ("--epochs", self.epochs, MAX_EPOCHS),
+            ("--batch-size", self.batch_size, MAX_BATCH_SIZE),
+            ("--workers", self.workers, MAX_WORKERS),
+            ("--seed", self.seed, MAX_SEED),
+            ("--subset", self.subset or 0, MAX_SUBSET),
+            ("--sample-interval", self.sample_interval, MAX_SAMPLE_INTERVAL),
+            ("--dist-timeout", self.dist_timeout, MAX_DIST_TIMEOUT),
+        ]:
+            _require(value <= most, f"{flag} must be at most {most}, got {value}")
         for name, value, allowed in [
             ("--optimizer", self.optimizer, OPTIMIZERS),
             ("--schedule", self.schedule, SCHEDULES),

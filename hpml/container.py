@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from .errors import UsageError
+
 DEFAULT_BASE_DIR = "/opt/ml"
 JOB_CHECKPOINT_DIR = f"{DEFAULT_BASE_DIR}/checkpoints"  # the checkpoint_local_path submit gives the SDK
 DATA_CHANNEL = "training"  # the channel submit puts the data in; the job finds it at $SM_CHANNEL_TRAINING
@@ -50,10 +52,15 @@ def data_channel() -> str | None:
 
 
 def training_env() -> dict:
+    """$SM_TRAINING_ENV, SageMaker's description of the job; UsageError when it is not a JSON object."""
+    text = os.environ.get("SM_TRAINING_ENV") or "{}"
     try:
-        return json.loads(os.environ.get("SM_TRAINING_ENV") or "{}")
+        env = json.loads(text)
     except ValueError:
-        return {}
+        env = None
+    if not isinstance(env, dict):
+        raise UsageError(f"environment variable SM_TRAINING_ENV must be a JSON object, got {text[:80]!r}")
+    return env
 
 
 def framework_params() -> dict:

@@ -148,7 +148,12 @@ def _download(folder: Path) -> None:
 def _checked(images: np.ndarray, labels: np.ndarray, source: Path) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise UsageError(f"{source}: images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
-    labels = labels.astype(np.int64).reshape(-1)
+    if len(images) == 0:
+        raise UsageError(f"{source}: holds no images; each split needs at least one")
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+        raise UsageError(f"{source}: labels must be integers 0..{NUM_CLASSES - 1} of shape (N,), "
+                         f"got {labels.dtype} {labels.shape}")
+    labels = labels.astype(np.int64)
     if len(labels) != len(images):
         raise UsageError(f"{source}: {len(images)} images but {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):

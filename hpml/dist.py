@@ -104,6 +104,9 @@ def single_process(device: str, log: Callable[[str], None] = print) -> World:
 
 # ---- torch.distributed ---------------------------------------------------------------------------
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launcher_from_env() -> str:
     """Which launcher started this process: SageMaker's SMDDP launcher (smddprun), torchrun (or anything setting
     WORLD_SIZE), another mpirun, or none."""
@@ -117,10 +120,26 @@ def launcher_from_env() -> str:
 
 
 def _env_int(*names: str, default: int) -> int:
+    """The first of these variables that is set, as an integer 0 or more; UsageError naming it when it is not."""
     for name in names:
-        if os.environ.get(name, "").strip():
-            return int(os.environ[name])
+        text = os.environ.get(name, "").strip()
+        if text:
+            if not text.isdigit():
+                raise UsageError(f"environment variable {name} must be an integer 0 or more, got {text!r}")
+            return int(text)
     return default
+
+
+def check_torchrun_env() -> None:
+    """What env:// needs from torchrun (or whatever set WORLD_SIZE), named when it is missing or malformed."""
+    missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name, "").strip()]
+    if missing:
+        raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                         "start the ranks with torchrun, which sets them all, or unset WORLD_SIZE to train alone")
+    if _env_int("RANK", default=0) >= _env_int("WORLD_SIZE", default=1):
+        raise UsageError(f"environment variable RANK {os.environ['RANK']} must be below WORLD_SIZE "
+                         f"{os.environ['WORLD_SIZE']}")
+    _env_int("MASTER_PORT", default=0)
 
 
 def smddp_available() -> bool:
@@ -174,6 +193,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     if backend == "smddp":  # the SMDDP library finds its ranks itself, under its own launcher or torchrun
         torch_dist.init_process_group(backend, timeout=timeout)
     elif launcher == "torchrun":
+        check_torchrun_env()
         store, rank, size = next(torch_dist.rendezvous("env://", timeout=timeout))
         # A torchrun restart re-forms the group in the same store: without a fresh prefix per attempt, a new
         # rank can read a dead rank's address from the attempt before and fail to connect.

@@ -174,11 +174,17 @@ def load_results(path: str | Path) -> dict:
 
 def load_all(folder: str | Path) -> tuple[list[dict], list[str]]:
     """Every valid record under `folder` (sorted by start time) and a message per file skipped."""
-    records, skipped = [], []
+    records, skipped, seen = [], [], {}
     for path in sorted(Path(folder).glob("*.json")):
         try:
-            records.append(load_results(path))
+            record = load_results(path)
         except ValueError as error:
             skipped.append(str(error))
+            continue
+        if record["run_id"] in seen:  # a copy of a run (say, collected twice) counts once
+            skipped.append(f"{path}: a copy of run {record['run_id']} already read from {seen[record['run_id']]}")
+            continue
+        seen[record["run_id"]] = path
+        records.append(record)
     records.sort(key=lambda r: (r.get("started_at") or "", r["run_id"]))
     return records, skipped

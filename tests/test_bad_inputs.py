@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from hpml import checkpoint, results
+from hpml.config import TrainConfig
+from hpml.errors import UsageError
 from tests.helpers import REPO, exit_code_of, record, run_script, script_main
 
 SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
@@ -35,6 +37,18 @@ def place(tmp_path_factory) -> Path:
             np.savez(root / name / f"{split}.npz", images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
                      labels=np.arange(30) % 10)
     (root / "corrupt" / "train.npz").write_bytes(b"PK\x03\x04 cut short")
+    for name, split, images, labels in [
+        ("float-labels", "train", rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), np.arange(30) % 10 + 0.5),
+        ("empty-test", "test", np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)),
+        ("label-shape", "train", rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), np.zeros((30, 2), np.int64)),
+        ("bool-labels", "test", rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), np.ones(30, bool)),
+    ]:
+        (root / name).mkdir()
+        np.savez(root / name / "train.npz", images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+                 labels=np.arange(30) % 10)
+        np.savez(root / name / "test.npz", images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+                 labels=np.arange(30) % 10)
+        np.savez(root / name / f"{split}.npz", images=images, labels=labels)
     np.savez(root / "shape" / "test.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.uint8))
     truncated = root / "truncated" / "resnet18_single_w1" / "last.pt"
     truncated.parent.mkdir(parents=True)
@@ -42,8 +56,12 @@ def place(tmp_path_factory) -> Path:
     other = root / "other" / "resnet18_single_w1" / "last.pt"
     identity = {"model": "resnet18", "world_size": 1, "batch_size": 64, "lr": 0.1, "optimizer": "adadelta",
                 "schedule": "none", "epochs": 1, "seed": 0, "dataset": "synthetic", "subset": 20, "scale_lr": False}
+    misfit = root / "misfit" / "resnet18_single_w1" / "last.pt"
+    progress = {"epochs": [], "partial": None, "resumes": 0}
     with checkpoint.BackgroundWriter() as writer:
         writer.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
+        writer.save(misfit, {"identity": {**identity, "batch_size": 10, "drop_last": True}, "run": progress,
+                             "trainer": {"model": {"w": torch.zeros(1)}}})
     return root
 
 
@@ -70,11 +88,34 @@ CASES = [
      "--subset 500 is larger than the training set (30 images)"),
     ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/corrupt"], "cannot read {root}/corrupt/train.npz"),
     ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/shape"], "images must be uint8 (N, 32, 32, 3)"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/float-labels"],
+     "float-labels/train.npz: labels must be integers 0..9 of shape (N,), got float64 (30,)"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/empty-test"],
+     "empty-test/test.npz: holds no images"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/label-shape"], "got int64 (30, 2)"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/bool-labels"], "got bool (30,)"),
+    ("run_hpc.py", ["--subset", "1000000000000000"], "--subset must be at most 50000, got 1000000000000000"),
+    ("run_hpc.py", ["--epochs", "100000000"], "--epochs must be at most 10000, got 100000000"),
+    ("run_hpc.py", ["--batch-size", "99999999"], "--batch-size must be at most 50000"),
+    ("run_hpc.py", ["--workers", "100000"], "--workers must be at most 256, got 100000"),
+    ("run_hpc.py", ["--seed", "18446744073709551616"], "--seed must be at most 4294967295"),
+    ("run_hpc.py", ["--utilization", "--sample-interval", "1e300"], "--sample-interval must be at most 3600"),
     ("run_hpc.py", ["--output-dir", "{root}/a-file/results"], "output folder {root}/a-file/results is not writable"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/a-file/ckpt"], "checkpoint folder {root}/a-file/ckpt is not writable"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/truncated", "--resume"],
      "checkpoint {root}/truncated/resnet18_single_w1/last.pt is corrupt or truncated"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/other", "--resume"], "was made with batch_size 64, this run has 10"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/misfit", "--resume"],
+     "checkpoint {root}/misfit/resnet18_single_w1/last.pt does not fit resnet18 (Error(s) in loading state_dict"),
+    ("run_hpc.py", ["--output-dir", ""], "argument --output-dir: expected a file or folder name, got ''"),
+    ("run_hpc.py", ["--data-dir", " "], "argument --data-dir: expected a file or folder name, got ' '"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir=~/tiny", "--subset", "500"],
+     "--subset 500 is larger than the training set (30 images)"),  # ~ is the fixture folder, as HOME
+    ("plot_hpml.py", ["--results-dir", ""], "argument --results-dir: expected a file or folder name"),
+    ("plot_hpml.py", ["--results-dir", "~/tiny"], "--results-dir {root}/tiny: no valid results"),
+    ("utilization.py", ["--csv", ""], "argument --csv: expected a file or folder name"),
+    ("sagemaker_submission.py", ["collect", "--output-dir", ""], "argument --output-dir: expected a file or folder"),
+    ("bench/throughput.py", ["--json", ""], "argument --json: expected a file or folder name"),
     ("run_distributed.py", ["--backend", "nccl"], "--backend nccl needs CUDA GPUs"),
     ("run_distributed.py", ["--backend", "smddp"],
      "--backend smddp: the SMDDP library (smdistributed.dataparallel) is not installed here"),
@@ -135,6 +176,7 @@ def test_bad_input(script, args, message, place, capfd, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])  # the one line starts with the script's name
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.chdir(place)
+    monkeypatch.setenv("HOME", str(place))
     before = snapshot(place / "results")
     with warnings.catch_warnings(record=True) as warned:  # shown as a script shows them: all but deprecations
         warnings.simplefilter("always")
@@ -151,3 +193,37 @@ def test_bad_input_in_a_subprocess(script, args, message, place):
     before = snapshot(place / "results")
     done = run_script(script, *args, env={"AWS_EC2_METADATA_DISABLED": "true"})
     assert_refused(done.returncode, done.stderr, message, place, before)
+
+
+def test_dist_timeout_too_large_for_the_c_layer_is_refused():
+    with pytest.raises(UsageError, match="--dist-timeout must be at most 604800, got 1000000000000.0"):
+        TrainConfig(dist_timeout=1e12).validate()
+
+
+# The property sweep: every value a flag's type must refuse, driven through each script's main.
+BAD_VALUES = {
+    "int": ["x", "1.5", "-1", "", "99999999999999999999"],
+    "float": ["x", "nan", "inf", "-1", ""],
+    "path": ["", " "],
+}
+FLAGS = [
+    ("run_hpc.py", "int", ["--epochs", "--batch-size", "--subset", "--workers", "--seed"]),
+    ("run_hpc.py", "float", ["--lr", "--sample-interval"]),
+    ("run_hpc.py", "path", ["--output-dir", "--data-dir", "--checkpoint-dir"]),
+    ("utilization.py", "float", ["--interval", "--duration"]),
+    ("plot_hpml.py", "int", ["--dpi"]),
+    ("plot_hpml.py", "path", ["--results-dir", "--output-dir"]),
+]
+SWEEP = [(script, flag, value) for script, kind, flags in FLAGS for flag in flags for value in BAD_VALUES[kind]]
+
+
+@pytest.mark.parametrize("script, flag, value", SWEEP, ids=[f"{s} {f} {v!r}" for s, f, v in SWEEP])
+def test_every_bad_value_of_a_flag_type_is_refused(script, flag, value, place, capfd, monkeypatch):
+    args = full_args(script, [flag, value], place)
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
+    monkeypatch.chdir(place)
+    before = snapshot(place / "results")
+    code = exit_code_of(script_main(script), args)
+    err = capfd.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) <= 2 and "Traceback" not in err, err
+    assert snapshot(place / "results") == before

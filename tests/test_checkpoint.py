@@ -135,6 +135,18 @@ def test_resume_refuses_other_settings_and_skips_finished_runs(run_args, tmp_pat
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_fresh_run_that_fails_leaves_the_finished_run_in_its_folder_alone(run_args, tmp_path, capsys):
+    one_epoch = [*run_args, "--output-dir", str(tmp_path), "--epochs", "1", "--quiet"]
+    assert run_in_process(capsys, *one_epoch)[0] == 0
+    folder = tmp_path / "checkpoints" / "shufflenetv2_single_w1"
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    code, _, err = run_in_process(capsys, *one_epoch, "--optimizer", "sgd", "--lr", "1e30")
+    assert code == 3 and "NaN or infinite in epoch 1" in err
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    code, out, _ = run_in_process(capsys, *one_epoch[:-1], "--resume")
+    assert code == 0 and "already finished" in out
+
+
 def test_truncated_checkpoint_is_named_and_not_used(run_args, tmp_path, capsys):
     path = tmp_path / "checkpoints" / "shufflenetv2_single_w1" / "last.pt"
     path.parent.mkdir(parents=True)

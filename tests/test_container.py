@@ -659,3 +659,13 @@ def test_the_toolkit_forwards_no_sigterm_to_the_script(moto_account, tmp_path):
     assert not (out / "got-sigterm").exists()
     assert script.is_running() and script.status() != psutil.STATUS_ZOMBIE
     job.finish(process, timeout=0)
+
+
+@pytest.mark.parametrize("value", ["{not json", "[1, 2]", "null"])
+def test_a_malformed_sm_training_env_is_named_in_one_line(value, monkeypatch):
+    from hpml import container
+    from hpml.errors import UsageError
+
+    monkeypatch.setenv("SM_TRAINING_ENV", value)
+    with pytest.raises(UsageError, match="SM_TRAINING_ENV must be a JSON object"):
+        container.job_info()

@@ -218,3 +218,21 @@ def test_inside_sagemaker_a_world_of_one_says_nothing_of_torchrun(monkeypatch, t
     dist.teardown()
     assert world.backend == "gloo" and world.launcher == "none" and world.sagemaker is not None
     assert logged == ["run_distributed.py: no launcher: training as a world of one process"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but RANK, MASTER_ADDR, MASTER_PORT are not"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "WORLD_SIZE is set but MASTER_PORT is not"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK 2 must be below WORLD_SIZE 2"),
+    ({"WORLD_SIZE": "two", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "environment variable WORLD_SIZE must be an integer 0 or more, got 'two'"),
+    ({"LOCAL_RANK": "0.5"}, "environment variable LOCAL_RANK must be an integer 0 or more, got '0.5'"),
+])
+def test_a_malformed_launcher_environment_is_named_in_one_line(env, message, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=message):
+        dist.setup(TrainConfig(device="cpu", dist_timeout=5), log=lambda line: None)

@@ -62,3 +62,11 @@ def test_time_to_target_is_training_time_up_to_the_first_epoch_reaching_it():
 def test_target_acc_outside_zero_to_one_is_refused(bad):
     with pytest.raises(UsageError, match="--target-acc"):
         TrainConfig(target_acc=bad).validate()
+
+
+def test_load_all_counts_a_run_copied_twice_once(tmp_path):
+    results.write_results(record("twice"), tmp_path)
+    (tmp_path / "copy-of-twice.json").write_text((tmp_path / "twice.json").read_text())
+    loaded, skipped = results.load_all(tmp_path)
+    assert [r["run_id"] for r in loaded] == ["twice"]
+    assert len(skipped) == 1 and "a copy of run twice" in skipped[0]
