@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int
     seeds = parse_seeds(args.seeds)
     base = TrainConfig(models=parse_model_list(args.model), epochs=args.epochs, batch_size=args.batch_size,
                        drop_last=args.drop_last, subset=args.subset, dataset=args.dataset,
-                       data_dir=args.data_dir or default_data_dir(), device=args.device).validate()
+                       data_dir=str(args.data_dir or default_data_dir()), device=args.device).validate()
     for setup in SETUPS:
         results.check_writable(args.output_dir / setup)
     if args.json:

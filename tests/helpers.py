@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -132,12 +133,14 @@ def no_aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def moto_account(tmp_path: Path, bucket: str, region: str = "us-east-1") -> Iterator[boto3.Session]:
-    """A moto server on 127.0.0.1 with dummy credentials and a bucket; while it runs, this process's AWS settings
-    (and those of what it starts) point at it, and nowhere else."""
+    """A moto server on 127.0.0.1 with an empty account, dummy credentials and a bucket; while it runs, this
+    process's AWS settings (and those of what it starts) point at it, and nowhere else."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines in the captured output
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto keeps its accounts in the process, whichever server started them: begin with an empty one.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=30)
     try:
         with pytest.MonkeyPatch.context() as monkeypatch:
             no_aws_config(monkeypatch, tmp_path)
