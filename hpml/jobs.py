@@ -53,6 +53,7 @@ CODE_PATHS = (DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, "hpml", "models")
 JOB_REQUIREMENTS = ("psutil>=5.9", "nvidia-ml-py>=12.535", "tqdm>=4.64")
 S3_PREFIX = "hpml"
 SUITE_TAG = {"Key": "hpml-suite", "Value": "hpml"}  # `list` and `collect --all` find this suite's jobs by it
+LOG_POLL_S = 10  # seconds between looks at a job's logs and status while `--wait` streams them
 ENDED = ("Completed", "Stopped", "Failed")  # training job statuses after which SageMaker has uploaded the output
 
 DISTRIBUTIONS = {
@@ -124,7 +125,26 @@ def sdk() -> ModuleType:
     # At import the SDK builds a session of its own, whose credential lookup ends at the instance-metadata address.
     with _env("AWS_EC2_METADATA_DISABLED", "true"):
         import sagemaker.pytorch
+    _validate_each_config_once(sagemaker.utils)
     return sagemaker
+
+
+def _validate_each_config_once(utils: ModuleType) -> None:
+    """The SDK checks its config (here TELEMETRY_OFF) against its JSON schema at every one of the ~20 lookups a
+    submission makes, half a second of CPU each: a config it has accepted once it accepts again without a check."""
+    validate = utils.validate_sagemaker_config
+    if getattr(validate, "accepted", None) is not None:
+        return
+    accepted: set[str] = set()
+
+    def validate_once(config: dict) -> None:
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in accepted:
+            validate(config)
+            accepted.add(key)
+
+    validate_once.accepted = accepted
+    utils.validate_sagemaker_config = validate_once
 
 
 @contextlib.contextmanager
@@ -500,7 +520,7 @@ def submit(spec: JobSpec, session: sagemaker.session.Session) -> None:
 def stream_logs(session: sagemaker.session.Session, job_name: str) -> dict:
     """Print the job's CloudWatch logs until it ends; its final description."""
     try:
-        session.logs_for_job(job_name, wait=True, log_type="All")
+        session.logs_for_job(job_name, wait=True, poll=LOG_POLL_S, log_type="All")
     except sdk().exceptions.UnexpectedStatusException:
         pass  # a failed or stopped job: its description says why
     return session.describe_training_job(job_name)

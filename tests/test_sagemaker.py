@@ -465,7 +465,8 @@ def test_list_shows_this_suites_jobs(moto_account, capsys, main_job, torchrun_jo
                                            "COST"]
 
 
-def test_wait_streams_the_logs_then_collects(moto_account, capsys, run_record, tmp_path):
+def test_wait_streams_the_logs_then_collects(moto_account, capsys, run_record, tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "LOG_POLL_S", 0.1)  # moto's job has ended at once: no wait for late log lines
     logs, group, stream = moto_account.client("logs"), "/aws/sagemaker/TrainingJobs", "hpml-wait/algo-1-1700000000"
     logs.create_log_group(logGroupName=group)
     logs.create_log_stream(logGroupName=group, logStreamName=stream)
@@ -522,6 +523,15 @@ def test_defaults_are_what_the_pinned_sdk_offers_smddp_for():
                                     py_version=jobs.DEFAULT_PY_VERSION, instance_type="ml.p4d.24xlarge",
                                     image_scope="training")
     assert image.endswith(f"pytorch-training:{jobs.DEFAULT_FRAMEWORK_VERSION}-gpu-{jobs.DEFAULT_PY_VERSION}")
+
+
+def test_the_sdk_checks_each_config_against_its_schema_once():
+    validate = jobs.sdk().utils.validate_sagemaker_config
+    validate(jobs.TELEMETRY_OFF)
+    validate(jobs.TELEMETRY_OFF)
+    assert validate.accepted == {json.dumps(jobs.TELEMETRY_OFF, sort_keys=True)}
+    with pytest.raises(Exception, match="is not of type 'boolean'"):  # a config it has not seen is still checked
+        validate({"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": "maybe"}}}})
 
 
 def test_only_the_submission_script_loads_the_sdk():
