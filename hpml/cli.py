@@ -113,7 +113,7 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                             "(default: %(default)s)")
     group.add_argument("--subset", type=int, default=None,
                        help="train on a class-stratified subset of this many images, and test on a proportional "
-                            "subset of at least 1,000 (default: the whole set)")
+                            "subset of at least 1,000 (100 of synthetic data) (default: the whole set)")
     group.add_argument("--device", choices=DEVICES, default=DEFAULTS.device,
                        help="auto (CUDA when available, else CPU), cpu or cuda (default: %(default)s)")
     group.add_argument("--seed", type=int, default=DEFAULTS.seed,

@@ -5,6 +5,7 @@ Imports no torch: the laptop client reads and writes records too; environment() 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -40,13 +41,12 @@ def new_run_id(model: str, mode: str, world_size: int) -> str:
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on: software versions and hardware."""
     import torch
-    import torchvision
 
     cuda = device.type == "cuda"
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),  # without importing it
         "cuda": torch.version.cuda if cuda else None,
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,

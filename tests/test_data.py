@@ -115,4 +115,5 @@ def test_subset_larger_than_training_set(npz_dir):
 
 def test_synthetic_subset_sizes():
     images = data.load_dataset(TrainConfig(dataset="synthetic", subset=512))
-    assert len(images.train_labels) == 512 and len(images.test_labels) == 1_000
+    assert len(images.train_labels) == 512 and len(images.test_labels) == 102  # a fifth, as CIFAR-10's split
+    assert len(data.load_dataset(TrainConfig(dataset="synthetic", subset=64)).test_labels) == 100
