@@ -1,8 +1,7 @@
 """The bench/ scripts run end to end on the CPU and report what the README promises.
 
 Each calls the script's main in this process, except the DDP scaling bench, which runs throughput.py as a user
-would (it starts torchrun itself); parity trains on an npz set with a small test split, as evaluating 1,000
-synthetic test images per epoch would cost more than the training.
+would (it starts torchrun itself); parity trains on an npz set with a small test split.
 """
 
 import json
@@ -47,6 +46,7 @@ def test_bench_writes_reference_fast_and_their_ratio(tmp_path, capsys):
     assert "ablations" not in figures
 
 
+@pytest.mark.slow  # four more processes than the --ddp test below, whose torchrun and DDP it shares
 def test_bench_nproc_measures_ddp_scaling_under_torchrun(tmp_path):
     out = tmp_path / "b.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), *THROUGHPUT, "--json", str(out),

@@ -165,6 +165,8 @@ def test_diverging_loss_stops_with_a_clear_message(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not results_in(tmp_path)
 
 
+@pytest.mark.slow  # five processes; the kill, resume and torchrun's handling of a lost rank are tested above and in
+# test_distributed.py, this adds torchrun's restart of the group
 def test_elastic_restart_resumes_and_completes(small_set, tmp_path):
     # Restarts need torchrun's c10d rendezvous; the static one (--master_port) cannot re-form the group.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",

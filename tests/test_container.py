@@ -541,6 +541,8 @@ def spot_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     return {"job": job, "runs": runs, "collected": collect(job.name, tmp_path_factory.mktemp("spot-results"))}
 
 
+@pytest.mark.slow  # three runs of the toolkit; test_train.py and test_checkpoint.py test the stop, resume and
+# rewrite of results (SIGTERM in a real process included)
 def test_a_stop_at_an_epochs_last_step_fails_the_job_with_a_checkpoint(spot_job):
     first = spot_job["runs"][0]
     assert "stopped by a signal at step 1 of epoch" in first["log"], first["log"][-5000:]
@@ -548,6 +550,7 @@ def test_a_stop_at_an_epochs_last_step_fails_the_job_with_a_checkpoint(spot_job)
     assert "ExecuteUserScriptError" in first["failure"] and "ExitCode 130" in first["failure"]
 
 
+@pytest.mark.slow
 def test_spot_restart_resumes_and_ends_like_an_uninterrupted_job(spot_job, single_job):
     second = spot_job["runs"][1]
     assert second["code"] == 0, second["log"][-5000:]
@@ -560,6 +563,7 @@ def test_spot_restart_resumes_and_ends_like_an_uninterrupted_job(spot_job, singl
     assert record["final_test_acc"] == uninterrupted["final_test_acc"]
 
 
+@pytest.mark.slow
 def test_spot_restart_after_the_last_epoch_keeps_the_results(spot_job):
     second, third = spot_job["runs"][1:]
     assert third["code"] == 0, third["log"][-5000:]

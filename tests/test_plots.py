@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import plot_hpml
+import run_hpc
 from hpml import plots, summary
 from hpml.dist import free_port
 from tests.helpers import REPO, exit_code_of, record, results_in, run_script
@@ -25,10 +26,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def results_dir(tmp_path_factory) -> Path:
     """shufflenetv2 on one process and on two (torchrun, gloo); the single run has monitor samples."""
     folder = tmp_path_factory.mktemp("results")
-    # One thread, as torchrun gives each rank: two threads on a busy 2-core machine can run 50x slower.
-    done = run_script("run_hpc.py", "--model", "shufflenet", *TINY_RUN, "--utilization", "--sample-interval", "0.25",
-                      "--output-dir", str(folder), env={"OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
+    assert exit_code_of(run_hpc.main, ["--model", "shufflenet", *TINY_RUN, "--utilization", "--sample-interval",
+                                       "0.25", "--output-dir", str(folder)]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "run_distributed.py", "--model", "shufflenet", *TINY_RUN, "--output-dir", str(folder)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,

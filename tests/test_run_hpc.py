@@ -9,7 +9,7 @@ import pytest
 
 import run_hpc
 from hpml import data
-from tests.helpers import exit_code_of, results_in, run_script
+from tests.helpers import exit_code_of, results_in
 
 SHORT_RUN = ["--model", "resnet18", "--batch-size", "16", "--epochs", "3", "--workers", "0"]
 TRAIN_IMAGES, TEST_IMAGES = 160, 100  # resnet18 learns the synthetic set in 3 epochs; a small test set keeps it quick
@@ -22,8 +22,7 @@ def short_run(tmp_path_factory) -> dict:
     np.savez(folder / "train.npz", images=images.train_images, labels=images.train_labels)
     np.savez(folder / "test.npz", images=images.test_images, labels=images.test_labels)
     out = tmp_path_factory.mktemp("results")
-    done = run_script("run_hpc.py", *SHORT_RUN, "--data-dir", str(folder), "--output-dir", str(out))
-    assert done.returncode == 0, done.stderr
+    assert exit_code_of(run_hpc.main, [*SHORT_RUN, "--data-dir", str(folder), "--output-dir", str(out)]) == 0
     (record,) = results_in(out)
     return record
 
@@ -142,14 +141,14 @@ def test_help_explains_every_flag(capsys):
 
 @pytest.mark.skipif(not os.environ.get("HPML_CIFAR10"), reason="HPML_CIFAR10 is not set")
 def test_real_cifar10_short_run_reaches_sane_accuracy(tmp_path):
-    # shufflenetv2 with SGD: the suite's fastest model on a CPU (resnet18 takes minutes on CPUs without native bf16)
-    done = run_script("run_hpc.py", "--model", "shufflenetv2", "--subset", "1500", "--batch-size", "32", "--epochs",
-                      "3", "--optimizer", "sgd", "--lr", "0.05", "--workers", "0", "--output-dir", str(tmp_path),
-                      "--quiet")
-    assert done.returncode == 0, done.stderr
+    # shufflenetv2 with SGD: the suite's fastest model on a CPU (resnet18 takes minutes on CPUs without native bf16);
+    # one epoch of 2,000 images learns more than two of 1,000 for the same steps
+    assert exit_code_of(run_hpc.main, ["--model", "shufflenetv2", "--subset", "2000", "--batch-size", "16", "--epochs",
+                                       "1", "--optimizer", "sgd", "--lr", "0.05", "--workers", "0", "--output-dir",
+                                       str(tmp_path), "--quiet"]) == 0
     (record,) = results_in(tmp_path)
     assert "CIFAR-10" in record["data"]["description"]
-    assert record["data"]["train_size"] == 1500 and record["epochs"][-1]["test_images"] == 1000
+    assert record["data"]["train_size"] == 2000 and record["epochs"][-1]["test_images"] == 1000
     print(f"real CIFAR-10 subset accuracy: {record['final_test_acc']:.3f}")
-    assert record["final_test_acc"] > 0.2  # chance is 0.1
+    assert record["final_test_acc"] > 0.15  # chance: 0.10 +- 0.01 on 1,000 test images
     json.dumps(record)
