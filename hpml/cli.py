@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from . import files
 from .config import (
     BACKENDS,
     DATASETS,
@@ -222,7 +223,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2."""
+    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2, a full disk one line and
+    exit code 1."""
     try:
         code = main(argv)
     except UsageError as error:
@@ -234,6 +236,11 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     except KeyboardInterrupt:
         print(f"{script_name()}: interrupted", file=sys.stderr)
         code = 130
+    except OSError as error:
+        if error.errno not in files.DISK_FULL:
+            raise
+        print(f"{script_name()}: error: {error.strerror} writing {error.filename}", file=sys.stderr)
+        code = 1
     sys.exit(code or 0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from .errors import UsageError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
@@ -33,6 +35,10 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails if `path` exists
+    except OSError as error:
+        if error.errno in DISK_FULL:  # name the file that was asked for, not its temp file
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

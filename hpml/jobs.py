@@ -19,6 +19,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -593,8 +594,12 @@ def collect_job(boto: boto3.Session, description: dict, output_dir: Path,
                 + (f" ({description['FailureReason']})" if description.get("FailureReason") else ""))
             return []
         archive.seek(0)
-        with tarfile.open(fileobj=archive, mode="r:gz") as tar:
-            files = _results_files(tar)
+        try:
+            with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+                files = _results_files(tar)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:  # read whole before anything is written
+            log(f"{name}: s3://{bucket}/{key} is cut short or corrupt ({error}); nothing collected from it")
+            return []
     return _write_collected(files, description, output_dir, log)
 
 

@@ -1,5 +1,6 @@
 """plot_hpml.py on results made by really running run_hpc.py and run_distributed.py (torchrun, gloo) briefly."""
 
+import errno
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 
 import plot_hpml
@@ -161,6 +163,27 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(results_dir, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"output folder .*file/img is not writable", err)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_figure_half_written(tmp_path, capsys, monkeypatch):
+    runs, img = tmp_path / "runs", tmp_path / "img"
+    runs.mkdir()
+    img.mkdir()
+    for run in (record("s"), record("d", world_size=2, mode="distributed", total_train_time_s=4.25)):
+        (runs / f"{run['run_id']}.json").write_text(json.dumps(run))
+    (img / "Time.png").write_bytes(b"an earlier figure")
+
+    def fill_the_disk(figure, path, **kwargs):
+        Path(path).write_bytes(PNG_SIGNATURE)  # what fitted
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fill_the_disk)
+    code = exit_code_of(plot_hpml.main, ["--results-dir", str(runs), "--output-dir", str(img)])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"No space left on device writing {img}" in err and ".tmp" not in err
+    assert [path.name for path in img.iterdir()] == ["Time.png"]
+    assert (img / "Time.png").read_bytes() == b"an earlier figure"
 
 
 def test_sagemaker_runs_are_compared_with_the_sagemaker_baseline(results_dir):

@@ -421,6 +421,18 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out_dir.iterdir()} == before
 
 
+def test_a_cut_output_archive_is_one_line_and_writes_nothing(moto_account, capsys, main_job, run_record, tmp_path):
+    put_job_output(moto_account, BUCKET, MAIN_JOB, {f"results/{run_record['run_id']}.json":
+                                                    json.dumps(run_record).encode() * 50})
+    key = f"hpml/output/{MAIN_JOB}/output/output.tar.gz"
+    s3 = moto_account.client("s3")
+    whole = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=whole[:len(whole) // 2])  # an upload cut half way
+    code, out, err = run(capsys, "collect", MAIN_JOB, "--output-dir", str(tmp_path / "r"))
+    assert code == 0 and f"{MAIN_JOB}: s3://{BUCKET}/{key} is cut short or corrupt" in out
+    assert "Traceback" not in err and not results_in(tmp_path / "r")
+
+
 def test_submit_collect_and_plot_run_without_torch(moto_account, main_job, run_record, tmp_path):
     """The laptop client: requirements-client.txt has no torch, so neither may these commands need it."""
     put_job_output(moto_account, BUCKET, MAIN_JOB, {f"results/{run_record['run_id']}.json":
