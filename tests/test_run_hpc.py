@@ -11,8 +11,8 @@ import run_hpc
 from hpml import data
 from tests.helpers import exit_code_of, results_in
 
-SHORT_RUN = ["--model", "resnet18", "--batch-size", "16", "--epochs", "3", "--workers", "0"]
-TRAIN_IMAGES, TEST_IMAGES = 160, 100  # resnet18 learns the synthetic set in 3 epochs; a small test set keeps it quick
+SHORT_RUN = ["--model", "resnet18", "--batch-size", "8", "--epochs", "3", "--workers", "0"]
+TRAIN_IMAGES, TEST_IMAGES = 96, 50  # resnet18 learns the synthetic set in 3 epochs; a small test set keeps it quick
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_results_schema(short_run):
         assert field in short_run, field
     assert short_run["mode"] == "single" and short_run["backend"] is None and short_run["world_size"] == 1
     assert short_run["model"] == "resnet18" and short_run["params"] == 11_173_962
-    assert short_run["config"]["epochs"] == 3 and short_run["config"]["batch_size"] == 16
+    assert short_run["config"]["epochs"] == 3 and short_run["config"]["batch_size"] == 8
     for field in ("python", "torch", "torchvision", "cuda", "gpu", "cpu", "hostname", "git_commit"):
         assert field in short_run["environment"], field
     assert [e["epoch"] for e in short_run["epochs"]] == [1, 2, 3]
