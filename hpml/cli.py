@@ -239,7 +239,8 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     except OSError as error:
         if error.errno not in files.DISK_FULL:
             raise
-        print(f"{script_name()}: error: {error.strerror} writing {error.filename}", file=sys.stderr)
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"{script_name()}: error: {error.strerror}{where}", file=sys.stderr)
         code = 1
     sys.exit(code or 0)
 

@@ -20,7 +20,6 @@ from hpml.errors import UsageError
 from hpml.monitor import read_samples_csv
 from hpml.train import seed_all
 from tests import ddp_equivalence
-from tests.ddp_equivalence import small_cnn
 from tests.helpers import REPO, refusal, results_in, run_script
 
 
@@ -85,7 +84,7 @@ def test_two_ranks_with_half_batches_match_one_process(tmp_path):
     assert done.returncode == 0, done.stderr
     one, two = torch.load(single)["none"], torch.load(double)
     seed_all(0)  # as the worker seeds before building the model
-    untrained = small_cnn().state_dict()
+    untrained = ddp_equivalence.small_cnn().state_dict()
     for name in one:
         assert not torch.allclose(one[name], untrained[name])  # the steps did move every tensor
         for setting in ("none", "small buckets, static graph"):  # the same sums, sent otherwise

@@ -150,5 +150,5 @@ def test_real_cifar10_short_run_reaches_sane_accuracy(tmp_path):
     assert "CIFAR-10" in record["data"]["description"]
     assert record["data"]["train_size"] == 2000 and record["epochs"][-1]["test_images"] == 1000
     print(f"real CIFAR-10 subset accuracy: {record['final_test_acc']:.3f}")
-    assert record["final_test_acc"] > 0.15  # chance: 0.10 +- 0.01 on 1,000 test images
+    assert record["final_test_acc"] > 0.2  # chance is 0.1
     json.dumps(record)
