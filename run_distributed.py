@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch.distributed.elastic.multiprocessing.errors import record
+from hpml.errors import one_line_on_ctrl_c
 
-from hpml import cli, dist, experiment
+one_line_on_ctrl_c()  # before torch loads
+
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from hpml import cli, dist, experiment  # noqa: E402
 
 
-@record
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.ArgumentParser(description="Train CIFAR-10 CNNs data-parallel with DistributedDataParallel; "
                                             "rank 0 writes a results JSON per model.")
@@ -23,12 +26,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_distributed_args(parser)
     cfg = cli.config_from_args(parser.parse_args(argv))
     world = dist.setup(cfg)
+    lost = (f"rank {world.rank} of {world.size}: another rank stopped, or did not answer within --dist-timeout "
+            f"{cfg.dist_timeout:g} s; its own error, if it printed one, says why")
     try:
-        experiment.run_models(cfg, world, log=print if world.is_main else lambda _: None)
+        with dist.ranks_lost_in_one_line(lost):
+            experiment.run_models(cfg, world, log=print if world.is_main else lambda _: None)
     finally:
         dist.teardown()
     return 0
 
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    # @record outside run_script: an error it reports in one line ends the rank with its exit code only, where inside
+    # torchrun would print the rank's traceback again in its summary; any other error is recorded for that summary.
+    record(cli.run_script)(main)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hpml import cli, dist, experiment
+from hpml.errors import one_line_on_ctrl_c
+
+one_line_on_ctrl_c()  # before torch loads
+
+from hpml import cli, dist, experiment  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

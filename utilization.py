@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from hpml import cli, monitor
 from hpml.config import MAX_SAMPLE_INTERVAL
-from hpml.errors import UsageError
+from hpml.errors import RunStopped, UsageError, one_line
 
 CPU_WINDOW_S = 0.25  # --once: CPU % is an average over a window, so wait this long before the one reading
 HEADER_EVERY = 20  # lines between repeated headers when the output is not a terminal, as nvidia-smi dmon does
@@ -116,8 +118,7 @@ def snapshot(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | 
         time.sleep(CPU_WINDOW_S)
         rows = sampler.read()
     Table(view, args.interval).show(rows)
-    if args.csv:
-        monitor.write_samples_csv(args.csv, rows, append=True)
+    append_to_csv(args.csv, rows)
     return rows, sampler.nvml_error
 
 
@@ -128,8 +129,7 @@ def watch(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | Non
 
     def record(rows: list[dict]) -> None:
         try:
-            if args.csv:
-                monitor.write_samples_csv(args.csv, rows, append=True)
+            append_to_csv(args.csv, rows)
             table.show(rows)
         except BaseException:
             finished.set()  # the monitor re-raises this when the block ends
@@ -143,11 +143,21 @@ def watch(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | Non
             announce_gpus(sampling.gpus, sampling.nvml_error)
             # Wake up now and then: a Ctrl-C that the OS hands to the sampling thread is only acted on once the
             # main thread runs Python again, and an untimed wait would never return.
-            while not finished.wait(timeout=0.2):
-                pass
+            while not finished.wait(timeout=0.2) and sampling.running:
+                pass  # a sampling thread that failed has ended: leaving the block re-raises its error
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a live view ends: the samples so far still count
     return sampling.samples, sampling.nvml_error
+
+
+def append_to_csv(path: Path | None, rows: list[dict]) -> None:
+    """Add a sample's rows to --csv, if given; UsageError when the file cannot take them."""
+    if path is None:
+        return
+    try:
+        monitor.write_samples_csv(path, rows, append=True)
+    except OSError as error:
+        raise UsageError(f"cannot write --csv {path}: {error.strerror or error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,8 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     view = sys.stderr if args.json else sys.stdout
     try:
         rows, nvml_error = (snapshot if args.once else watch)(args, view)
-    except OSError as error:
-        raise UsageError(f"cannot write --csv {args.csv}: {error.strerror or error}") from None
+    except UsageError:
+        raise
+    except BrokenPipeError:  # the reader of the table went away (`| head`): end quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), view.fileno())
+        return 1
+    except Exception as error:  # a sampling failure (the thread's, re-raised here) ends the program in one line
+        raise RunStopped(f"sampling stopped: {type(error).__name__}: {one_line(error)}", exit_code=1) from None
     if args.json:
         summary = monitor.summarize(rows, args.interval, nvml_error=nvml_error, samples_csv=str(args.csv))
         print(json.dumps(summary, indent=2))

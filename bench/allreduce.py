@@ -21,11 +21,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-import torch.distributed as torch_dist
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+
+one_line_on_ctrl_c()  # before torch loads
+
+import torch  # noqa: E402
+import torch.distributed as torch_dist  # noqa: E402
 
 import models  # noqa: E402
 from hpml import cli, dist, files, results  # noqa: E402

@@ -22,11 +22,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+
+one_line_on_ctrl_c()  # before torch loads
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from hpml import checkpoint, cli, data, dist, files  # noqa: E402
 from hpml.config import TrainConfig, parse_model_list  # noqa: E402

@@ -20,13 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-from tqdm import tqdm
+from hpml.errors import one_line_on_ctrl_c
 
-from hpml import cli, data, dist, monitor
-from hpml.config import DEVICES, TrainConfig, parse_model_list
-from hpml.errors import UsageError
-from hpml.train import Trainer
+one_line_on_ctrl_c()  # before torch loads
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from hpml import cli, data, dist, monitor  # noqa: E402
+from hpml.config import DEVICES, TrainConfig, parse_model_list  # noqa: E402
+from hpml.errors import UsageError  # noqa: E402
+from hpml.train import Trainer  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

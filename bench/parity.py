@@ -26,6 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+
+one_line_on_ctrl_c()  # before torch loads
+
 from hpml import cli, dist, experiment, files, results, speed  # noqa: E402
 from hpml.config import TrainConfig, default_data_dir, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402

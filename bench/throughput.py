@@ -28,12 +28,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+
+one_line_on_ctrl_c()  # before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from hpml import cli, data, dist, files, results, speed  # noqa: E402
 from hpml.config import GRAD_COMPRESSIONS, TrainConfig, parse_model_list  # noqa: E402

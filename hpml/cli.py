@@ -23,7 +23,7 @@ from .config import (
     default_output_dir,
     parse_model_list,
 )
-from .errors import RunStopped, UsageError
+from .errors import RunStopped, UsageError, script_name
 
 DEFAULTS = TrainConfig()
 
@@ -243,8 +243,3 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
         print(f"{script_name()}: error: {error.strerror}{where}", file=sys.stderr)
         code = 1
     sys.exit(code or 0)
-
-
-def script_name() -> str:
-    """The running script's file name, to start its one-line messages with."""
-    return Path(sys.argv[0]).name

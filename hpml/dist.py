@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ import torch.distributed as torch_dist
 
 from . import container
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import RunStopped, UsageError, one_line
 
 
 @dataclass
@@ -189,7 +190,18 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     local_rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
     device = resolve_device(cfg.device, local_rank)
     backend = choose_backend(cfg.backend, device, launcher)
-    timeout = timedelta(seconds=cfg.dist_timeout)
+    joining = (f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: the group did not form "
+               f"within --dist-timeout {cfg.dist_timeout:g} s")
+    with ranks_lost_in_one_line(joining, every_dist_error=True):
+        join_group(backend, launcher, timedelta(seconds=cfg.dist_timeout), log)
+    size = torch_dist.get_world_size()
+    local_size = _env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", default=size)
+    return World(rank=torch_dist.get_rank(), local_rank=local_rank, size=size, nodes=max(1, size // local_size),
+                 backend=torch_dist.get_backend(), device=device, launcher=launcher, sagemaker=container.job_info())
+
+
+def join_group(backend: str, launcher: str, timeout: timedelta, log: Callable[[str], None]) -> None:
+    """init_process_group, as each launcher needs it."""
     if backend == "smddp":  # the SMDDP library finds its ranks itself, under its own launcher or torchrun
         torch_dist.init_process_group(backend, timeout=timeout)
     elif launcher == "torchrun":
@@ -208,10 +220,25 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     else:
         raise UsageError(f"--backend {backend} under {launcher}: start the ranks with torchrun (or srun + torchrun); "
                          "mpirun is for SageMaker's SMDDP only")
-    size = torch_dist.get_world_size()
-    local_size = _env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", default=size)
-    return World(rank=torch_dist.get_rank(), local_rank=local_rank, size=size, nodes=max(1, size // local_size),
-                 backend=torch_dist.get_backend(), device=device, launcher=launcher, sagemaker=container.job_info())
+
+
+# How torch.distributed says a rank went away or stopped answering: gloo's and NCCL's words, in lower case.
+LOST_RANK_SIGNS = ("closed by peer", "reset by peer", "broken pipe", "timed out", "remote process exited")
+
+
+@contextmanager
+def ranks_lost_in_one_line(what_happened: str, every_dist_error: bool = False) -> Iterator[None]:
+    """A rank that never came or went away (a timed-out rendezvous or collective, a peer's closed connection) as
+    one RunStopped line starting with `what_happened`, not this rank's traceback: the cause, if there is one, is
+    the error the other rank printed. With `every_dist_error`, any torch.distributed error counts (joining)."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = one_line(error, 300)
+        joining_failed = every_dist_error and isinstance(error, getattr(torch_dist, "DistError", ()))
+        if not joining_failed and not any(sign in text.lower() for sign in LOST_RANK_SIGNS):
+            raise
+        raise RunStopped(f"{what_happened} ({type(error).__name__}: {text})", exit_code=1) from None
 
 
 def register_grad_compression(ddp: torch.nn.parallel.DistributedDataParallel, compression: str, seed: int) -> None:

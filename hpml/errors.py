@@ -1,5 +1,12 @@
 """The exceptions the scripts turn into a one-line message and a non-zero exit, and that one-line form."""
 
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import TracebackType
+
 
 class UsageError(Exception):
     """Bad input from the user (a flag, a data folder, an output path): reported as one line."""
@@ -17,3 +24,28 @@ def one_line(error: object, limit: int | None = None) -> str:
     """An error's message on one line (at most `limit` characters), or its type's name when it has none."""
     text = " ".join(str(error).split())[:limit]
     return text or type(error).__name__
+
+
+def one_line_on_ctrl_c() -> None:
+    """Make a Ctrl-C that no code catches (one while torch loads, before main runs) end the script with one line
+    and exit code 130, as cli.run_script does for one inside main, instead of a traceback.
+
+    Called by the scripts that import torch at their top, before they do.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            previous(kind, error, traceback)
+            return
+        print(f"{script_name()}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # Python would otherwise end by raising SIGINT on itself after the hook
+
+    sys.excepthook = hook
+
+
+def script_name() -> str:
+    """The running script's file name, to start its one-line messages with."""
+    return Path(sys.argv[0]).name

@@ -197,6 +197,11 @@ class Monitor:
         if self._failure is not None:
             raise self._failure
 
+    @property
+    def running(self) -> bool:
+        """Whether the sampling thread is alive: false once stopped, or once a failure ended it (`stop` re-raises)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             with Sampler(self.gpu_indices, self.rank) as sampler:
@@ -303,9 +308,11 @@ def check_csv_path(path: str | Path) -> Path:
 
 
 def _check_header(path: Path) -> None:
-    with open(path, newline="") as file:
-        first = file.readline().strip()
-    if first and first != ",".join(CSV_FIELDS):
+    """UsageError unless `path` is empty or starts with the samples header (so nothing is appended to another file,
+    text or binary)."""
+    with open(path, "rb") as file:
+        first = file.readline()
+    if first and first.rstrip(b"\r\n") != ",".join(CSV_FIELDS).encode():
         raise UsageError(f"{path} already holds something other than utilization samples (its header differs)")
 
 

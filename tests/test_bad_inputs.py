@@ -8,7 +8,11 @@ each for a data file numpy cannot read and for a bench/ script, which set up the
 """
 
 import hashlib
+import os
+import signal
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -193,6 +197,24 @@ def test_bad_input_in_a_subprocess(script, args, message, place):
     before = snapshot(place / "results")
     done = run_script(script, *args, env={"AWS_EC2_METADATA_DISABLED": "true"})
     assert_refused(done.returncode, done.stderr, message, place, before)
+
+
+@pytest.mark.parametrize("script", ["run_hpc.py", "bench/throughput.py"])
+def test_ctrl_c_while_torch_loads_is_one_line_and_exit_code_130(script):
+    process = subprocess.Popen([sys.executable, str(REPO / script), "--help"], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():  # torch's import has begun
+            assert time.monotonic() < deadline and process.poll() is None, "torch never started loading"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, err, out) == (130, f"{Path(script).name}: interrupted\n", "")
 
 
 def test_dist_timeout_too_large_for_the_c_layer_is_refused():

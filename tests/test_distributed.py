@@ -16,11 +16,11 @@ import run_distributed
 from hpml import dist
 from hpml.config import TrainConfig, check_grad_compression
 from hpml.dist import free_port
-from hpml.errors import UsageError
+from hpml.errors import RunStopped, UsageError
 from hpml.monitor import read_samples_csv
 from hpml.train import seed_all
 from tests import ddp_equivalence
-from tests.helpers import REPO, refusal, results_in, run_script
+from tests.helpers import REPO, refusal, results_in, run_script, write_npz
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -234,3 +234,41 @@ def test_a_malformed_launcher_environment_is_named_in_one_line(env, message, mon
         monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match=message):
         dist.setup(TrainConfig(device="cpu", dist_timeout=5), log=lambda line: None)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])  # rank 0 waits for the others; rank 1 cannot reach rank 0
+def test_a_group_that_never_forms_stops_at_dist_timeout_in_one_line(rank, monkeypatch):
+    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(RunStopped) as stopped:
+        dist.setup(TrainConfig(device="cpu", dist_timeout=1).validate(), log=lambda line: None)
+    assert stopped.value.exit_code == 1 and time.monotonic() - started < 30
+    assert str(stopped.value).startswith(f"rank {rank} of 2: the group did not form within --dist-timeout 1 s (Dist")
+    assert "\n" not in str(stopped.value)
+
+
+def test_a_lost_rank_is_one_line_and_other_errors_pass_through():
+    gloo = ("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:43418. This is typically "
+            "caused by a remote worker crashing.")
+    lost = r"^rank 1 of 2: lost \(RuntimeError: \[gloo.*Connection closed by peer"
+    with pytest.raises(RunStopped, match=lost), dist.ranks_lost_in_one_line("rank 1 of 2: lost"):
+        raise RuntimeError(gloo)
+    with pytest.raises(RuntimeError, match="shape mismatch"), dist.ranks_lost_in_one_line("rank 1 of 2: lost"):
+        raise RuntimeError("shape mismatch")
+
+
+def test_an_error_a_rank_reports_in_one_line_is_not_reprinted_by_torchrun(tmp_path):
+    data_dir = write_npz(tmp_path / "data", train=40, test=20)
+    with np.load(data_dir / "train.npz") as split:
+        np.savez(data_dir / "train.npz", images=split["images"], labels=split["labels"] + 0.5)
+    done = torchrun("run_distributed.py", "--data-dir", str(data_dir), "--epochs", "1", "--workers", "0",
+                    "--output-dir", str(tmp_path / "out"), "--dist-timeout", "60")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "run_distributed.py: error: " in output and "labels" in output  # rank 0's one line
+    assert "UsageError" not in output and "[rank1]" not in output, output  # no rank's traceback, first or again
+    assert output.count("Traceback (most recent call last)") <= 1, output  # torchrun's own, of its ChildFailedError

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -158,3 +159,40 @@ def test_every_flag_has_help():
     for flag in ("--once", "--duration", "--interval", "--csv", "--json"):
         assert flag in done.stdout
     assert "%(default)" not in done.stdout and "default: 1.0" in done.stdout
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe binary", b"\n\nnotes\n", b"   \nnotes\n", b"timestamp,elapsed_s\n"],
+                         ids=["binary", "blank first line", "spaces first line", "another header"])
+def test_csv_onto_a_file_that_is_not_samples_is_refused_and_left_as_it_was(content, tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    other.write_bytes(content)
+    assert exit_code_of(utilization.main, ["--once", "--csv", str(other)]) == 2
+    out, err = capsys.readouterr()
+    assert "holds something other than utilization samples" in err and len(err.strip().splitlines()) == 1
+    assert out == "" and other.read_bytes() == content
+
+
+def test_a_sampling_thread_that_dies_ends_the_program_in_one_line(monkeypatch, capsys):
+    def sensor_gone():
+        raise RuntimeError("sensor gone")
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr(monitor.psutil, "virtual_memory", sensor_gone)
+    ended = {}
+    argv = ["--duration", "60", "--interval", "0.05"]
+    runner = threading.Thread(target=lambda: ended.update(code=exit_code_of(utilization.main, argv)), daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    assert ended.get("code") == 1, "still waiting on a sampling thread that is gone"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(": sampling stopped: RuntimeError: sensor gone") and "Traceback" not in err
+
+
+def test_a_reader_that_goes_away_ends_the_live_view_quietly():
+    process = subprocess.Popen([sys.executable, str(REPO / "utilization.py"), "--duration", "30", "--interval", "0.1"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    process.stdout.close()  # as `utilization.py | head -1` does
+    err = process.stderr.read()
+    assert process.wait(timeout=30) == 1
+    assert "Traceback" not in err and "Exception ignored" not in err and len(err.strip().splitlines()) <= 1, err
