@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .stem_body_head import StemBodyHead
+
 # (expansion, out_planes, num_blocks, stride); strides of the ImageNet net's early stages set to 1.
 MOBILENETV2_STAGES = [
     (1, 16, 1, 1),
@@ -42,12 +44,12 @@ class InvertedResidual(nn.Module):
         return out + self.shortcut(x) if self.stride == 1 else out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(StemBodyHead):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
-        self.layers = self._make_layers(in_planes=32)
+        self.body = self._make_layers(in_planes=32)
         self.conv2 = nn.Conv2d(320, 1280, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(1280)
         self.linear = nn.Linear(1280, num_classes)
@@ -60,13 +62,6 @@ class MobileNetV2(nn.Module):
                 layers.append(InvertedResidual(in_planes, out_planes, expansion, block_stride))
                 in_planes = out_planes
         return nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layers(out)
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
 
 
 def mobilenetv2(num_classes: int = 10) -> MobileNetV2:

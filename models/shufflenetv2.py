@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .stem_body_head import StemBodyHead
+
 # Width multiplier 1x: channels of the three stages and the final 1x1 conv.
 SHUFFLENETV2_1X_CHANNELS = (116, 232, 464, 1024)
 SHUFFLENETV2_BLOCKS = (3, 7, 3)
@@ -63,7 +65,7 @@ class DownBlock(nn.Module):
         return channel_shuffle(torch.cat([left, right], dim=1))
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(StemBodyHead):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         *stage_channels, final_channels = SHUFFLENETV2_1X_CHANNELS
@@ -75,17 +77,10 @@ class ShuffleNetV2(nn.Module):
             stages.append(DownBlock(in_channels, out_channels))
             stages += [BasicBlock(out_channels) for _ in range(blocks)]
             in_channels = out_channels
-        self.stages = nn.Sequential(*stages)
+        self.body = nn.Sequential(*stages)
         self.conv2 = nn.Conv2d(in_channels, final_channels, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(final_channels)
         self.linear = nn.Linear(final_channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.stages(out)
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
 
 
 def shufflenetv2(num_classes: int = 10) -> ShuffleNetV2:

@@ -56,6 +56,15 @@ def run_without_torch(script: str, *args: str, timeout: float = 300) -> subproce
                           timeout=timeout)
 
 
+def heavy_packages_imported_by(*modules: str) -> list[str]:
+    """Which of torch, torchvision and matplotlib a fresh Python loads when it imports these modules."""
+    code = (f"import sys, {', '.join(modules)}\n"
+            "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'matplotlib'})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [name for name in done.stdout.strip().split(",") if name]
+
+
 def exit_code_of(main: Callable, argv: Sequence[str]) -> int:
     """Run a script's main(argv) in this process through cli.run_script, as its __main__ does; the exit code."""
     with pytest.raises(SystemExit) as stop:

@@ -11,7 +11,9 @@ import run_hpc
 from hpml import data
 from tests.helpers import exit_code_of, results_in
 
-SHORT_RUN = ["--model", "resnet18", "--batch-size", "8", "--epochs", "3", "--workers", "0"]
+# The cosine schedule settles the last epoch: with a constant rate its test accuracy swings from 0.26 to 0.9 with the
+# thread count and the CPU's precision; with it, 0.7 to 1.0 over seeds, threads, fp32 and bf16.
+SHORT_RUN = ["--model", "resnet18", "--batch-size", "8", "--epochs", "3", "--schedule", "cosine", "--workers", "0"]
 TRAIN_IMAGES, TEST_IMAGES = 96, 50  # resnet18 learns the synthetic set in 3 epochs; a small test set keeps it quick
 
 
