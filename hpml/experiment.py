@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import checkpoint, data, monitor, results, speed, train
 from .config import TrainConfig, check_grad_compression
 from .dist import World
+from .errors import one_line
 
 
 def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = print) -> list[Path]:
@@ -26,7 +27,7 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     written = []
     with stop_on_signals() as stop_requested:
         for name in cfg.models:
-            with utilization_monitor(cfg, world) as utilization:
+            with utilization_monitor(cfg, world, log) as utilization:
                 record = train.fit(cfg, name, world, images, log, stop_requested)
             if record is not None and utilization is not None:
                 add_utilization(record, utilization, world, cfg.output_dir)
@@ -42,11 +43,25 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     return written
 
 
-def utilization_monitor(cfg: TrainConfig, world: World) -> monitor.Monitor | nullcontext:
-    """With --utilization, a monitor sampling this rank's own GPU (or the host alone on the CPU) during the run."""
+@contextmanager
+def utilization_monitor(cfg: TrainConfig, world: World, log: Callable[[str], None]) -> Iterator[monitor.Monitor | None]:
+    """With --utilization, a monitor sampling this rank's own GPU (or the host alone on the CPU) during the run.
+
+    Sampling that fails costs the run its later samples only, not its results: one line says so.
+    """
     if not cfg.utilization:
-        return nullcontext()
-    return monitor.Monitor(cfg.sample_interval, gpu_indices=monitor.device_gpus(world.device), rank=world.rank)
+        yield None
+        return
+    sampling = monitor.Monitor(cfg.sample_interval, gpu_indices=monitor.device_gpus(world.device), rank=world.rank)
+    sampling.start()
+    try:
+        yield sampling
+    finally:
+        try:
+            sampling.stop()
+        except Exception as error:
+            log(f"utilization sampling stopped early on rank {world.rank} ({type(error).__name__}: "
+                f"{one_line(error)}); the results keep the samples taken before")
 
 
 def add_utilization(record: dict, utilization: monitor.Monitor, world: World, output_dir: str) -> None:

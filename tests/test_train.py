@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import run_hpc
-from hpml import checkpoint, data, dist, train
+from hpml import checkpoint, data, dist, monitor, train
 from hpml.config import TrainConfig
 from hpml.errors import RunStopped
 from tests.helpers import exit_code_of, results_in, write_npz
@@ -103,3 +103,17 @@ def test_a_spot_restart_writes_every_finished_models_results_again(tmp_path, mon
     assert restored.keys() == weights.keys()
     for name, state in weights.items():
         assert all(torch.equal(state[key], restored[name][key]) for key in state)
+
+
+def test_sampling_that_fails_during_training_costs_the_samples_not_the_results(tmp_path, monkeypatch, capsys):
+    def sensor_gone():
+        raise RuntimeError("sensor gone")
+
+    monkeypatch.setattr(monitor.psutil, "virtual_memory", sensor_gone)
+    folder = write_npz(tmp_path / "data", train=20, test=10)
+    argv = ["--model", "shufflenet", "--data-dir", str(folder), "--batch-size", "10", "--epochs", "1", "--workers",
+            "0", "--device", "cpu", "--utilization", "--sample-interval", "0.05", "--output-dir", str(tmp_path / "out")]
+    assert exit_code_of(run_hpc.main, argv) == 0
+    (record,) = results_in(tmp_path / "out")
+    assert record["utilization"]["samples"] == 0
+    assert "utilization sampling stopped early on rank 0 (RuntimeError: sensor gone)" in capsys.readouterr().out
