@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from hpml import cli, monitor
-from hpml.config import MAX_SAMPLE_INTERVAL
+from hpml.config import MAX_SAMPLE_INTERVAL, MIN_SAMPLE_INTERVAL
 from hpml.errors import RunStopped, UsageError, one_line
 
 CPU_WINDOW_S = 0.25  # --once: CPU % is an average over a window, so wait this long before the one reading
@@ -37,7 +37,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     when.add_argument("--duration", type=float, default=None, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
-                        help="seconds between samples (default: %(default)s)")
+                        help=f"seconds between samples, {MIN_SAMPLE_INTERVAL} to {MAX_SAMPLE_INTERVAL} "
+                             "(default: %(default)s)")
     parser.add_argument("--csv", type=cli.path_flag, default=None, metavar="FILE",
                         help="append every sample to FILE, one row per GPU (header written when the file is new) "
                              "(default: not written)")
@@ -49,8 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
         raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
-    if args.interval > MAX_SAMPLE_INTERVAL:
-        raise UsageError(f"--interval must be at most {MAX_SAMPLE_INTERVAL} seconds, got {args.interval}")
+    if not MIN_SAMPLE_INTERVAL <= args.interval <= MAX_SAMPLE_INTERVAL:
+        raise UsageError(f"--interval must be between {MIN_SAMPLE_INTERVAL} and {MAX_SAMPLE_INTERVAL} seconds, "
+                         f"got {args.interval}")
     if args.duration is not None and args.duration < args.interval:
         raise UsageError(f"--duration {args.duration} is shorter than --interval {args.interval}: no sample would be "
                          "taken; give a --duration of at least one interval")

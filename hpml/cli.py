@@ -15,6 +15,8 @@ from .config import (
     DEVICES,
     GRAD_COMPRESSIONS,
     LOADERS,
+    MAX_SAMPLE_INTERVAL,
+    MIN_SAMPLE_INTERVAL,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
@@ -136,7 +138,8 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                             "--utilization: torchrun claims options starting with --monitor for itself "
                             "(default: off)")
     group.add_argument("--sample-interval", type=float, default=DEFAULTS.sample_interval,
-                       help="seconds between --utilization samples (default: %(default)s)")
+                       help=f"seconds between --utilization samples, {MIN_SAMPLE_INTERVAL} to {MAX_SAMPLE_INTERVAL} "
+                            "(default: %(default)s)")
     group.add_argument("--checkpoint-dir", type=path_flag, default=None,
                        help="folder for checkpoints, one sub-folder per run, written every epoch and on "
                             "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")

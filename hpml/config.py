@@ -27,6 +27,7 @@ MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 50_000
 MAX_WORKERS = 256
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding limit
+MIN_SAMPLE_INTERVAL = 0.01  # faster, sampling itself floods the output and takes a core
 MAX_SAMPLE_INTERVAL = 3_600
 MAX_DIST_TIMEOUT = 7 * 24 * 3_600  # a week
 
@@ -89,6 +90,8 @@ class TrainConfig:
                  f"--subset must be at least {MIN_SUBSET} (one image per class), got {self.subset}")
         _require(math.isfinite(self.sample_interval) and self.sample_interval > 0,
                  f"--sample-interval must be a positive number of seconds, got {self.sample_interval}")
+        _require(self.sample_interval >= MIN_SAMPLE_INTERVAL,
+                 f"--sample-interval must be at least {MIN_SAMPLE_INTERVAL} seconds, got {self.sample_interval}")
         _require(self.target_acc is None or (math.isfinite(self.target_acc) and 0 < self.target_acc <= 1),
                  f"--target-acc must be a fraction of test images above 0 and at most 1 (e.g. 0.8), "
                  f"got {self.target_acc}")

@@ -104,6 +104,7 @@ CASES = [
     ("run_hpc.py", ["--workers", "100000"], "--workers must be at most 256, got 100000"),
     ("run_hpc.py", ["--seed", "18446744073709551616"], "--seed must be at most 4294967295"),
     ("run_hpc.py", ["--utilization", "--sample-interval", "1e300"], "--sample-interval must be at most 3600"),
+    ("run_hpc.py", ["--utilization", "--sample-interval", "1e-6"], "--sample-interval must be at least 0.01 seconds"),
     ("run_hpc.py", ["--output-dir", "{root}/a-file/results"], "output folder {root}/a-file/results is not writable"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/a-file/ckpt"], "checkpoint folder {root}/a-file/ckpt is not writable"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/truncated", "--resume"],

@@ -130,7 +130,8 @@ BAD_FLAGS = [
     (["--duration", "0"], "--duration must be a positive number of seconds, got 0.0"),
     (["--once", "--duration", "3"], "not allowed with argument --once"),
     (["--interval", "2", "--duration", "1"], "--duration 1.0 is shorter than --interval 2.0: no sample would be taken"),
-    (["--interval", "1e300"], "--interval must be at most 3600 seconds, got 1e+300"),
+    (["--interval", "1e300"], "--interval must be between 0.01 and 3600 seconds, got 1e+300"),
+    (["--interval", "1e-6"], "--interval must be between 0.01 and 3600 seconds, got 1e-06"),
     (["--every", "2"], "unrecognized arguments: --every 2"),
 ]
 
