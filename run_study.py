@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpml import cli, files, results, sagemaker_plan, slurm, study
-from hpml.config import TrainConfig
+from hpml.config import MAX_JOBS, MAX_PROCESSES, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
 from hpml.errors import UsageError
 
 if TYPE_CHECKING:
@@ -32,7 +32,11 @@ POLL_S = 60  # seconds between looks at running SageMaker jobs
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.require_positive(args, "repeats", "gpus_per_node")
+    cli.require_positive(args, "repeats", "gpus_per_node", "max_jobs", "max_run")
+    cli.require_at_most(args, repeats=MAX_REPEATS, gpus_per_node=MAX_PROCESSES, max_jobs=MAX_JOBS,
+                        max_run=SAGEMAKER_MAX_RUN_S, epoch_seconds=SAGEMAKER_MAX_RUN_S)
+    if args.epoch_seconds is not None and not args.epoch_seconds > 0:
+        raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
     args.model = args.models
     cfg = cli.config_from_args(args)
     world_sizes = study.parse_world_sizes(args.world_sizes)
@@ -95,11 +99,8 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     import sagemaker_submission  # here: a local or SLURM study loads neither boto3 nor the SDK
     from hpml import jobs
 
-    cli.require_positive(args, "max_jobs", "max_run")
     args.framework_version = args.framework_version or jobs.DEFAULT_FRAMEWORK_VERSION
     args.py_version = args.py_version or jobs.DEFAULT_PY_VERSION
-    if args.epoch_seconds is not None and not args.epoch_seconds > 0:
-        raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
     planned = sagemaker_plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type)
     specs = {job.job_name: job_spec(args, job) for job in planned}
     upload, data_note = sagemaker_submission.data_source(args, cfg, specs[planned[0].job_name])

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpml import cli, container, jobs, prices, results
-from hpml.config import TrainConfig, check_grad_compression, default_data_dir
+from hpml.config import (
+    MAX_INSTANCE_COUNT,
+    MAX_JOBS,
+    SAGEMAKER_MAX_RUN_S,
+    TrainConfig,
+    check_grad_compression,
+    default_data_dir,
+)
 from hpml.errors import UsageError
 
 if TYPE_CHECKING:
@@ -167,12 +174,12 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
 
 def run_submit(args: argparse.Namespace) -> int:
     cfg, hyperparameters = training_hyperparameters(args)
+    check_job_limits(args)
     region = jobs.resolve_region(args.region, args.profile)
     if not region and not args.dry_run:
         raise UsageError(jobs.NO_REGION)
     jobs.check_distribution(args.distribution, args.instance_type, args.instance_count, args.framework_version,
                             args.py_version, cfg.backend, cfg.device, region or "us-east-1")
-    check_time_limits(args)
     if args.wait:
         results.check_writable(args.output_dir)
     role = args.role or jobs.default_role(ask_aws=not args.dry_run)
@@ -207,9 +214,14 @@ def run_submit(args: argparse.Namespace) -> int:
     return wait_and_collect(boto, session, spec.job_name, Path(args.output_dir))
 
 
-def check_time_limits(args: argparse.Namespace) -> None:
+def check_job_limits(args: argparse.Namespace) -> None:
+    """The job's size and time flags, checked before anything looks for AWS."""
     if args.max_run < 1:
         raise UsageError(f"--max-run must be a positive number of seconds, got {args.max_run}")
+    if args.instance_count < 1:
+        raise UsageError(f"--instance-count must be 1 or more, got {args.instance_count}")
+    cli.require_at_most(args, instance_count=MAX_INSTANCE_COUNT, max_run=SAGEMAKER_MAX_RUN_S,
+                        max_wait=SAGEMAKER_MAX_RUN_S)
     if args.max_wait is not None and not args.spot:
         raise UsageError("--max-wait applies to spot jobs only: add --spot, or drop --max-wait")
     if args.max_wait is not None and args.max_wait < args.max_run:
@@ -356,6 +368,7 @@ def bill_text(bill: dict) -> str:
 def run_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError(f"--limit must be 1 or more, got {args.limit}")
+    cli.require_at_most(args, limit=MAX_JOBS)
     boto = jobs.aws_session(args.region, args.profile)
     now = datetime.now(timezone.utc)
     rows = [job_row(job, now) for job in jobs.suite_jobs(boto, args.limit)]

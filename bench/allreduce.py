@@ -33,11 +33,12 @@ import torch.distributed as torch_dist  # noqa: E402
 
 import models  # noqa: E402
 from hpml import cli, dist, files, results  # noqa: E402
-from hpml.config import BACKENDS, DEVICES, TrainConfig  # noqa: E402
+from hpml.config import BACKENDS, DEVICES, MAX_STEPS, TrainConfig  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import synchronize  # noqa: E402
 
 FLOAT_BYTES = 4
+MAX_MESSAGE_BYTES = 16 * 2**30  # a typo guard: far above any all-reduce a CNN makes
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
@@ -52,6 +53,8 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a byte count such as 8, 64K, 256M or 1G, got {text!r}") from None
     if value < FLOAT_BYTES:
         raise argparse.ArgumentTypeError(f"expected at least {FLOAT_BYTES} bytes (one fp32 value), got {text!r}")
+    if value > MAX_MESSAGE_BYTES:
+        raise argparse.ArgumentTypeError(f"expected at most 16G, got {text!r}")
     return value
 
 
@@ -68,6 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here (rank 0)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "iters")
+    cli.require_at_most(args, iters=MAX_STEPS, warmup=MAX_STEPS)
     if args.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.min_bytes > args.max_bytes:

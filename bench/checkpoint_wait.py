@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hpml import checkpoint, cli, data, dist, files  # noqa: E402
-from hpml.config import TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import MAX_REPEATS, TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer, synchronize  # noqa: E402
 
@@ -47,6 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="folder to write in, on the disk checkpoints go to (default: a temp folder)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "repeats")
+    cli.require_at_most(args, repeats=MAX_REPEATS)
     if not (math.isfinite(args.gap) and args.gap >= 0):
         raise UsageError(f"--gap must be 0 or more seconds, got {args.gap}")
     if args.dir is not None:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hpml import cli, data, dist, monitor  # noqa: E402
-from hpml.config import DEVICES, TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import DEVICES, MAX_BATCH_SIZE, MAX_REPEATS, MAX_STEPS, TrainConfig, parse_model_list  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
@@ -46,6 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma list of monitor intervals in seconds to compare (default: %(default)s)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "batch_size", "steps", "repeats")
+    cli.require_at_most(args, batch_size=MAX_BATCH_SIZE, steps=MAX_STEPS, repeats=MAX_REPEATS)
     try:
         args.intervals = [float(part) for part in args.intervals.split(",")]
     except ValueError:

@@ -40,7 +40,15 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hpml import cli, data, dist, files, results, speed  # noqa: E402
-from hpml.config import GRAD_COMPRESSIONS, TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import (  # noqa: E402
+    GRAD_COMPRESSIONS,
+    MAX_BATCH_SIZE,
+    MAX_PROCESSES,
+    MAX_REPEATS,
+    MAX_STEPS,
+    TrainConfig,
+    parse_model_list,
+)
 from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
@@ -78,6 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "batch_size", "steps", "repeats")
+    cli.require_at_most(args, batch_size=MAX_BATCH_SIZE, steps=MAX_STEPS, repeats=MAX_REPEATS, nproc=MAX_PROCESSES)
     if args.nproc < 0:
         raise UsageError(f"--nproc must be 0 (off) or more, got {args.nproc}")
     args.grad_compression = [part.strip() for part in args.grad_compression.split(",")]

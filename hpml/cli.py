@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -213,6 +214,15 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+
+
+def require_at_most(args: argparse.Namespace, **bounds: float) -> None:
+    """UsageError naming the first of these flags whose value (when set) is above its bound, or not a finite number:
+    a typo, refused before it turns into hours of work or a petabyte allocation."""
+    for name, most in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value <= most):
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

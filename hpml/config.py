@@ -30,6 +30,12 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding limit
 MIN_SAMPLE_INTERVAL = 0.01  # faster, sampling itself floods the output and takes a core
 MAX_SAMPLE_INTERVAL = 3_600
 MAX_DIST_TIMEOUT = 7 * 24 * 3_600  # a week
+MAX_REPEATS = 1_000  # run_study.py and bench/ --repeats
+MAX_STEPS = 100_000  # bench/ --steps, --iters, --warmup
+MAX_PROCESSES = 256  # processes or GPUs of one node: bench/throughput.py --nproc, run_study.py --gpus-per-node
+MAX_INSTANCE_COUNT = 1_000  # SageMaker instances of one job
+MAX_JOBS = 1_000  # SageMaker jobs at once (run_study.py --max-jobs) or listed (sagemaker_submission.py list)
+SAGEMAKER_MAX_RUN_S = 28 * 24 * 3_600  # the longest --max-run (and --max-wait) SageMaker accepts: 28 days
 
 
 def default_data_dir() -> str:

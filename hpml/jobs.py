@@ -178,8 +178,6 @@ def aws_errors() -> Iterator[None]:
 def check_distribution(distribution: str, instance_type: str, instance_count: int, framework_version: str,
                        py_version: str, backend: str, device: str, region: str) -> None:
     """UsageError unless the pinned SDK can run this distribution on this instance type and container."""
-    if instance_count < 1:
-        raise UsageError(f"--instance-count must be 1 or more, got {instance_count}")
     if not re.fullmatch(r"ml\.[a-z0-9-]+\.[a-z0-9-]+", instance_type):
         raise UsageError(f"--instance-type must be a SageMaker instance type like ml.p4d.24xlarge, "
                          f"got {instance_type!r}")

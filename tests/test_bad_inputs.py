@@ -2,11 +2,12 @@
 
 Each case runs a script's main in this process, as its __main__ does, in a folder that already holds a results
 file, and checks: exit code 2, exactly one line on stderr naming the problem (a warning counts as a line), no
-traceback, and the results untouched. A few cases run the script in a subprocess instead, as a user would: every
-run_distributed.py case (torchrun's @record around its main sets up process-wide fault handling), and one case
-each for a data file numpy cannot read and for a bench/ script, which set up their own import path.
+traceback, and the results untouched. A few cases run the script in a subprocess instead, as a user would: one
+case each for run_distributed.py, a data file numpy cannot read and a bench/ script, which sets up its own import
+path.
 """
 
+import argparse
 import hashlib
 import os
 import signal
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpml import checkpoint, results
+from hpml import checkpoint, cli, results
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
 from tests.helpers import REPO, exit_code_of, record, run_script, script_main
@@ -143,10 +144,11 @@ CASES = [
     ("bench/parity.py", ["--epochs", "0", "--output-dir", "{root}/parity"], "--epochs must be a positive integer"),
     ("bench/monitor_overhead.py", ["--model", "vgg,resnet"], "--model takes one model name, got 'vgg,resnet'"),
     ("bench/monitor_overhead.py", ["--intervals", "1,0"], "--intervals must be positive numbers of seconds"),
+    ("bench/allreduce.py", ["--max-bytes", "99999999G"], "argument --max-bytes: expected at most 16G, got '99999999G'"),
 ]
 TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
 IN_A_SUBPROCESS = {"run_hpc.py --dataset cifar10 --data-dir {root}/corrupt", "bench/parity.py --seeds 0,x",
-                   *(f"{s} {' '.join(a)}" for s, a, _ in CASES if s == "run_distributed.py")}
+                   "run_distributed.py --backend nccl"}
 IDS = [f"{s} {' '.join(a)}" for s, a, _ in CASES]
 
 
@@ -223,30 +225,54 @@ def test_dist_timeout_too_large_for_the_c_layer_is_refused():
         TrainConfig(dist_timeout=1e12).validate()
 
 
-# The property sweep: every value a flag's type must refuse, driven through each script's main.
+# The property sweep: every flag of every script whose value is an integer, a number or a path, found in the parser
+# each script's main builds, driven with every value its type must refuse.
 BAD_VALUES = {
-    "int": ["x", "1.5", "-1", "", "99999999999999999999"],
-    "float": ["x", "nan", "inf", "-1", ""],
-    "path": ["", " "],
+    int: ["x", "1.5", "-1", "", "99999999999999999999"],
+    float: ["x", "nan", "inf", "-1", ""],
+    cli.path_flag: ["", " "],
 }
-FLAGS = [
-    ("run_hpc.py", "int", ["--epochs", "--batch-size", "--subset", "--workers", "--seed"]),
-    ("run_hpc.py", "float", ["--lr", "--sample-interval"]),
-    ("run_hpc.py", "path", ["--output-dir", "--data-dir", "--checkpoint-dir"]),
-    ("utilization.py", "float", ["--interval", "--duration"]),
-    ("plot_hpml.py", "int", ["--dpi"]),
-    ("plot_hpml.py", "path", ["--results-dir", "--output-dir"]),
-]
-SWEEP = [(script, flag, value) for script, kind, flags in FLAGS for flag in flags for value in BAD_VALUES[kind]]
+SCRIPTS = ("run_hpc.py", "run_distributed.py", "utilization.py", "plot_hpml.py", "run_study.py",
+           "sagemaker_submission.py", *(f"bench/{path.name}" for path in sorted((REPO / "bench").glob("*.py"))))
 
 
-@pytest.mark.parametrize("script, flag, value", SWEEP, ids=[f"{s} {f} {v!r}" for s, f, v in SWEEP])
-def test_every_bad_value_of_a_flag_type_is_refused(script, flag, value, place, capfd, monkeypatch):
-    args = full_args(script, [flag, value], place)
+class ParserCaught(Exception):
+    pass
+
+
+def typed_flags(script: str) -> list[tuple[list[str], str, object]]:
+    """(sub-command, flag, type) of each option of a script's parser and its sub-commands' whose type is in BAD_VALUES:
+    the parser is caught as the script's main starts parsing."""
+    def catch(parser, args=None, namespace=None):
+        raise ParserCaught(parser)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+        with pytest.raises(ParserCaught) as caught:
+            script_main(script)([])
+    top = caught.value.args[0]
+    parsers = [([], top)] + [([name], sub) for action in top._actions
+                             if isinstance(action, argparse._SubParsersAction) for name, sub in action.choices.items()]
+    return [(words, max(action.option_strings, key=len), action.type) for words, parser in parsers
+            for action in parser._actions if action.option_strings and action.type in BAD_VALUES]
+
+
+SWEEP = [(script, words, flag, value) for script in SCRIPTS for words, flag, kind in typed_flags(script)
+         for value in BAD_VALUES[kind]]
+
+
+@pytest.mark.parametrize("script, words, flag, value", SWEEP,
+                         ids=[" ".join([s, *w, f, repr(v)]) for s, w, f, v in SWEEP])
+def test_every_bad_value_of_every_typed_flag_is_refused_naming_it(script, words, flag, value, place, capfd,
+                                                                   monkeypatch):
+    args = full_args(script, [*words, flag, value], place)
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HOME", str(place))
     monkeypatch.chdir(place)
     before = snapshot(place / "results")
     code = exit_code_of(script_main(script), args)
     err = capfd.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) <= 2 and "Traceback" not in err, err
+    assert flag in err, err
     assert snapshot(place / "results") == before
