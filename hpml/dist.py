@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -256,7 +257,11 @@ def register_grad_compression(ddp: torch.nn.parallel.DistributedDataParallel, co
 
 
 def teardown() -> None:
+    """Leave the process group, first freeing what still holds it: a DDP model outlives training in reference
+    cycles (torch keeps the frames that built it), and a gloo group it keeps until interpreter shutdown can abort
+    the process there ('terminate called without an active exception')."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """run_distributed.py under real torchrun with the gloo backend on the CPU."""
 
+import gc
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import run_distributed
 from hpml import dist
@@ -272,3 +274,17 @@ def test_an_error_a_rank_reports_in_one_line_is_not_reprinted_by_torchrun(tmp_pa
     assert "run_distributed.py: error: " in output and "labels" in output  # rank 0's one line
     assert "UsageError" not in output and "[rank1]" not in output, output  # no rank's traceback, first or again
     assert output.count("Traceback (most recent call last)") <= 1, output  # torchrun's own, of its ChildFailedError
+
+
+def test_no_ddp_model_outlives_the_process_group(npz_dir, tmp_path, monkeypatch):
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "SMDATAPARALLEL_USE_SINGLENODE", "SM_TRAINING_ENV"):
+        monkeypatch.delenv(name, raising=False)
+    gc.collect()
+    gc.disable()  # as at interpreter shutdown: only what teardown frees is gone
+    try:
+        assert run_distributed.main(["--model", "shufflenet", "--data-dir", str(npz_dir), "--batch-size", "50",
+                                     "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path), "--quiet"]) == 0
+        alive = [thing for thing in gc.get_objects() if isinstance(thing, DistributedDataParallel)]
+    finally:
+        gc.enable()
+    assert alive == []
