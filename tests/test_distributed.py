@@ -284,7 +284,7 @@ def test_no_ddp_model_outlives_the_process_group(npz_dir, tmp_path, monkeypatch)
     try:
         assert run_distributed.main(["--model", "shufflenet", "--data-dir", str(npz_dir), "--batch-size", "50",
                                      "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path), "--quiet"]) == 0
-        alive = [thing for thing in gc.get_objects() if isinstance(thing, DistributedDataParallel)]
+        alive = [thing for thing in gc.get_objects() if type(thing) is DistributedDataParallel]
     finally:
         gc.enable()
     assert alive == []
