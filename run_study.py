@@ -33,10 +33,10 @@ POLL_S = 60  # seconds between looks at running SageMaker jobs
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.require_positive(args, "repeats", "gpus_per_node", "max_jobs", "max_run")
-    cli.require_at_most(args, repeats=MAX_REPEATS, gpus_per_node=MAX_PROCESSES, max_jobs=MAX_JOBS,
-                        max_run=SAGEMAKER_MAX_RUN_S, epoch_seconds=SAGEMAKER_MAX_RUN_S)
     if args.epoch_seconds is not None and not args.epoch_seconds > 0:
         raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
+    cli.require_at_most(args, repeats=MAX_REPEATS, gpus_per_node=MAX_PROCESSES, max_jobs=MAX_JOBS,
+                        max_run=SAGEMAKER_MAX_RUN_S, epoch_seconds=SAGEMAKER_MAX_RUN_S)
     args.model = args.models
     cfg = cli.config_from_args(args)
     world_sizes = study.parse_world_sizes(args.world_sizes)

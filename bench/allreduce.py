@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+from hpml.errors import UsageError, one_line_on_ctrl_c  # noqa: E402
 
 one_line_on_ctrl_c()  # before torch loads
 
@@ -34,7 +34,6 @@ import torch.distributed as torch_dist  # noqa: E402
 import models  # noqa: E402
 from hpml import cli, dist, files, results  # noqa: E402
 from hpml.config import BACKENDS, DEVICES, MAX_STEPS, TrainConfig  # noqa: E402
-from hpml.errors import UsageError  # noqa: E402
 from hpml.train import synchronize  # noqa: E402
 
 FLOAT_BYTES = 4

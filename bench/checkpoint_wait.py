@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+from hpml.errors import UsageError, one_line_on_ctrl_c  # noqa: E402
 
 one_line_on_ctrl_c()  # before torch loads
 
@@ -34,7 +34,6 @@ from tqdm import tqdm  # noqa: E402
 
 from hpml import checkpoint, cli, data, dist, files  # noqa: E402
 from hpml.config import MAX_REPEATS, TrainConfig, parse_model_list  # noqa: E402
-from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer, synchronize  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hpml.errors import one_line_on_ctrl_c
+from hpml.errors import UsageError, one_line_on_ctrl_c
 
 one_line_on_ctrl_c()  # before torch loads
 
@@ -29,7 +29,6 @@ from tqdm import tqdm  # noqa: E402
 
 from hpml import cli, data, dist, monitor  # noqa: E402
 from hpml.config import DEVICES, MAX_BATCH_SIZE, MAX_REPEATS, MAX_STEPS, TrainConfig, parse_model_list  # noqa: E402
-from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
 

@@ -26,13 +26,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+from hpml.errors import UsageError, one_line_on_ctrl_c  # noqa: E402
 
 one_line_on_ctrl_c()  # before torch loads
 
 from hpml import cli, dist, experiment, files, results, speed  # noqa: E402
 from hpml.config import TrainConfig, default_data_dir, parse_model_list  # noqa: E402
-from hpml.errors import UsageError  # noqa: E402
 
 SETUPS = {"fast": {}, "reference": speed.REFERENCE_SETUP}
 # The training flags a comparison takes; the speed flags are the setups', and the rest keep the study's values.

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpml.errors import one_line_on_ctrl_c  # noqa: E402
+from hpml.errors import UsageError, one_line_on_ctrl_c  # noqa: E402
 
 one_line_on_ctrl_c()  # before torch loads
 
@@ -49,7 +49,6 @@ from hpml.config import (  # noqa: E402
     TrainConfig,
     parse_model_list,
 )
-from hpml.errors import UsageError  # noqa: E402
 from hpml.train import Trainer  # noqa: E402
 
 ABLATIONS = {  # the fast defaults with one setting changed: what each setting is worth on this device
