@@ -13,11 +13,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.ArgumentParser(
         description="Read every results JSON in --results-dir (runs of run_hpc.py, run_distributed.py and "
                     "collected SageMaker jobs), group repeated runs, and write Time.png, Accuracy.png, Curves.png, "
-                    "Utilization.png (when monitor samples exist) and summary.md to --output-dir.",
-        epilog="Runs are grouped by model, mode, backend, world size, nodes, device type and data (data set, its "
-               "size, epochs); a group's numbers are medians over its runs, min-max as error bars. Speedup = median "
-               "training time of the single-device group with the same model, device type and data / the group's; "
-               "scaling efficiency = speedup / world size.")
+                    "Speedup.png, Utilization.png (when monitor samples exist) and summary.md to --output-dir.",
+        epilog="Runs are grouped by model, mode, backend, world size, nodes and gradient communication within a "
+               "setup: platform (SageMaker or local), hardware (GPU or CPU model), speed settings (precision, "
+               "loader, memory layout, CUDA graphs, compile, drop-last) and data (data set, size, epochs). Runs of "
+               "different setups share no median and no baseline. A group's numbers are medians over its runs, "
+               "min-max as error bars. Speedup (steady-state) = median epoch time after the first epoch of the "
+               "single-device group of the same model and setup / the group's; scaling efficiency = speedup / "
+               "world size; the speedup in total training time (warm-up included) is shown beside it. A group "
+               "without such a baseline says why instead of showing a number.")
     parser.add_argument("--results-dir", type=cli.path_flag, default="results",
                         help="folder holding the results JSON files (and the monitor's .utilization.csv files "
                              "beside them); other or malformed JSON files there are skipped with a warning "

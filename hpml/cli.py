@@ -151,14 +151,18 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                            "there in batches; torch: the classic DataLoader with --workers processes and "
                            "torchvision transforms. Both give the same images (default: %(default)s)")
     fast.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
-                      help="autocast precision: fp32, bf16, or fp16 (with a gradient scaler); auto is bf16 on "
-                           "CUDA GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 (default: %(default)s)")
+                      help="autocast precision: fp32, bf16, or fp16 (with a gradient scaler); auto never emulates: "
+                           "bf16 on GPUs of compute capability 8.0+ (A100, A10G, H100) and on CPUs with native bf16 "
+                           "(AVX512-BF16/AMX), fp16 on older tensor-core GPUs (V100, T4), else fp32; the results "
+                           "record the precision used (default: %(default)s)")
     add_switch(fast, "--channels-last", "NHWC memory layout for the model and batches (default: on)", default=None)
     add_switch(fast, "--compile", "torch.compile the model instead of CUDA graphs (slow first steps; slower than "
                                   "the defaults where measured: see bench/README.md)")
     add_switch(fast, "--cuda-graphs", "CUDA only: capture the model's forward and backward once as CUDA graphs and "
                                       "replay them every full batch, so the GPU is not left waiting on Python "
-                                      "(default: on for CUDA unless --compile)", default=None)
+                                      "(default: on for one CUDA process unless --compile; off under DDP, where a "
+                                      "graphed backward would hold every gradient all-reduce back until it ends. "
+                                      "run_study.py gives all its cells one setting)", default=None)
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from .errors import one_line
 
 def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = print) -> list[Path]:
     """Train every model in cfg.models in turn; rank 0 writes one results JSON per model."""
-    speed.resolve(cfg, world.device)  # refuse speed settings this device cannot run before the data loads
+    speed.resolve(cfg, world.device, world.size)  # refuse speed settings this device cannot run before the data loads
     check_grad_compression(cfg.grad_compression, world.backend)
     if world.is_main:
         results.check_writable(cfg.output_dir)

@@ -67,6 +67,15 @@ def _open_nvml(gpu_indices: Sequence[int] | None) -> tuple[ModuleType | None, li
     return pynvml, gpus, None
 
 
+def first_cuda_gpu_name() -> str | None:
+    """NVML's name of the GPU that CUDA numbers 0 in this process, or None where NVML finds none."""
+    nvml, gpus, _ = _open_nvml(None if os.environ.get("CUDA_VISIBLE_DEVICES") is None else [0])
+    if nvml is None:
+        return None
+    nvml.nvmlShutdown()
+    return gpus[0].name if gpus else None
+
+
 def _reason(error: Exception) -> str:
     return str(error) if type(error).__name__.startswith("NVMLError") else f"{type(error).__name__}: {error}"
 

@@ -1,7 +1,7 @@
 """The study's figures, drawn from grouped results (hpml.summary) and the monitor samples beside them.
 
-Figures draw one panel per setup (platform, device type and workload), so that only comparable bars stand side by
-side. make_all writes the figures and summary.md, each through a temp file and a rename.
+Figures draw one panel per setup (platform, hardware, speed settings and workload), so that only comparable bars
+stand side by side. make_all writes the figures and summary.md, each through a temp file and a rename.
 """
 
 from __future__ import annotations
@@ -128,13 +128,18 @@ def time_figure(groups: list[Group]) -> Figure:
     unit, scale = ("min", 1 / 60) if seconds > 1200 else ("s", 1.0)
 
     def annotate(group: Group, _: Spread) -> str | None:
-        return None if group.speedup is None else f"×{group.speedup:.2f}\n{group.efficiency:.0%} eff."
+        if group.speedup is None:
+            return "no baseline" if group.mode != "single" else None
+        return f"×{group.speedup:.2f} steady\n{group.efficiency:.0%} eff.\n×{group.total_speedup:.2f} total"
 
     body = new_figure(*bar_figure_size(groups), "Training time per model", groups, [
         median_note(groups),
-        "Distributed bars: speedup (×) over the single-device run of the same model, device type and data, and "
-        "scaling efficiency (speedup ÷ world size). Training time excludes evaluation."])
-    bar_panels(body, groups, f"training time ({unit}, lower is better)",
+        "Bars: total training time, the first epoch's warm-up included (evaluation excluded). Above the "
+        "data-parallel bars: the steady-state speedup (median epoch time after the first epoch, over the "
+        "single-device run's of the same model, hardware, speed settings and data), its scaling efficiency "
+        "(speedup ÷ world size), and the speedup in total time. 'no baseline': no single-device run of that setup "
+        "(summary.md says which part differs)."])
+    bar_panels(body, groups, f"total training time ({unit}, lower is better)",
                lambda group: group.spread("total_train_time_s").scaled(scale), annotate)
     add_legend(body, len(colours(groups)))
     return body.figure
@@ -167,18 +172,21 @@ def speedup_figure(groups: list[Group]) -> Figure:
             return Spread(number, number, number)
         return spread
 
-    metrics = [("training time (s)", lambda group: group.spread("total_train_time_s"), ".1f"),
-               ("speedup (×)", relative(lambda group: group.speedup), ".2f"),
+    metrics = [("epoch time, steady state (s)", lambda group: group.epoch_time, ".2f"),
+               ("steady-state speedup (×)", relative(lambda group: group.speedup), ".2f"),
                ("scaling efficiency (%)", relative(lambda group: group.efficiency, 100), ".0f"),
+               ("speedup in total time,\nwarm-up included (×)", relative(lambda group: group.total_speedup), ".2f"),
                ("final test accuracy (%)", lambda group: group.spread("final_test_acc").scaled(100), ".1f")]
     if any(group.target_speedup is not None for group in groups):
         metrics.append(("speedup in time to target (×)", relative(lambda group: group.target_speedup), ".2f"))
     width, height = bar_figure_size(groups)
     body = new_figure(width * len(metrics) / 2, height, "Single device vs data-parallel, per model", groups, [
         median_note(groups),
-        "Speedup: the single-device run's training time ÷ the run's, at the same number of epochs; efficiency: "
-        "speedup ÷ world size; time to target: training time until the test accuracy first reached --target-acc. "
-        "A bar at 0 has no single-device run (or no run reaching the target) to compare with."])
+        "Steady-state speedup: the single-device run's median epoch time (epochs after the first) ÷ the run's, "
+        "same model, hardware, speed settings and data; efficiency: that speedup ÷ world size; speedup in total "
+        "time: with the first epoch's warm-up; time to target: training time until the test accuracy first "
+        "reached --target-acc. A bar at 0 has no single-device run of the same setup (or no run reaching the "
+        "target) to compare with; summary.md says why."])
     drawn = [bar_panels(column, groups, ylabel, value,
                         lambda group, spread, fmt=fmt: format(spread.median, fmt) if spread.median else None)
              for column, (ylabel, value, fmt) in zip(body.subfigures(1, len(metrics)), metrics, strict=True)]

@@ -5,6 +5,7 @@ Imports no torch: the laptop client reads and writes records too; environment() 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -17,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import files
+from . import files, hardware
 
 if TYPE_CHECKING:
     import torch
@@ -50,39 +51,48 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda if cuda else None,
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "cpu": _cpu_name(),
+        "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
+        "cpu": hardware.cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
-        "git_commit": _git_commit(),
+        **source_version(),
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def source_version() -> dict:
+    """The commit the code came from, whether the work tree differed from it (changed or untracked files), and a
+    hash of that difference, so that a figure names the code that made it; Nones outside a git work tree."""
+    folder = Path(__file__).resolve().parent
+    commit = _git(folder, "rev-parse", "HEAD")
+    status = _git(folder, "status", "--porcelain") if commit else None
+    if not commit or status is None:
+        return {"git_commit": commit or None, "git_dirty": None, "git_diff_sha256": None}
+    difference = (_git(folder, "diff", "HEAD", "--binary") or "") + status
+    return {"git_commit": commit, "git_dirty": bool(status),
+            "git_diff_sha256": hashlib.sha256(difference.encode()).hexdigest() if status else None}
 
 
-def _git_commit() -> str | None:
+def _git(folder: Path, *arguments: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *arguments], cwd=folder, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def steady_epochs(epochs: list[dict]) -> list[dict]:
+    """The epochs after the first, whose times exclude warm-up (kernel selection, graph capture, compile); the
+    one epoch of a one-epoch run."""
+    return epochs[1:] or epochs
 
 
 def summarize_epochs(epochs: list[dict], target_acc: float | None = None) -> dict:
     """Run totals from per-epoch metrics. Throughput is the median over epochs after the first (warm-up).
     Time to target: training time up to the end of the first epoch whose test accuracy reaches `target_acc`
     (None when there is no target or no epoch reached it)."""
-    steady = epochs[1:] or epochs
+    steady = steady_epochs(epochs)
     best = max(epochs, key=lambda e: e["test_acc"])
     return {
         "total_train_time_s": sum(e["epoch_time_s"] for e in epochs),

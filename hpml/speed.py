@@ -43,18 +43,33 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def resolve(cfg: TrainConfig, device: torch.device) -> SpeedSettings:
-    """Fill in the per-device defaults and refuse settings this device or torch cannot run."""
-    precision = cfg.precision
-    if precision == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-        precision = "bf16" if native else "fp32"
+def auto_precision(device: torch.device) -> str:
+    """What --precision auto trains in: bf16 where the hardware computes it natively (GPUs of compute capability
+    8.0 and up, CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on the older tensor-core GPUs (7.x: V100,
+    T4), fp32 otherwise. torch.cuda.is_bf16_supported() is no guide: since torch 2.2 it is also true where bf16 is
+    only emulated, which is slower than fp16 there."""
+    if device.type != "cuda":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16" if major >= 7 else "fp32"
+
+
+def resolve(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> SpeedSettings:
+    """Fill in the per-device defaults and refuse settings this device or torch cannot run.
+
+    CUDA graphs default to on for one CUDA process (not compiling) and off in a data-parallel world: a graphed
+    backward is one autograd node, so DDP could start no gradient bucket's all-reduce before the whole backward
+    had finished, and the overlap of communication with computation that data-parallel training is measured on
+    would be lost.
+    """
+    precision = auto_precision(device) if cfg.precision == "auto" else cfg.precision
     if precision == "fp16" and device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
         raise UsageError("--precision fp16 on the CPU needs torch >= 2.3 (a CPU gradient scaler); use bf16 or fp32")
     if cfg.compile:
         check_compile_supported(device)
     channels_last = True if cfg.channels_last is None else cfg.channels_last
-    cuda_graphs = device.type == "cuda" and not cfg.compile if cfg.cuda_graphs is None else cfg.cuda_graphs
+    cuda_graphs = (device.type == "cuda" and not cfg.compile and world_size == 1 if cfg.cuda_graphs is None
+                   else cfg.cuda_graphs)
     if cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, got {device.type}; drop it or use --device cuda")
     if cuda_graphs and cfg.compile:

@@ -1,8 +1,9 @@
 """The study: a matrix of runs (models x world sizes x repeats), which of them are done, and running the rest.
 
 Client layer: imports no torch (the training runs are separate processes). run_study.py is the script over it.
-A cell is done when --output-dir holds a results JSON of the same model, world size and defining settings; with
-several repeats, the first n cells of a model and world size are done when n such files are there.
+A cell is done when --output-dir holds a results JSON of the same model, world size and defining settings (and, for a
+study on this machine, trained on the same GPU or CPU model); with several repeats, the first n cells of a model and
+world size are done when n such files are there.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cli
+from . import cli, hardware
 from .config import TrainConfig
 from .errors import UsageError
 
-# The settings that make two runs the same experiment (besides model and world size); others (loader workers,
-# quiet, monitoring) change how a run is watched, not what it measures.
-DEFINING_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "dataset", "subset", "seed", "target_acc")
+# The settings that make two runs the same experiment (besides model, world size and hardware): what is trained and
+# how fast; others (loader workers, quiet, monitoring) change how a run is watched, not what it measures.
+DEFINING_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "dataset", "subset", "seed", "target_acc",
+                   "drop_last", "precision", "loader", "channels_last", "cuda_graphs", "compile")
+# What a run made before a defining setting existed trained with, where that differs from today's default.
+PREDATED = {"drop_last": False}
 # Settings of data-parallel runs only: one process ignores them, so a baseline matches whatever they are.
 DATA_PARALLEL_FIELDS = ("scale_lr", "grad_compression", "bucket_cap_mb", "static_graph")
 REPO = Path(__file__).resolve().parent.parent
@@ -66,10 +70,17 @@ def plan(models: Sequence[str], world_sizes: Sequence[int], repeats: int) -> lis
 
 
 def defining_settings(config: dict, world_size: int) -> dict:
-    """What makes a run of this world size the same experiment. A setting a record predates counts as its
-    default."""
+    """What makes a run of this world size the same experiment (besides the hardware and the data folder)."""
     names = DEFINING_FIELDS + (DATA_PARALLEL_FIELDS if world_size > 1 else ())
-    return {name: config.get(name, getattr(cli.DEFAULTS, name)) for name in names}
+    return {name: config.get(name, PREDATED.get(name, getattr(cli.DEFAULTS, name))) for name in names}
+
+
+def common_speed_settings(cfg: TrainConfig, world_sizes: Sequence[int]) -> TrainConfig:
+    """The study's config with CUDA graphs decided for every cell alike: a speed setting left to each script's
+    per-world default (on for one CUDA process, off under DDP) would make the baseline a different experiment."""
+    if cfg.cuda_graphs is None and max(world_sizes) > 1:
+        cfg.cuda_graphs = False
+    return cfg
 
 
 def settings_id(cfg: TrainConfig, cell: Cell, *more: str) -> str:
@@ -79,19 +90,25 @@ def settings_id(cfg: TrainConfig, cell: Cell, *more: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def is_run_of(record: dict, cell: Cell, cfg: TrainConfig) -> bool:
-    """Whether a results record is a local run of this cell's model, world size and settings."""
+def is_run_of(record: dict, cell: Cell, cfg: TrainConfig, trained_on: str | None = None) -> bool:
+    """Whether a results record is a local run of this cell's model, world size and settings, of the same CIFAR-10
+    folder (and, when given, on this GPU or CPU model, in hardware.of_record's words). A job's name (settings_id)
+    leaves the folder out: a SageMaker job reads its data from S3, and a re-run from another folder must find it."""
     return (record["model"] == cell.model and int(record["world_size"]) == cell.world_size
             and record["mode"] == cell.mode and not record.get("sagemaker")
+            and (trained_on is None or hardware.of_record(record) == trained_on)
             and defining_settings(record["config"], cell.world_size) == defining_settings(cfg.as_dict(),
-                                                                                           cell.world_size))
+                                                                                           cell.world_size)
+            and (cfg.dataset != "cifar10" or record["config"].get("data_dir") == cfg.data_dir))
 
 
-def cells_to_run(cells: list[Cell], records: list[dict], cfg: TrainConfig, force: bool = False) -> list[Cell]:
+def cells_to_run(cells: list[Cell], records: list[dict], cfg: TrainConfig, force: bool = False,
+                 trained_on: str | None = None) -> list[Cell]:
     """The cells without a matching results record (all of them with `force`)."""
     if force:
         return list(cells)
-    return [cell for cell in cells if sum(is_run_of(record, cell, cfg) for record in records) <= cell.repeat]
+    return [cell for cell in cells
+            if sum(is_run_of(record, cell, cfg, trained_on) for record in records) <= cell.repeat]
 
 
 def local_command(cell: Cell, cfg: TrainConfig) -> list[str]:

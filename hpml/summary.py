@@ -1,12 +1,16 @@
 """Results grouped for comparison, and the summary table: no drawing, no torch, no matplotlib.
 
-Runs are grouped by model, mode, backend, world size, nodes, platform (a SageMaker job or a machine of one's own),
-device type and workload (data set, its size and the number of epochs), so a CPU smoke run never shares a median
-with a GPU run. A group's numbers are medians over its repeated runs, with their min-max. A distributed
-group's speedup is the median training time of the single-device group (run_hpc.py, mode single) with the same
-model, platform, device type and workload divided by its own median: SageMaker runs against the SageMaker baseline,
-local runs against the local one; with the grouping above there is at most one such group. Scaling efficiency is
-speedup / world size.
+Runs are grouped by model, mode, backend, world size, nodes and gradient communication within a setup: platform (a
+SageMaker job or a machine of one's own), hardware (the GPU or CPU model), speed settings (precision, loader, memory
+layout, CUDA graphs, compile, drop-last) and workload (data set, its size and the number of epochs). Runs of
+different setups never share a median or a baseline. A group's numbers are medians over its repeated runs, with
+their min-max.
+
+The headline speedup is steady-state: the baseline's median epoch time (epochs after the first, so warm-up such as
+kernel selection, graph capture or compile is left out) divided by the group's, where the baseline is the
+single-device group (run_hpc.py, mode single) of the same model and setup. The speedup in total training time (with
+warm-up) stands beside it. Scaling efficiency is steady-state speedup / world size. A group with no such baseline
+says why instead of showing a number.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import models
 
-from . import cli
+from . import cli, hardware, results
 from .config import DDP_BUCKET_CAP_MB
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "synthetic": "synthetic data (not CIFAR-10)"}
@@ -60,15 +64,19 @@ class Group:
     device: str
     workload: str
     platform: str = "local"
+    hardware: str = ""  # the GPU or CPU model: hardware.of_record
+    settings: str = ""  # the speed settings: hardware.settings_of
     communication: str = ""  # how DDP sent gradients, where not as DDP does by default
     runs: list[dict] = field(default_factory=list)
     baseline: Group | None = None
+    no_baseline: str = ""  # why a data-parallel group has no baseline to be compared with
     compared: bool = False  # a single-device group that some other group's speedup is measured against
 
     @property
-    def setup(self) -> tuple[str, str, str]:
-        """What must match for two groups to be compared: platform, device type and workload. One panel each."""
-        return (self.platform, self.device, self.workload)
+    def setup(self) -> tuple[str, str, str, str]:
+        """What must match for two groups to be compared: platform, hardware, speed settings and workload. One
+        panel each."""
+        return (self.platform, self.hardware, self.settings, self.workload)
 
     @property
     def series(self) -> tuple:
@@ -80,10 +88,24 @@ class Group:
         return Spread.of(run[name] for run in self.runs)
 
     @property
-    def speedup(self) -> float | None:
+    def epoch_time(self) -> Spread:
+        """Steady-state time per epoch: each run's median over the epochs after the first."""
+        return Spread.of(steady_epoch_time(run) for run in self.runs)
+
+    def _ratio_to_baseline(self, of: Callable[[Group], float]) -> float | None:
         if self.baseline is None or self.baseline is self:
             return None
-        return self.baseline.spread("total_train_time_s").median / self.spread("total_train_time_s").median
+        return of(self.baseline) / of(self)
+
+    @property
+    def speedup(self) -> float | None:
+        """Steady-state speedup: the baseline's median epoch time over this group's."""
+        return self._ratio_to_baseline(lambda group: group.epoch_time.median)
+
+    @property
+    def total_speedup(self) -> float | None:
+        """Speedup in total training time, warm-up (the first epoch) included."""
+        return self._ratio_to_baseline(lambda group: group.spread("total_train_time_s").median)
 
     @property
     def efficiency(self) -> float | None:
@@ -109,8 +131,18 @@ class Group:
         return theirs.median / mine.median
 
     @property
+    def cost(self) -> Spread | None:
+        """Each run's share of its SageMaker job's bill, where every run of the group has one."""
+        shares = [(run.get("sagemaker") or {}).get("cost_usd") for run in self.runs]
+        return None if None in shares else Spread.of(shares)
+
+    @property
     def epochs(self) -> int:
         return len(self.runs[0]["epochs"])
+
+
+def steady_epoch_time(run: dict) -> float:
+    return statistics.median(epoch["epoch_time_s"] for epoch in results.steady_epochs(run["epochs"]))
 
 # ---- grouping ----------------------------------------------------------------------------------
 
@@ -147,26 +179,48 @@ def model_order(name: str) -> tuple[int, str]:
 
 
 def group_runs(records: list[dict], warn: Callable[[str], None]) -> list[Group]:
-    """Groups ordered by setup, model and series, with baselines attached."""
+    """Groups ordered by setup, model and series, with baselines attached (or the reason there is none)."""
     groups: dict[tuple, Group] = {}
     for record in records:
         group = Group(model=record["model"], mode=record["mode"], backend=record.get("backend"),
                       world_size=int(record["world_size"]), nodes=int(record.get("nodes") or 1),
                       device=record["device"], workload=workload_of(record), platform=platform_of(record),
+                      hardware=hardware.of_record(record), settings=hardware.settings_of(record),
                       communication=communication_of(record))
         groups.setdefault((group.setup, model_order(group.model), group.series), group).runs.append(record)
     ordered = [groups[key] for key in sorted(groups)]
+    singles = [group for group in ordered if group.mode == "single" and group.world_size == 1]
     for group in ordered:
         for setting in CHECKED_SETTINGS:
             values = {str(run.get(setting, run["config"].get(setting))) for run in group.runs}
             if len(values) > 1:
                 warn(f"{label(group)} of {group.model} mixes runs with different {setting} "
                      f"({', '.join(sorted(values))}); its medians span them")
-        group.baseline = next((other for other in ordered if other.mode == "single" and other.world_size == 1
-                               and other.model == group.model and other.setup == group.setup), None)
-        if group.baseline is not None and group.baseline is not group:
+        group.baseline = next((other for other in singles
+                               if other.model == group.model and other.setup == group.setup), None)
+        if group.baseline is None:
+            group.no_baseline = missing_baseline(group, [other for other in singles if other.model == group.model])
+        elif group.baseline is not group:
             group.baseline.compared = True
     return ordered
+
+
+def missing_baseline(group: Group, singles: list[Group]) -> str:
+    """Why `group` has no single-device run to be compared with, naming the first part of its setup that no
+    single-device run of its model shares: 'no 1-GPU baseline on NVIDIA A100-SXM4-40GB'."""
+    one = "1-GPU" if group.device == "cuda" else "single-process"
+    reasons = (("platform", f"no {one} baseline on {group.platform}"),
+               ("hardware", f"no {one} baseline on {group.hardware.split(' ', 1)[-1]}"),
+               ("settings", f"no {one} baseline with {group.settings}"),
+               ("workload", f"no {one} baseline of {group.workload}"))
+    if not singles:
+        return f"no {one} run of {group.model}"
+    candidates = singles
+    for part, reason in reasons:
+        candidates = [other for other in candidates if getattr(other, part) == getattr(group, part)]
+        if not candidates:
+            return reason
+    return f"no {one} baseline"
 
 
 def by_setup(groups: list[Group]) -> list[list[Group]]:
@@ -195,13 +249,16 @@ def label(group: Group) -> str:
 
 # ---- what the numbers were measured on ---------------------------------------------------------
 
-def hardware_of(record: dict) -> str:
+def hardware_line(record: dict) -> str:
+    """The hardware in full: 'SageMaker ml.p3.16xlarge: GPU Tesla V100-SXM2-16GB (compute capability 7.0, 8 per
+    node)'."""
     env = record.get("environment") or {}
     sagemaker = record.get("sagemaker") or {}
     where = f"SageMaker {sagemaker['instance_type']}: " if sagemaker.get("instance_type") else ""
     if record["device"] == "cuda":
-        gpus = env.get("gpu_count")
-        return f"{where}GPU {env.get('gpu') or 'unknown'}" + (f" ({gpus} per node)" if gpus else "")
+        details = [f"compute capability {env['gpu_capability']}"] if env.get("gpu_capability") else []
+        details += [f"{env['gpu_count']} per node"] if env.get("gpu_count") else []
+        return f"{where}GPU {env.get('gpu') or 'unknown'}" + (f" ({', '.join(details)})" if details else "")
     cores = env.get("cpu_count")
     return f"{where}CPU {env.get('cpu') or 'unknown'}" + (f" ({cores} cores)" if cores else "") + ", no GPU"
 
@@ -209,13 +266,17 @@ def hardware_of(record: dict) -> str:
 def setup_lines(groups: list[Group]) -> list[str]:
     """Footer lines naming every hardware, data set and software version behind a figure."""
     records = [run for group in groups for run in group.runs]
-    hardware = sorted({hardware_of(run) for run in records})
+    hardware = sorted({hardware_line(run) for run in records})
     software = sorted({f"torch {run['environment']['torch']}" for run in records
                        if "torch" in (run.get("environment") or {})})
     batches = sorted({run.get("batch_size", run["config"].get("batch_size")) for run in records})
     lines = [f"Hardware: {'; '.join(hardware)}" + (f" · {', '.join(software)}" if software else "")]
+    lines += [f"Speed settings: {settings}" for settings in sorted({group.settings for group in groups})]
     lines += [f"Data: {workload}" for workload in sorted({group.workload for group in groups})]
     lines.append(f"Batch: {'/'.join(map(str, batches))} images per process and step")
+    if all(run["device"] != "cuda" for run in records):
+        lines.append("CPU only: a demonstration of what the suite measures, not of data-parallel speed on GPUs "
+                     "(the processes of a CPU run share the host's cores and memory bandwidth)")
     return lines
 
 
@@ -234,52 +295,69 @@ def title_tag(groups: list[Group]) -> str:
     epochs = sorted({group.epochs for group in groups})
     platforms = sorted({platform_of(run) for run in records}, key=lambda name: name != "SageMaker")
     where = f"{' and '.join(platforms)} · " if "SageMaker" in platforms else ""
+    settings = sorted({group.settings for group in groups})
     return (f"{where}{' and '.join(parts)} · {' + '.join(datasets)}"
             + (f", {'/'.join(f'{n:,}' for n in sizes)} training images" if sizes else "")
-            + f" · {'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''}")
+            + f" · {'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''}"
+            + (f" · {settings[0]}" if len(settings) == 1 else ""))
 
 
 def short_setup(group: Group) -> str:
-    """'GPU, 50,000 images, 20 epochs': tells the rows of different setups apart."""
+    """'GPU NVIDIA H100, 50,000 images, 20 epochs,\nbf16, ...': tells the rows of different setups apart."""
     size = (group.runs[0].get("data") or {}).get("train_size")
     where = "SageMaker " if group.platform == "SageMaker" else ""
-    return (f"{where}{'GPU' if group.device == 'cuda' else 'CPU'}, {f'{size:,} images, ' if size else ''}"
-            f"{group.epochs} epochs")
+    return (f"{where}{group.hardware}, {f'{size:,} images, ' if size else ''}{group.epochs} epochs,\n"
+            f"{group.settings}")
 
 
 # ---- summary table -----------------------------------------------------------------------------
 
-SUMMARY_COLUMNS = ("model", "mode", "backend", "world size", "device", "epochs", "runs", "total time (s)", "images/s",
-                   "speedup", "efficiency", "final acc (%)", "best acc (%)", "time to best (s)", "time to target (s)",
-                   "speedup to target")
+SUMMARY_COLUMNS = ("model", "mode", "backend", "world size", "device", "runs", "epoch time (s)", "images/s",
+                   "speedup", "efficiency", "total time (s)", "speedup incl. warm-up", "final acc (%)",
+                   "best acc (%)", "time to best (s)", "time to target (s)", "speedup to target", "cost ($)")
+
+
+def speedup_cell(group: Group, value: float | None) -> str:
+    """'1.93×', 'baseline', or why there is no number."""
+    if group.compared:
+        return "baseline"
+    if value is None:
+        return group.no_baseline if group.mode != "single" and group.no_baseline else "—"
+    return f"{value:.2f}×"
 
 
 def summary_row(group: Group) -> tuple[str, ...]:
     env = group.runs[0].get("environment") or {}
     processor = env.get("gpu") if group.device == "cuda" else env.get("cpu")
-    speedup, to_target, target_speedup = group.speedup, group.time_to_target, group.target_speedup
+    to_target, target_speedup = group.time_to_target, group.target_speedup
     target = group.runs[0].get("target_acc")
     return (group.model, group.mode, group.backend or "—", str(group.world_size),
-            f"{group.device} ({processor})" if processor else group.device, str(group.epochs), str(len(group.runs)),
-            group.spread("total_train_time_s").text(".1f"), group.spread("median_images_per_s").text(".0f"),
-            "baseline" if group.compared else "—" if speedup is None else f"{speedup:.2f}×",
-            "—" if speedup is None else f"{group.efficiency:.0%}",
+            f"{group.device} ({processor})" if processor else group.device, str(len(group.runs)),
+            group.epoch_time.text(".2f"), group.spread("median_images_per_s").text(".0f"),
+            speedup_cell(group, group.speedup), "—" if group.efficiency is None else f"{group.efficiency:.0%}",
+            group.spread("total_train_time_s").text(".1f"), speedup_cell(group, group.total_speedup),
             group.spread("final_test_acc").scaled(100).text(".1f"),
             group.spread("best_test_acc").scaled(100).text(".1f"), group.spread("time_to_best_s").text(".1f"),
             "—" if target is None else f"{to_target.text('.1f')} to {target:.0%}" if to_target else "not reached",
-            "baseline" if group.compared and to_target else "—" if target_speedup is None else f"{target_speedup:.2f}×")
+            "baseline" if group.compared and to_target else "—" if target_speedup is None else f"{target_speedup:.2f}×",
+            "—" if group.cost is None else group.cost.text(".2f"))
 
 
 def summary_markdown(groups: list[Group], results_dir: Path) -> str:
     runs = cli.count(sum(len(group.runs) for group in groups), "run")
     lines = ["# hpml results summary", "",
-             f"{runs} from `{results_dir}`, in {cli.count(len(groups), 'group')}. "
-             "Numbers are medians over a group's runs (min–max in brackets when they differ). Speedup = median "
-             "training time of the single-device group with the same model, device type and data ÷ this group's; "
-             "efficiency = speedup ÷ world size. Training time excludes evaluation; images/s is the median over the "
-             "epochs after the first. Time to target (--target-acc): training time until the test accuracy first "
-             "reached the target, and the speedup in it, the fair measure when a larger global batch learns more "
-             "slowly."]
+             f"{runs} from `{results_dir}`, in {cli.count(len(groups), 'group')}, one table per setup (platform, "
+             "hardware, speed settings, data): runs of different setups share no median and no baseline. Numbers "
+             "are medians over a group's runs (min–max in brackets when they differ).", "",
+             "- **Speedup** (the headline) is steady-state: the median epoch time, over the epochs after the first, "
+             "of the single-device group of the same model and setup ÷ this group's. Efficiency = speedup ÷ world "
+             "size. Where there is no such single-device group the cell says why.",
+             "- **Total time** is the whole training time, the first epoch's warm-up (kernel selection, CUDA graph "
+             "capture, compile) included, and **speedup incl. warm-up** is the ratio of those totals. Training "
+             "time excludes evaluation; images/s is the median over the epochs after the first.",
+             "- **Time to target** (--target-acc): training time until the test accuracy first reached the target, "
+             "and the speedup in it, the fair measure when a larger global batch learns more slowly.",
+             "- **Cost**: each run's share of its SageMaker job's bill (a job's runs add up to its bill)."]
     for panel in by_setup(groups):
         lines += ["", f"## {title_tag(panel)}", "", *(f"- {line}" for line in setup_lines(panel)), "",
                   "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]

@@ -110,20 +110,27 @@ def write_npz(folder: Path, train: int, test: int) -> Path:
     return folder
 
 
-def record(run_id: str = "r1", **overrides) -> dict:
-    """A results record of a three-epoch run, as results.write_results takes it."""
-    epochs = [
-        {"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "test_loss": 2.1, "test_acc": 0.3, "epoch_time_s": 4.0,
-         "data_time_s": 1.0, "images_per_s": 100.0},
-        {"epoch": 2, "train_loss": 1.5, "train_acc": 0.4, "test_loss": 1.9, "test_acc": 0.5, "epoch_time_s": 2.0,
-         "data_time_s": 0.5, "images_per_s": 200.0},
-        {"epoch": 3, "train_loss": 1.2, "train_acc": 0.5, "test_loss": 2.0, "test_acc": 0.45, "epoch_time_s": 2.5,
-         "data_time_s": 0.5, "images_per_s": 160.0},
-    ]
+def record(run_id: str = "r1", epoch_times: tuple[float, ...] = (4.0, 2.0, 2.5), **overrides) -> dict:
+    """A results record of a three-epoch run (or as many epochs as `epoch_times` gives the times of), as
+    results.write_results takes it: 400 images an epoch."""
+    accuracies = [(0.2, 0.3), (0.4, 0.5), *[(0.5, 0.45)] * (len(epoch_times) - 2)]
+    epochs = [{"epoch": number, "train_loss": 2.0 / number, "train_acc": train_acc, "test_loss": 2.0,
+               "test_acc": test_acc, "epoch_time_s": seconds, "data_time_s": seconds / 4,
+               "images_per_s": 400 / seconds}
+              for number, (seconds, (train_acc, test_acc)) in enumerate(
+                  zip(epoch_times, accuracies[:len(epoch_times)], strict=True), start=1)]
     base = {"schema_version": results.SCHEMA_VERSION, "run_id": run_id, "model": "resnet18", "mode": "single",
             "world_size": 1, "device": "cpu", "config": {}, "epochs": epochs, **results.summarize_epochs(epochs)}
     return {**base, **overrides}
 
+
+
+def gpu_record(run_id: str, gpu: str, world_size: int = 1, precision: str = "bf16", **more) -> dict:
+    """A record of a run on one GPU (world size 1) or a data-parallel run over `world_size` GPUs of model `gpu`."""
+    return record(run_id, device="cuda", world_size=world_size, mode="single" if world_size == 1 else "distributed",
+                  backend=None if world_size == 1 else "nccl", environment={"gpu": gpu},
+                  speed={"precision": precision, "loader": "device", "channels_last": True, "cuda_graphs": False,
+                         "compile": False}, config={"drop_last": True}, **more)
 
 AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
                  "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",

@@ -17,7 +17,7 @@ import plot_hpml
 import run_hpc
 from hpml import plots, summary
 from hpml.dist import free_port
-from tests.helpers import REPO, exit_code_of, record, results_in, run_script
+from tests.helpers import REPO, exit_code_of, gpu_record, record, results_in, run_script
 
 TINY_RUN = ["--dataset", "synthetic", "--subset", "20", "--batch-size", "10", "--epochs", "2", "--workers", "0",
             "--quiet"]
@@ -85,11 +85,14 @@ def test_summary_has_a_row_per_group_and_the_measured_speedup(plotted, results_d
     rows = {(row["model"], row["mode"], row["world size"]): row for row in table_rows((out / "summary.md").read_text())}
     assert set(rows) == {("shufflenetv2", "single", "1"), ("shufflenetv2", "distributed", "2")}
     runs = {(r["model"], r["mode"]): r for r in results_in(results_dir)}
-    speedup = runs["shufflenetv2", "single"]["total_train_time_s"] / runs["shufflenetv2", "distributed"][
+    single_epochs, distributed_epochs = (runs["shufflenetv2", mode]["epochs"] for mode in ("single", "distributed"))
+    speedup = single_epochs[-1]["epoch_time_s"] / distributed_epochs[-1]["epoch_time_s"]  # 2 epochs: the second
+    total_speedup = runs["shufflenetv2", "single"]["total_train_time_s"] / runs["shufflenetv2", "distributed"][
         "total_train_time_s"]
     distributed = rows["shufflenetv2", "distributed", "2"]
     assert distributed["speedup"] == f"{speedup:.2f}×"
     assert distributed["efficiency"] == f"{speedup / 2:.0%}"
+    assert distributed["speedup incl. warm-up"] == f"{total_speedup:.2f}×"
     assert distributed["backend"] == "gloo" and distributed["runs"] == "1"
     assert distributed["total time (s)"] == f"{runs['shufflenetv2', 'distributed']['total_train_time_s']:.1f}"
     assert distributed["final acc (%)"] == f"{runs['shufflenetv2', 'distributed']['final_test_acc'] * 100:.1f}"
@@ -130,7 +133,8 @@ def test_a_model_with_one_mode_has_no_speedup(mode, results_dir, tmp_path, capsy
         shutil.copy(path, folder)
     plots.make_all(folder, tmp_path / "img")
     (row,) = table_rows((tmp_path / "img" / "summary.md").read_text())
-    assert row["mode"] == mode and row["speedup"] == "—" and row["efficiency"] == "—"
+    assert row["mode"] == mode and row["efficiency"] == "—"
+    assert row["speedup"] == ("—" if mode == "single" else "no single-process run of shufflenetv2")
     made = sorted(p.name for p in (tmp_path / "img").iterdir())
     if mode == "distributed":  # only the single run has monitor samples
         assert made == ["Accuracy.png", "Curves.png", "Speedup.png", "Time.png", "summary.md"]
@@ -210,5 +214,21 @@ def test_speedup_figure_adds_the_speedup_in_time_to_target_when_runs_recorded_it
                                    run("d", 2, total_train_time_s=4.25, target_acc=0.5, time_to_target_s=4.0)],
                                   warn=pytest.fail)
     labels = [{ax.get_ylabel() for ax in plots.speedup_figure(groups).get_axes()} for groups in (plain, targeted)]
-    assert labels[0] == {"training time (s)", "speedup (×)", "scaling efficiency (%)", "final test accuracy (%)"}
+    assert labels[0] == {"epoch time, steady state (s)", "steady-state speedup (×)", "scaling efficiency (%)",
+                         "speedup in total time,\nwarm-up included (×)", "final test accuracy (%)"}
     assert labels[1] == labels[0] | {"speedup in time to target (×)"}
+
+
+def test_mixed_gpus_and_settings_draw_a_panel_each_and_no_speedup_across_them():
+    runs = [gpu_record("v100", "Tesla V100-SXM2-16GB"), gpu_record("a100x8", "NVIDIA A100-SXM4-40GB", 8),
+            gpu_record("h100", "NVIDIA H100", epoch_times=(9.0, 2.0, 2.0)),
+            gpu_record("h100x2", "NVIDIA H100", 2, epoch_times=(3.0, 1.0, 1.0)),
+            gpu_record("h100x2-fp32", "NVIDIA H100", 2, precision="fp32")]
+    groups = summary.group_runs(runs, warn=pytest.fail)
+    figure = plots.time_figure(groups)
+    panels = [ax for ax in figure.get_axes() if ax.get_ylabel().startswith("total training time")]
+    assert len(panels) == 4
+    annotations = sorted(text.get_text() for ax in panels for text in ax.texts)
+    assert annotations == ["no baseline", "no baseline", "×2.00 steady\n100% eff.\n×2.60 total"]
+    assert {ax.get_title() for ax in panels} >= {"GPU (NVIDIA H100) · unknown data · 3 epochs · fp32, device loader, "
+                                                 "channels-last, drop last"}

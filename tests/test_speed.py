@@ -58,6 +58,27 @@ def test_auto_precision_follows_the_cpu():
     assert settings.cuda_graphs is False
 
 
+@pytest.mark.parametrize("capability, precision", [
+    ((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp32")])
+def test_auto_precision_never_emulates_on_a_gpu(capability, precision, monkeypatch):
+    """bf16 where the GPU computes it (8.0+), fp16 on the older tensor cores (V100 7.0, T4 7.5), else fp32: not
+    torch.cuda.is_bf16_supported(), which is true on a V100 too (emulated bf16)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    settings = speed.resolve(TrainConfig(), torch.device("cuda", 0))
+    assert settings.precision == precision
+    assert (speed.grad_scaler(settings, torch.device("cpu")) is not None) == (precision == "fp16")
+
+
+def test_cuda_graphs_default_on_for_one_gpu_and_off_under_ddp(monkeypatch):
+    """A graphed backward is one autograd node: DDP could send no gradient bucket before it ended."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu = torch.device("cuda", 0)
+    assert speed.resolve(TrainConfig(), gpu).cuda_graphs is True
+    assert speed.resolve(TrainConfig(), gpu, world_size=2).cuda_graphs is False
+    assert speed.resolve(TrainConfig(cuda_graphs=True), gpu, world_size=2).cuda_graphs is True
+
+
 def test_cuda_graphs_are_refused_off_cuda_and_with_compile():
     with pytest.raises(speed.UsageError, match="--cuda-graphs needs a CUDA device, got cpu"):
         speed.resolve(TrainConfig(cuda_graphs=True), torch.device("cpu"))

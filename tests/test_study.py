@@ -1,22 +1,16 @@
 """run_study.py and hpml.study: the matrix, which cells are done, running the rest, and the figures at the end."""
 
 import argparse
-import io
-import os
-import re
-import sys
 import uuid
 
 import pytest
 
-from hpml import cli, jobs, results, study
+from hpml import cli, hardware, results, study
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
 from tests.helpers import (
     exit_code_of,
     heavy_packages_imported_by,
-    moto_account,
-    no_aws_config,
     record,
     results_in,
     run_script,
@@ -66,6 +60,34 @@ def test_data_parallel_settings_tell_apart_data_parallel_runs_only(setting):
     assert study.cells_to_run(study.plan(["resnet18"], [1, 2], 1), records, cfg) == [study.Cell("resnet18", 2, 0)]
 
 
+@pytest.mark.parametrize("setting", [{"precision": "fp32"}, {"loader": "torch"}, {"channels_last": False},
+                                     {"cuda_graphs": False}, {"compile": True}, {"drop_last": False},
+                                     {"dataset": "cifar10", "data_dir": "/elsewhere"}])
+def test_every_speed_setting_and_the_data_make_another_experiment(setting):
+    base = TrainConfig(dataset="cifar10", data_dir="/data") if "data_dir" in setting else TrainConfig()
+    cfg = TrainConfig(**{**base.as_dict(), **setting})
+    cells = study.plan(["resnet18"], [1, 2], 1)
+    assert study.cells_to_run(cells, [run_record("resnet18", size, base) for size in (1, 2)], cfg) == cells
+    assert (study.settings_id(cfg, cells[1]) == study.settings_id(base, cells[1])) == ("data_dir" in setting)
+
+
+def test_runs_on_another_gpu_or_cpu_model_are_not_this_studys_cells():
+    cfg, cell = TrainConfig(), study.Cell("resnet18", 1, 0)
+    here = run_record("resnet18", 1, cfg, environment={"cpu": "AMD EPYC 7B13"})
+    elsewhere = run_record("resnet18", 1, cfg, device="cuda", environment={"gpu": "Tesla V100-SXM2-16GB"})
+    assert study.cells_to_run([cell], [elsewhere, here], cfg, trained_on="CPU AMD EPYC 7B13") == []
+    assert study.cells_to_run([cell], [elsewhere], cfg, trained_on="CPU AMD EPYC 7B13") == [cell]
+    assert study.cells_to_run([cell], [here], cfg, trained_on="GPU Tesla V100-SXM2-16GB") == [cell]
+
+
+def test_every_cell_of_a_data_parallel_study_gets_one_cuda_graphs_setting():
+    cfg = study.common_speed_settings(TrainConfig(), [1, 2])
+    commands = [study.local_command(study.Cell("resnet18", size, 0), cfg) for size in (1, 2)]
+    assert all(command[command.index("--cuda-graphs") + 1] == "false" for command in commands)
+    assert study.common_speed_settings(TrainConfig(), [1]).cuda_graphs is None  # one GPU: the script's default
+    assert study.common_speed_settings(TrainConfig(cuda_graphs=True), [1, 2]).cuda_graphs is True
+
+
 def test_world_size_one_runs_the_single_device_script_larger_ones_torchrun():
     cfg = TrainConfig(models=["resnet18", "vgg16"], epochs=3, scale_lr=True, target_acc=0.5).validate()
     single = study.local_command(study.Cell("vgg16", 1, 0), cfg)
@@ -90,7 +112,8 @@ def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
         if (cfg.models[0], world_size) in failing:
             return 1
         results.write_results(run_record(cfg.models[0], world_size, cfg, backend="gloo" if world_size > 1 else None,
-                                         total_train_time_s=8.5 / world_size), cfg.output_dir)
+                                         environment={"cpu": hardware.cpu_name()},
+                                         epoch_times=(8.5 / world_size,)), cfg.output_dir)
         return 0
     return run
 
@@ -112,7 +135,8 @@ def test_study_goes_on_after_a_failed_cell_draws_and_a_rerun_does_only_the_rest(
     ran.clear()
     monkeypatch.setattr(study, "run_command", fake_training(set(), ran))
     assert exit_code_of(script_main("run_study.py"), argv) == 0
-    assert ran == [("shufflenetv2", 2)] and "4 cells: 3 already in" in capsys.readouterr().out
+    assert ran == [("shufflenetv2", 2)]
+    assert f"4 cells on CPU {hardware.cpu_name()}: 3 already in" in capsys.readouterr().out
 
 
 def test_bad_training_flag_stops_the_study_before_it_starts(tmp_path, monkeypatch, capsys):
@@ -133,121 +157,6 @@ def test_a_real_study_on_the_cpu_then_its_rerun_skips_every_cell(tmp_path):
     assert (tmp_path / "fig" / "Time.png").exists()
     again = run_script("run_study.py", *argv)
     assert again.returncode == 0 and "2 cells: 2 already in" in again.stdout and "---" not in again.stdout
-
-
-def stand_in(folder, name: str, body: str) -> None:
-    path = folder / name
-    path.write_text("#!/bin/bash\n" + body)
-    path.chmod(0o755)
-
-
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """sbatch, srun and scontrol stand-ins on PATH: sbatch runs the script at once as SLURM would on one node, srun
-    writes the command it was given to srun.log instead of running it. Returns srun.log."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stand_in(bin_dir, "sbatch", 'n=$(( $(cat "$0.count" 2>/dev/null || echo 0) + 1 )); echo $n > "$0.count"\n'
-                                'SLURM_JOB_ID=$n SLURM_NNODES=1 SLURM_JOB_NODELIST=node1 bash "$1" || exit 1\n'
-                                'echo "Submitted batch job $n"\n')
-    stand_in(bin_dir, "srun", f'echo "$@" >> {tmp_path / "srun.log"}\n')
-    stand_in(bin_dir, "scontrol", "echo node1\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return tmp_path / "srun.log"
-
-
-def test_slurm_submits_one_batch_script_per_cell_once_then_collect_draws(tmp_path, fake_slurm, capsys):
-    out = tmp_path / "out"
-    argv = ["--where", "slurm", "--models", "resnet18", "--world-sizes", "1,8", *FLAGS, "--output-dir", str(out),
-            "--figures-dir", str(tmp_path / "fig")]
-    assert exit_code_of(script_main("run_study.py"), [*argv, "--dry-run"]) == 0
-    assert "#SBATCH --nodes=2" in capsys.readouterr().out and not out.joinpath("slurm").exists()
-
-    assert exit_code_of(script_main("run_study.py"), argv) == 0
-    single, ddp = fake_slurm.read_text().splitlines()
-    assert "run_hpc.py --model resnet18 --epochs 1" in single
-    assert "torch.distributed.run --nnodes 1 --nproc_per_node 4 --rdzv-id 2" in ddp and "--backend auto" in ddp
-    (script,) = (out / "slurm").glob("hpml-resnet18-w8-r1-*.sbatch")
-    assert "#SBATCH --gpus-per-node=4" in script.read_text()
-    assert "submitted as job 2" in capsys.readouterr().out
-
-    assert exit_code_of(script_main("run_study.py"), argv) == 0  # nothing submitted twice
-    assert len(fake_slurm.read_text().splitlines()) == 2 and "submitted before as job 1" in capsys.readouterr().out
-    assert exit_code_of(script_main("run_study.py"), [*argv, "--epochs", "2"]) == 0  # another study: new jobs
-    assert len(fake_slurm.read_text().splitlines()) == 4 and "submitted as job 4" in capsys.readouterr().out
-
-    cfg = TrainConfig(models=["resnet18"], dataset="synthetic", subset=64, epochs=1, batch_size=16)
-    results.write_results(run_record("resnet18", 1, cfg), out)
-    assert exit_code_of(script_main("run_study.py"), [*argv, "--collect"]) == 1
-    assert "1 of 2 cells finished; no results yet for resnet18 x8" in capsys.readouterr().out
-    assert (tmp_path / "fig" / "Time.png").exists()
-    results.write_results(run_record("resnet18", 8, cfg, backend="nccl"), out)
-    assert exit_code_of(script_main("run_study.py"), [*argv, "--collect"]) == 0
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--where", "slurm", "--world-sizes", "6"], "--world-sizes 6 does not fill whole nodes of --gpus-per-node 4"),
-    (["--where", "slurm", "--time-limit", "an hour"], "--time-limit must be a SLURM time"),
-    (["--collect"], "--collect gathers the results of --where slurm jobs"),
-])
-def test_bad_slurm_flags_are_one_line(flags, message, tmp_path, capsys):
-    assert exit_code_of(script_main("run_study.py"), [*flags, "--output-dir", str(tmp_path / "out")]) == 2
-    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
-
-
-ROLE = "arn:aws:iam::123456789012:role/hpml-test"
-SAGEMAKER = ["--where", "sagemaker", "--models", "shufflenetv2", "--world-sizes", "1,8", "--dataset", "synthetic",
-             "--epochs", "2", "--region", "us-east-1"]
-
-
-def test_sagemaker_dry_run_prints_the_plan_with_costs_and_sends_nothing(tmp_path, monkeypatch, capsys):
-    no_aws_config(monkeypatch, tmp_path)
-    monkeypatch.setattr(jobs, "aws_session", pytest.fail)
-    argv = [*SAGEMAKER, "--epoch-seconds", "30", "--output-dir", str(tmp_path / "out"), "--dry-run"]
-    assert exit_code_of(script_main("run_study.py"), argv) == 0
-    out = capsys.readouterr().out
-    assert "Dry run: nothing was sent to AWS. The study's 3 jobs:" in out
-    assert re.search(r"hpml-shufflenetv2-none-w1-r1-\w{8}: ml.p3.2xlarge × 1, none, new; ~\$0.06 for 2 × 30.0 s per "
-                     r"epoch \(stated by --epoch-seconds", out)
-    assert "ml.p4d.24xlarge × 1, smddp, new" in out and "ml.p4d.24xlarge × 1, torchrun, new" in out
-
-
-def test_sagemaker_world_sizes_must_fill_whole_instances(tmp_path, capsys):
-    argv = [*SAGEMAKER, "--world-sizes", "1,4", "--output-dir", str(tmp_path), "--dry-run"]
-    assert exit_code_of(script_main("run_study.py"), argv) == 2
-    assert "--world-sizes 4 does not fill whole ml.p4d.24xlarge instances of 8 GPUs" in capsys.readouterr().err
-
-
-def test_sagemaker_study_submits_tagged_jobs_once_and_collect_finds_them(tmp_path, capsys):
-    argv = [*SAGEMAKER, "--role", ROLE, "--bucket", "hpml-study", "--output-dir", str(tmp_path / "out"),
-            "--figures-dir", str(tmp_path / "fig"), "--yes"]
-    with moto_account(tmp_path, "hpml-study") as session:
-        assert exit_code_of(script_main("run_study.py"), argv) == 0
-        out = capsys.readouterr().out
-        names = sorted(job["TrainingJobName"] for job in jobs.suite_jobs(session))
-        assert [name.rsplit("-", 2)[0] for name in names] == [
-            "hpml-shufflenetv2-none-w1", "hpml-shufflenetv2-smddp-w8", "hpml-shufflenetv2-torchrun-w8"]
-        assert all(f"submitted {name}" in out for name in names) and "3 of 3 jobs completed" in out
-        assert session.client("sagemaker").describe_training_job(TrainingJobName=names[1])[
-            "ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
-
-        assert exit_code_of(script_main("run_study.py"), argv) == 0  # picks the jobs up, submits nothing
-        out = capsys.readouterr().out
-        assert "(3 submitted before)" in out and "submitted hpml" not in out
-        assert sorted(job["TrainingJobName"] for job in jobs.suite_jobs(session)) == names
-        assert exit_code_of(script_main("sagemaker_submission.py"), ["collect", "--all"]) == 0
-        assert "3 jobs to collect" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("answer", ["", "n\n"])
-def test_sagemaker_study_submits_nothing_unless_confirmed(answer, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(jobs, "aws_session", lambda region, profile: None)
-    monkeypatch.setattr(jobs, "suite_jobs", lambda boto: [])
-    monkeypatch.setattr(jobs, "submit", pytest.fail)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(answer))
-    argv = [*SAGEMAKER, "--role", ROLE, "--output-dir", str(tmp_path)]
-    assert exit_code_of(script_main("run_study.py"), argv) == 1
-    assert "submit 3 new jobs? [y/N] nothing submitted" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("threads, expected", [(None, "1"), ("3", "3")])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from hpml import summary
-from tests.helpers import heavy_packages_imported_by, record
+from tests.helpers import gpu_record, heavy_packages_imported_by, record
 
 
 def test_medians_and_ranges_of_repeated_runs():
@@ -15,15 +15,65 @@ def test_medians_and_ranges_of_repeated_runs():
 
 
 def test_a_distributed_group_is_compared_with_the_single_device_group():
-    single = [record("s1"), record("s2", total_train_time_s=9.5)]
-    distributed = record("d1", mode="distributed", backend="gloo", world_size=2, total_train_time_s=4.5)
+    single = [record("s1", epoch_times=(5.0, 4.0, 4.0)), record("s2", epoch_times=(6.0, 5.0, 5.0))]
+    distributed = record("d1", mode="distributed", backend="gloo", world_size=2, epoch_times=(3.0, 2.25, 2.25))
     groups = summary.group_runs([distributed, *single], warn=pytest.fail)
     assert [(group.mode, len(group.runs)) for group in groups] == [("single", 2), ("distributed", 1)]
     assert groups[1].baseline is groups[0] and groups[0].compared
-    assert groups[1].speedup == pytest.approx(9.0 / 4.5) and groups[1].efficiency == pytest.approx(1.0)
+    assert groups[1].speedup == pytest.approx(4.5 / 2.25) and groups[1].efficiency == pytest.approx(1.0)
+    assert groups[1].total_speedup == pytest.approx(14.5 / 7.5)
     markdown = summary.summary_markdown(groups, Path("results"))
-    assert "| resnet18 | single | — | 1 | cpu | 3 | 2 | 9.0 (8.5–9.5) |" in markdown
-    assert "| 2.00× | 100% |" in markdown and "| baseline | — |" in markdown
+    assert "| resnet18 | single | — | 1 | cpu | 2 | 4.50 (4.00–5.00) |" in markdown
+    assert "| 2.00× | 100% | 7.5 | 1.93× |" in markdown and "| baseline | — | 14.5 (13.0–16.0) | baseline |" in markdown
+
+
+def test_equal_steady_speed_is_a_speedup_of_one_whatever_the_first_epoch():
+    """Warm-up (the first epoch: kernel selection, graph capture) is not speed: the headline is steady-state."""
+    slow_start = record("s", epoch_times=(22.0, 7.9, 7.6, 7.7))
+    ddp = record("d", mode="distributed", backend="gloo", world_size=2, epoch_times=(8.0, 7.7, 7.8, 7.7))
+    single, distributed = summary.group_runs([slow_start, ddp], warn=pytest.fail)
+    assert distributed.speedup == pytest.approx(1.0, abs=0.01) and distributed.efficiency == pytest.approx(0.5, 0.01)
+    assert distributed.total_speedup == pytest.approx(45.2 / 31.2)
+    rows = summary.summary_markdown([single, distributed], Path("r")).splitlines()
+    assert "| 1.00× | 50% | 31.2 | 1.45× |" in rows[-1]
+
+
+def test_medians_not_means_of_an_odd_number_of_skewed_runs():
+    singles = [record(f"s{i}", epoch_times=(9.0, t, t)) for i, t in enumerate((4.0, 4.0, 40.0))]
+    ddps = [record(f"d{i}", mode="distributed", backend="gloo", world_size=2, epoch_times=(9.0, t, t))
+            for i, t in enumerate((2.0, 2.0, 20.0))]
+    single, distributed = summary.group_runs([*singles, *ddps], warn=pytest.fail)
+    assert single.epoch_time == summary.Spread(4.0, 4.0, 40.0) and distributed.speedup == pytest.approx(2.0)
+    assert single.spread("final_test_acc").median == pytest.approx(0.45)
+
+
+def test_no_speedup_between_gpu_models_and_the_cell_says_why():
+    groups = summary.group_runs([gpu_record("s", "Tesla V100-SXM2-16GB"), gpu_record("d", "NVIDIA A100-SXM4-40GB", 8)],
+                                warn=pytest.fail)
+    assert len(summary.by_setup(groups)) == 2 and all(group.speedup is None for group in groups)
+    markdown = summary.summary_markdown(groups, Path("r"))
+    (row,) = [line for line in markdown.splitlines() if "| distributed |" in line]
+    assert "| no 1-GPU baseline on NVIDIA A100-SXM4-40GB |" in row and "×" not in markdown
+
+
+def test_runs_of_other_speed_settings_share_no_median_and_no_baseline():
+    runs = [gpu_record("s1", "H100", epoch_times=(5.0, 1.0, 1.0)), gpu_record("s2", "H100", precision="fp32"),
+            gpu_record("d", "H100", 2, precision="fp32", epoch_times=(5.0, 1.0, 1.0)),
+            gpu_record("d2", "H100", 2, precision="fp16", epoch_times=(5.0, 1.0, 1.0))]
+    groups = summary.group_runs(runs, warn=pytest.fail)
+    assert sorted(len(group.runs) for group in groups) == [1, 1, 1, 1]
+    fp32 = next(group for group in groups if group.mode == "distributed" and "fp32" in group.settings)
+    assert fp32.baseline.runs[0]["run_id"] == "s2" and fp32.speedup == pytest.approx(2.25)
+    fp16 = next(group for group in groups if "fp16" in group.settings)
+    assert fp16.speedup is None and fp16.no_baseline.startswith("no 1-GPU baseline with fp16, device loader")
+
+
+def test_cost_is_the_median_of_each_runs_share_of_its_job():
+    runs = [record(f"s{i}", sagemaker={"instance_type": "ml.p3.2xlarge", "cost_usd": cost})
+            for i, cost in enumerate((1.0, 1.5, 9.0))]
+    (group,) = summary.group_runs(runs, warn=pytest.fail)
+    assert group.cost == summary.Spread(1.5, 1.0, 9.0)
+    assert summary.summary_markdown([group], Path("r")).splitlines()[-1].endswith("| 1.50 (1.00–9.00) |")
 
 
 def test_imports_neither_matplotlib_nor_torch():
@@ -35,16 +85,18 @@ def test_speedup_in_time_to_target_where_both_runs_reached_it():
         return record(run_id, world_size=world_size, mode="single" if world_size == 1 else "distributed",
                       target_acc=target, time_to_target_s=time_to_target, **more)
 
-    groups = summary.group_runs([run("s", 1, 6.0), run("d", 2, 4.0, total_train_time_s=4.25)], warn=pytest.fail)
+    groups = summary.group_runs([run("s", 1, 6.0), run("d", 2, 4.0, epoch_times=(2.0, 1.0, 1.25))],
+                                warn=pytest.fail)
     assert groups[1].speedup == pytest.approx(2.0) and groups[1].target_speedup == pytest.approx(1.5)
     rows = summary.summary_markdown(groups, Path("results")).splitlines()
-    assert rows[-2].endswith("| 6.0 to 50% | baseline |") and rows[-1].endswith("| 4.0 to 50% | 1.50× |")
+    assert rows[-2].endswith("| 6.0 to 50% | baseline | — |") and rows[-1].endswith("| 4.0 to 50% | 1.50× | — |")
     never = summary.group_runs([run("s", 1, 6.0), run("d", 2, None)], warn=pytest.fail)
     assert never[1].target_speedup is None
-    assert summary.summary_markdown(never, Path("results")).splitlines()[-1].endswith("| not reached | — |")
+    assert summary.summary_markdown(never, Path("results")).splitlines()[-1].endswith("| not reached | — | — |")
     other_target = summary.group_runs([run("s", 1, 6.0), run("d", 2, 3.0, target=0.4)], warn=pytest.fail)
     assert other_target[1].target_speedup is None
-    assert summary.summary_markdown(summary.group_runs([record()], warn=pytest.fail), Path("r")).endswith("| — | — |\n")
+    assert summary.summary_markdown(summary.group_runs([record()], warn=pytest.fail), Path("r")).endswith(
+        "| — | — | — |\n")
 
 
 def test_each_gradient_communication_is_its_own_series():
