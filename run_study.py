@@ -12,12 +12,13 @@ cell finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import cli, files, results, sagemaker_plan, slurm, study
+from hpml import cli, files, hardware, results, sagemaker_plan, slurm, study
 from hpml.config import MAX_JOBS, MAX_PROCESSES, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
 from hpml.errors import UsageError
 
@@ -38,8 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.require_at_most(args, repeats=MAX_REPEATS, gpus_per_node=MAX_PROCESSES, max_jobs=MAX_JOBS,
                         max_run=SAGEMAKER_MAX_RUN_S, epoch_seconds=SAGEMAKER_MAX_RUN_S)
     args.model = args.models
-    cfg = cli.config_from_args(args)
     world_sizes = study.parse_world_sizes(args.world_sizes)
+    cfg = study.common_speed_settings(cli.config_from_args(args), world_sizes)
+    args.cuda_graphs = cfg.cuda_graphs  # what SageMaker jobs are given too
     cells = study.plan(cfg.models, world_sizes, args.repeats)
     if args.where == "sagemaker":
         if args.collect:
@@ -56,9 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.collect:
         return draw_finished(cells, cfg, output_dir, figures_dir)
     records, _ = results.load_all(output_dir)
-    to_run = study.cells_to_run(cells, records, cfg, force=args.force)
-    print(f"{cli.count(len(cells), 'cell')}: {len(cells) - len(to_run)} already in {output_dir}, "
-          f"{len(to_run)} to run")
+    trained_on = hardware.local(cfg.device) if args.where == "local" else None  # a SLURM node's is not known here
+    to_run = study.cells_to_run(cells, records, cfg, force=args.force, trained_on=trained_on)
+    print(f"{cli.count(len(cells), 'cell')}{f' on {trained_on}' if trained_on else ''}: "
+          f"{len(cells) - len(to_run)} already in {output_dir}, {len(to_run)} to run")
     if args.where == "slurm":
         return submit_to_slurm(args, cfg, to_run, output_dir)
     if args.dry_run:
@@ -67,12 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for cell in study.run_cells(to_run, lambda cell: study.local_command(cell, cfg)):
         print(f"failed: {cell}")
-    return draw_finished(cells, cfg, output_dir, figures_dir)
+    return draw_finished(cells, cfg, output_dir, figures_dir, trained_on)
 
 
 def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[study.Cell], output_dir: Path) -> int:
     """One sbatch script per cell, in <output-dir>/slurm/, submitted (printed with --dry-run). A cell submitted
-    before is not submitted again (unless --force): its job may still be queued."""
+    before (its job id in <job-name>.job) is submitted again only when its job failed or SLURM no longer knows it,
+    or with --force."""
     folder = output_dir / "slurm"
     for cell in to_run:
         script = slurm.batch_script(cell, cfg, args.gpus_per_node, args.time_limit, folder)
@@ -80,37 +84,44 @@ def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[stu
         path, job_file = folder / f"{name}.sbatch", folder / f"{name}.job"
         if args.dry_run:
             print(f"# {path}\n{script}")
-        elif job_file.exists() and not args.force:
-            print(f"{cell}: submitted before as job {job_file.read_text().strip()}, not again (--force to resubmit)")
-        else:
-            files.write_atomic(path, lambda tmp, script=script: tmp.write_text(script))
-            job = slurm.submit(path)
-            files.write_atomic(job_file, lambda tmp, job=job: tmp.write_text(job + "\n"))
-            print(f"{cell}: submitted as job {job} ({path})")
+            continue
+        if job_file.exists() and not args.force:
+            earlier = job_file.read_text().strip()
+            again, why = slurm.submit_again(earlier, slurm.log_file(folder, cell, cfg, earlier), job_file)
+            print(f"{cell}: {why}")
+            if not again:
+                continue
+        files.write_atomic(path, lambda tmp, script=script: tmp.write_text(script))
+        job = slurm.submit(path)
+        files.write_atomic(job_file, lambda tmp, job=job: tmp.write_text(job + "\n"))
+        print(f"{cell}: submitted as job {job} ({path})")
     if not args.dry_run:
         print("when the jobs have ended, run the same command with --collect to draw what has finished")
     return 0
 
 
 def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[study.Cell]) -> int:
-    """Plan the jobs and print them with their cost; unless --dry-run, submit the new ones (--yes or a prompt)
-    at most --max-jobs at a time, wait for them, collect and draw. Jobs submitted before are picked up, not paid for
-    again: their names are fixed by model, world size, repeat and settings."""
+    """Plan the jobs and print them with their GPUs and cost; unless --dry-run, submit the new ones (--yes or a
+    prompt) at most --max-jobs at a time, wait for them, collect and draw. Jobs submitted before are picked up, not
+    paid for again: their names are fixed by model, world size, repeat and settings. One whose latest attempt failed
+    or was stopped, or every one with --force, is submitted again as its next attempt (-t2, -t3, ...)."""
     import sagemaker_submission  # here: a local or SLURM study loads neither boto3 nor the SDK
     from hpml import jobs
 
     args.framework_version = args.framework_version or jobs.DEFAULT_FRAMEWORK_VERSION
     args.py_version = args.py_version or jobs.DEFAULT_PY_VERSION
     planned = sagemaker_plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type)
-    specs = {job.job_name: job_spec(args, job) for job in planned}
-    upload, data_note = sagemaker_submission.data_source(args, cfg, specs[planned[0].job_name])
+    specs = {job.base_name: job_spec(args, job) for job in planned}
+    first = specs[planned[0].base_name]
+    upload, data_note = sagemaker_submission.data_source(args, cfg, first)
     output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
     records, _ = results.load_all(output_dir)
-    costs = {job.job_name: sagemaker_plan.cost_line(job, cfg.epochs, args.epoch_seconds, records, args.max_run)
+    costs = {job.base_name: sagemaker_plan.cost_line(job, cfg.epochs, args.epoch_seconds, records, args.max_run)
              for job in planned}
     if args.dry_run:
         print(f"Dry run: nothing was sent to AWS. The study's {cli.count(len(planned), 'job')}:")
-        print("\n".join(sagemaker_plan.plan_table(planned, {}, costs, args.max_run)))
+        print("\n".join(sagemaker_plan.plan_table(sagemaker_plan.next_steps(planned, {}, args.force), costs,
+                                                  args.max_run)))
         if data_note:
             print(f"data: {data_note}")
         return 0
@@ -120,25 +131,36 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
                          "HPML_SAGEMAKER_ROLE")
     jobs.check_role(role)
     boto = jobs.aws_session(args.region, args.profile)
-    known = {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)}
-    status = {name: job["TrainingJobStatus"] for name, job in known.items()}
-    print(f"The study's {cli.count(len(planned), 'job')} ({sum(job.job_name in known for job in planned)} "
-          "submitted before):")
-    print("\n".join(sagemaker_plan.plan_table(planned, status, costs, args.max_run)))
-    new = [specs[job.job_name] for job in planned if job.job_name not in known]
+    steps = sagemaker_plan.next_steps(planned, {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)},
+                                      args.force)
+    print(f"The study's {cli.count(len(planned), 'job')} ({sum(bool(step.latest) for step in steps)} submitted "
+          "before):")
+    print("\n".join(sagemaker_plan.plan_table(steps, costs, args.max_run)))
+    new = [dataclasses.replace(specs[step.job.base_name], job_name=jobs.check_job_name(step.job.job_name))
+           for step in steps if step.submit]
     if new and not args.yes and not confirmed(f"submit {cli.count(len(new), 'new job')}? [y/N] "):
         print("nothing submitted")
         return 1
     if new:
-        prepare_submission(boto, new, role, upload, specs[planned[0].job_name].s3_data)
+        prepare_submission(boto, new, role, upload, first.s3_data)
     session = jobs.sagemaker_session(boto, new[0].bucket) if new else None
-    ended = wait_for_jobs(boto, new, [job.job_name for job in planned if job.job_name in known], args.max_jobs,
+    ended = wait_for_jobs(boto, new, [step.job.job_name for step in steps if not step.submit], args.max_jobs,
                           session)
+    return collect_and_draw(boto, ended, len(planned), output_dir, figures_dir)
+
+
+def collect_and_draw(boto: boto3.Session, ended: list[dict], planned_jobs: int, output_dir: Path,
+                     figures_dir: Path) -> int:
+    """Collect the ended jobs (the latest attempt of each planned job) not collected before, and draw; exit code 0
+    only when every one completed."""
+    import sagemaker_submission
+    from hpml import jobs
+
     done = jobs.collected_jobs(output_dir)
     sagemaker_submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done], output_dir)
     draw(output_dir, figures_dir)
     failed = [job["TrainingJobName"] for job in ended if job["TrainingJobStatus"] != "Completed"]
-    print(f"{len(ended) - len(failed)} of {cli.count(len(planned), 'job')} completed"
+    print(f"{len(ended) - len(failed)} of {cli.count(planned_jobs, 'job')} completed"
           + (f"; not completed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
@@ -211,9 +233,10 @@ def wait_for_jobs(boto: boto3.Session, new: list[jobs.JobSpec], earlier: list[st
     return ended
 
 
-def draw_finished(cells: list[study.Cell], cfg: TrainConfig, output_dir: Path, figures_dir: Path) -> int:
+def draw_finished(cells: list[study.Cell], cfg: TrainConfig, output_dir: Path, figures_dir: Path,
+                  trained_on: str | None = None) -> int:
     """Draw every result in the output folder; exit code 0 only when every cell of the study has its results."""
-    missing = study.cells_to_run(cells, draw(output_dir, figures_dir), cfg)
+    missing = study.cells_to_run(cells, draw(output_dir, figures_dir), cfg, trained_on=trained_on)
     print(f"{len(cells) - len(missing)} of {cli.count(len(cells), 'cell')} finished"
           + (f"; no results yet for {', '.join(map(str, missing))}" if missing else ""))
     return 1 if missing else 0
@@ -230,13 +253,18 @@ def build_parser() -> cli.ArgumentParser:
                         "min-max spreads (default: %(default)s)")
     matrix.add_argument("--figures-dir", default="results_img", help="folder for the figures and summary.md drawn "
                         "at the end (default: %(default)s)")
-    cli.add_switch(matrix, "--force", "run every cell again, even those whose results are already in --output-dir")
+    cli.add_switch(matrix, "--force", "run every cell again, even those whose results are already in --output-dir "
+                                      "(with --where slurm: submit every cell again, even one whose job is still "
+                                      "queued or running; with --where sagemaker: submit a new attempt of every job)")
     cli.add_switch(matrix, "--dry-run", "print the command (with --where slurm: the batch script) of every cell "
                                         "still to run, and run or submit nothing")
     matrix.add_argument("--where", choices=("local", "slurm", "sagemaker"), default="local",
                         help="local: every cell in turn on this machine; slurm: one sbatch script per cell, "
-                             "submitted with sbatch; sagemaker: SageMaker training jobs (default: %(default)s)")
-    cli.add_switch(matrix, "--collect", "--where slurm: draw whatever cells have finished, and say which have not")
+                             "submitted with sbatch; a re-run submits again a cell without results whose job "
+                             "failed (FAILED, CANCELLED, TIMEOUT, ...) or is unknown to SLURM, not one still queued, "
+                             "running or COMPLETED; sagemaker: SageMaker training jobs (default: %(default)s)")
+    cli.add_switch(matrix, "--collect", "--where slurm: draw whatever cells have finished, and say which have not; "
+                                        "submits nothing (run without --collect to resubmit failed cells)")
     cluster = parser.add_argument_group("SLURM (--where slurm; not tested against a real SLURM)")
     cluster.add_argument("--gpus-per-node", type=int, default=4,
                          help="GPUs of a node; a world size above it must fill whole nodes (default: %(default)s)")
@@ -249,11 +277,20 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
-    cloud = parser.add_argument_group("SageMaker (--where sagemaker; the data comes from --s3-data or --data-dir)")
-    cloud.add_argument("--instance-type", default="ml.p4d.24xlarge", help="instance type of the SMDDP and "
-                       "torchrun jobs; a world size must fill whole instances (default: %(default)s)")
-    cloud.add_argument("--baseline-instance-type", default="ml.p3.2xlarge", help="one-GPU instance type of the "
-                       "single-GPU baseline jobs (default: %(default)s)")
+    cloud = parser.add_argument_group(
+        "SageMaker (--where sagemaker)",
+        "  The data comes from --s3-data or --data-dir. --dry-run prints every job with its instances, GPU model and\n"
+        "  estimated cost, and sends nothing. A re-run picks up the jobs submitted before; one whose latest attempt\n"
+        "  failed or was stopped is submitted again as <name>-t2, -t3, ..., and with --force every job is.")
+    gpus = ", ".join(f"{name} ({count} × {gpu})" for name, (count, gpu) in sagemaker_plan.INSTANCE_GPUS.items())
+    cloud.add_argument("--instance-type", default="ml.p3.16xlarge", help="instance type of the SMDDP and "
+                       "torchrun jobs; a world size must fill whole instances; SMDDP runs on ml.p3.16xlarge, "
+                       f"ml.p3dn.24xlarge, ml.p4d.24xlarge and ml.p4de.24xlarge. Known types: {gpus} "
+                       "(default: %(default)s)")
+    cloud.add_argument("--baseline-instance-type", default="ml.p3.2xlarge", help="instance type of the "
+                       "single-GPU baseline jobs (run_hpc.py on one GPU), with the GPU model of --instance-type, "
+                       "so that speedups compare world sizes, not GPUs: a one-GPU type, or one GPU of a multi-GPU "
+                       "type such as --instance-type itself (the whole instance is billed) (default: %(default)s)")
     cloud.add_argument("--framework-version", help="PyTorch version of SageMaker's training container (default: "
                        "that of sagemaker_submission.py submit)")
     cloud.add_argument("--py-version", help="Python version of that container (default: that of "
@@ -265,7 +302,8 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
     cli.add_switch(cloud, "--spot", "managed spot training (cheaper, may be interrupted and resumed)")
     cloud.add_argument("--max-run", type=int, default=7200, metavar="SECONDS", help="stop each job after this much "
                        "training time; also the bound of the cost estimate (default: %(default)s)")
-    cloud.add_argument("--max-jobs", type=int, default=4, help="jobs running at once (default: %(default)s)")
+    cloud.add_argument("--max-jobs", type=int, default=4, help="jobs running at once, those of an earlier run still "
+                       "running included (default: %(default)s)")
     cloud.add_argument("--epoch-seconds", type=float, metavar="SECONDS", help="the time per epoch to estimate "
                        "costs from when no collected job of the same model and instances measured one "
                        "(default: none, only the --max-run bound)")

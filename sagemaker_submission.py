@@ -124,7 +124,8 @@ def add_collect_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "collect", help="bring finished jobs' results into results/",
         description="Download finished jobs' outputs from S3 and put each run's results JSON (and its monitor "
-                    "files) into the output folder, with the job's billable time, spot savings and cost added. "
+                    "files) into the output folder, with the job's billable time, spot savings and cost added, and "
+                    "each run's share of that cost (by wall time, when one job trained several models). "
                     "Files already there are never overwritten, so collecting twice is harmless.")
     parser.add_argument("jobs", nargs="*", metavar="JOB", help="training job names")
     parser.add_argument("--all", action="store_true", help="every job of this suite not collected yet (default: off)")

@@ -575,7 +575,8 @@ def collected_jobs(output_dir: Path) -> set[str]:
 def collect_job(boto: boto3.Session, description: dict, output_dir: Path,
                 log: Callable[[str], None] = print) -> list[Path]:
     """Bring a finished job's results JSON files (and their monitor files) into `output_dir`, with the job's time
-    and cost added to each record; files already there are left alone. The new files."""
+    and cost added to each record, and the run's share of that cost; files already there are left alone. The new
+    files."""
     name, status = description["TrainingJobName"], description["TrainingJobStatus"]
     if status not in ENDED:
         log(f"{name}: {status}, not finished yet; collect it when it has ended")
@@ -620,11 +621,13 @@ def _write_collected(files: dict[str, bytes], description: dict, output_dir: Pat
         log(f"{name}: no results JSON in the job's output")
         return []
     fields = job_fields(description, runs=len(records))
+    shares, job_cost = cost_shares(list(records.values())), fields["job_cost_usd"]
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for record in records.values():
+    for record, share in zip(records.values(), shares, strict=True):
         run_id = record["run_id"]
-        record["sagemaker"] = {**(record.get("sagemaker") or {}), **fields}
+        record["sagemaker"] = {**(record.get("sagemaker") or {}), **fields, "cost_share": share,
+                               "cost_usd": None if job_cost is None else job_cost * share}
         try:
             written.append(results.write_results(results.validate_record(record), output_dir))
         except FileExistsError:
@@ -665,6 +668,15 @@ def job_fields(description: dict, runs: int) -> dict:
         "runs_in_job": runs,  # job_cost_usd is the whole job's: it trained this many runs one after another
         "collected_at": results.utc_now(),
     }
+
+
+def cost_shares(records: list[dict]) -> list[float]:
+    """Each run's fraction of its job's bill: its share of the runs' total_wall_time_s (they ran one after another),
+    or equal shares when a run lacks a positive one."""
+    walls = [record.get("total_wall_time_s") for record in records]
+    if all(isinstance(wall, (int, float)) and wall > 0 for wall in walls):
+        return [wall / sum(walls) for wall in walls]
+    return [1 / len(records)] * len(records)
 
 
 def _write_new_file(path: Path, content: bytes) -> list[Path]:

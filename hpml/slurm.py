@@ -1,7 +1,8 @@
 """A study's cells as SLURM batch jobs: one sbatch script per cell, in the conventions of slurm/hpml_ddp.sbatch
 (srun starts one torchrun per node, torchrun one process per GPU, rendezvous on the first node).
 
-Client layer: no torch. Written against sbatch's documented interface; not tested against a real SLURM.
+Client layer: no torch. Written against the documented interfaces of sbatch, sacct, squeue and scontrol; not
+tested against a real SLURM.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ from .study import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell, settings_id
 
 SUBMITTED = re.compile(r"Submitted batch job (\d+)")
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d\d){0,2}")  # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+# The end states of a job that did not finish its work: its cell is submitted again.
+FAILED = frozenset({"BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                    "TIMEOUT"})
+# Where a job's state is asked for, in order: the accounting database keeps every job (sacct's default start time
+# is the epoch when --jobs is given); the controller only those pending, running or ended within MinJobAge.
+# sacct prints e.g. "CANCELLED by 1000", squeue "RUNNING", scontrol "... JobState=FAILED Reason=...".
+FIRST_WORD = re.compile(r"^([A-Z_]+)")
+STATE_QUERIES = (
+    (("sacct", "--jobs={job}", "--allocations", "--noheader", "--parsable2", "--format=State"), FIRST_WORD),
+    (("squeue", "--noheader", "--jobs={job}", "--states=all", "--format=%T"), FIRST_WORD),
+    (("scontrol", "show", "job", "{job}"), re.compile(r"\bJobState=([A-Z_]+)")),
+)
+QUERY_TIMEOUT_S = 60
 
 
 def check_time_limit(text: str) -> str:
@@ -39,6 +53,11 @@ def nodes_and_gpus(world_size: int, gpus_per_node: int) -> tuple[int, int]:
 
 def job_name(cell: Cell, cfg: TrainConfig) -> str:
     return f"hpml-{cell.model}-w{cell.world_size}-r{cell.repeat + 1}-{settings_id(cfg, cell)}"
+
+
+def log_file(log_dir: Path, cell: Cell, cfg: TrainConfig, job: str) -> Path:
+    """Where the job writes its output (job '%j' in the batch script: sbatch puts in the job id)."""
+    return log_dir / f"{job_name(cell, cfg)}-{job}.out"
 
 
 def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: str, log_dir: Path) -> str:
@@ -66,7 +85,7 @@ def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: s
             f"#SBATCH --gpus-per-node={gpus}\n"
             f"#SBATCH --cpus-per-task={4 * gpus}\n"
             f"#SBATCH --time={time_limit}\n"
-            f"#SBATCH --output={log_dir / job_name(cell, cfg)}-%j.out\n\n"
+            f"#SBATCH --output={log_file(log_dir, cell, cfg, '%j')}\n\n"
             f"set -euo pipefail\n"
             f"{rendezvous}"
             "# CPU threads per training process (one per GPU): the data sits on the GPU, so the CPU mostly launches "
@@ -85,3 +104,43 @@ def submit(script: Path) -> str:
     if done.returncode != 0 or not found:
         raise UsageError(f"sbatch {script} failed: {(done.stderr or done.stdout).strip() or done.returncode}")
     return found.group(1)
+
+
+def job_state(job: str) -> str | None:
+    """The state of a job, from sacct, else squeue, else scontrol: the first that knows it (PENDING, RUNNING,
+    COMPLETED, FAILED, ...); None when none does, or none is installed, or `job` is no job id."""
+    if not job.isdecimal():
+        return None
+    for command, state in STATE_QUERIES:
+        found = state.search(query([part.format(job=job) for part in command]))
+        if found:
+            return found.group(1)
+    return None
+
+
+def query(command: list[str]) -> str:
+    """A SLURM command's output; empty when it is missing, fails (accounting disabled, unknown job) or hangs."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def submit_again(job: str, log: Path, marker: Path) -> tuple[bool, str]:
+    """Whether a cell without results whose earlier job is `job` (its output in `log`, its id in `marker`) is to be
+    submitted again, and why in words: yes when the job failed or SLURM no longer knows it; no while it is still in
+    SLURM, or when it COMPLETED."""
+    state = job_state(job)
+    if state is None:
+        return True, f"job {job} is unknown to sacct, squeue and scontrol (it ended long ago?), submitting again"
+    if state in FAILED:
+        return True, f"job {job} {state}, submitting again"
+    if state == "COMPLETED":
+        # It ran to the end yet its results are not in the output folder: it wrote them where this machine does not
+        # see them (node-local disk, another working directory), they have not reached a shared file system yet, or
+        # they were deleted. Another run would most likely spend the same GPU hours for nothing, so it is left to
+        # the user.
+        return False, (f"job {job} COMPLETED but its results are not in --output-dir (see {log}); not again, as it "
+                       f"would most likely end the same way (delete {marker} to resubmit it)")
+    return False, f"job {job} is {state}, not again (--force to resubmit)"

@@ -408,7 +408,8 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     assert job["status"] == "Completed" and job["region"] == REGION and job["runs_in_job"] == 1
     assert job["price_per_instance_hour_usd"] == 37.688 and job["price_source"] == prices.PRICE_SOURCE
     # moto reports no billable time, so there is no cost rather than a made-up one
-    assert job["billable_time_s"] is None and job["job_cost_usd"] is None
+    assert job["billable_time_s"] is None and job["job_cost_usd"] is None and job["cost_usd"] is None
+    assert job["cost_share"] == 1
     assert "reported no billable time" in out
 
     before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out_dir.iterdir()}
@@ -419,6 +420,29 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     assert "hpml-torchrun: Completed, but s3://sagemaker-us-east-1-123456789012/hpml/output/hpml-torchrun/output/" \
            "output.tar.gz does not exist" in out
     assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out_dir.iterdir()} == before
+
+
+def test_each_run_of_a_job_gets_its_share_of_the_bill(moto_account, main_job, run_record, tmp_path):
+    """A job that trained two models one after another: each record's cost_usd is its share of the job's bill, by
+    wall time; equal shares when a run has no wall time."""
+    runs = [{**run_record, "run_id": "first", "total_wall_time_s": 30.0},
+            {**run_record, "run_id": "second", "model": "resnet18", "total_wall_time_s": 90.0}]
+    put_job_output(moto_account, BUCKET, MAIN_JOB, {f"results/{run['run_id']}.json": json.dumps(run).encode()
+                                                    for run in runs})
+    finished = {**describe(moto_account, MAIN_JOB), "BillableTimeInSeconds": 600}  # moto reports none
+    bill = 600 * 2 * 37.688 / 3600
+    jobs.collect_job(moto_account, finished, tmp_path / "by-time", log=lambda line: None)
+    costs = {record["run_id"]: record["sagemaker"] for record in results_in(tmp_path / "by-time")}
+    assert costs["first"]["job_cost_usd"] == pytest.approx(bill) and costs["first"]["runs_in_job"] == 2
+    assert costs["first"]["cost_usd"] + costs["second"]["cost_usd"] == pytest.approx(bill)
+    assert (costs["first"]["cost_share"], costs["second"]["cost_usd"]) == pytest.approx((0.25, 0.75 * bill))
+
+    del runs[1]["total_wall_time_s"]
+    put_job_output(moto_account, BUCKET, MAIN_JOB, {f"results/{run['run_id']}.json": json.dumps(run).encode()
+                                                    for run in runs})
+    jobs.collect_job(moto_account, finished, tmp_path / "equal", log=lambda line: None)
+    assert [record["sagemaker"]["cost_usd"] for record in results_in(tmp_path / "equal")] == pytest.approx(
+        [bill / 2, bill / 2])
 
 
 def test_a_cut_output_archive_is_one_line_and_writes_nothing(moto_account, capsys, main_job, run_record, tmp_path):
