@@ -44,7 +44,8 @@ def new_figure(width: float, height: float, title: str, groups: list[Group], not
     axes and footer without overlaps.
     """
     figure = Figure(figsize=(width, height), layout="constrained")
-    figure.suptitle(f"{title}\n{title_tag(groups)}", fontsize=11)
+    figure.suptitle(f"{title}\n{textwrap.fill(title_tag(groups), int(width * 12), break_on_hyphens=False)}",
+                    fontsize=11)
     footer = [wrapped for line in [*setup_lines(groups), *notes] for wrapped in textwrap.wrap(line, int(width * 16))]
     figure.supxlabel("\n".join(footer), x=0.01, ha="left", fontsize=7.5, color="#333333")
     return figure.subfigures(1, 1)
