@@ -178,7 +178,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_name: str, world: World, images: ImageSet) -> None:
         self.cfg, self.model_name, self.world = cfg, model_name, world
         device = world.device
-        self.speed = speed.resolve(cfg, device)
+        self.speed = speed.resolve(cfg, device, world.size)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         seed_all(cfg.seed)
@@ -300,12 +300,14 @@ def resuming(cfg: TrainConfig) -> bool:
 
 
 def epoch_metrics(epoch: int, lr: float, train: dict, test: dict, eval_time: float, world: World) -> dict:
-    """One epoch's metrics over all ranks: counts summed, times of the slowest rank."""
+    """One epoch's metrics over all ranks: counts summed, times of the slowest rank (compute time: the longest of
+    each rank's epoch time less its own data time)."""
     loss_sum, correct, images, test_loss, test_correct, test_images = world.all_reduce([
         train["loss_sum"], train["correct"], train["images"], test["loss_sum"], test["correct"], test["images"],
     ])
-    epoch_time, data_time, eval_time = world.all_reduce([train["epoch_time_s"], train["data_time_s"], eval_time],
-                                                        op="max")
+    own_compute_time = max(train["epoch_time_s"] - train["data_time_s"], 0.0)
+    epoch_time, data_time, compute_time, eval_time = world.all_reduce(
+        [train["epoch_time_s"], train["data_time_s"], own_compute_time, eval_time], op="max")
     return {
         "epoch": epoch,
         "lr": lr,
@@ -315,7 +317,7 @@ def epoch_metrics(epoch: int, lr: float, train: dict, test: dict, eval_time: flo
         "test_acc": test_correct / test_images,
         "epoch_time_s": epoch_time,
         "data_time_s": data_time,
-        "compute_time_s": max(epoch_time - data_time, 0.0),
+        "compute_time_s": compute_time,
         "eval_time_s": eval_time,
         "images_per_s": images / epoch_time,
         "train_images": int(images),

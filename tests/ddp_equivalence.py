@@ -1,13 +1,16 @@
 """Worker for test_distributed.py: a few SGD steps through hpml's sharding, augmentation, DDP and loop.
 
 Run as a world of one with batch B, or under torchrun with 2 ranks and batch B/2 (once per communication option);
-rank 0 saves the weights.
+rank 0 saves the weights, and the last epoch's metrics (train.epoch_metrics, with the test set evaluated) of the
+plain all-reduce as JSON beside them.
 The model has no batch norm, so a step over B images is the same computation whether one process or two
 ranks (each over B/2, gradients averaged by DDP) take it; only float summation order differs.
 """
 
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,7 +46,7 @@ def main(batch_size: int, out: str) -> None:
     images = data.load_dataset(cfg)
     plan = loaders.BatchPlan(cfg.batch_size, cfg.seed, world.rank, world.size)
     batches = loaders.make_train_batches(images, plan, world.device, "torch")
-    weights = {}
+    weights, metrics = {}, {}
     for name, options in COMMUNICATION.items() if dist.launcher_from_env() == "torchrun" else [("none", {})]:
         train.seed_all(cfg.seed)
         model = small_cnn()
@@ -51,10 +54,14 @@ def main(batch_size: int, out: str) -> None:
         optimizer = train.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
         for epoch in (1, 2):
             batches.set_epoch(epoch)
-            train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
+            stats = train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
         weights[name] = model.state_dict()
+        if name == "none":
+            test = train.evaluate(model, loaders.EvalBatches(images, world.rank, world.size, world.device))
+            metrics = train.epoch_metrics(2, cfg.lr, stats, test, 0.0, world)
     if world.is_main:
         torch.save(weights, out)
+        Path(out).with_suffix(".json").write_text(json.dumps(metrics))
     dist.teardown()
 
 

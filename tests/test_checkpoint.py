@@ -6,6 +6,7 @@ than train.CHECK_EVERY. Only the runs that are signalled run in a subprocess; th
 process.
 """
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import torch
 
 import run_hpc
 from hpml import checkpoint
-from hpml.dist import free_port
+from hpml.config import TrainConfig
+from hpml.dist import World, free_port
 from hpml.errors import UsageError
 from tests.helpers import REPO, exit_code_of, results_in, write_npz
 
@@ -234,3 +236,31 @@ def test_a_checkpoint_from_before_drop_last_counts_as_keeping_the_partial_batch(
     checkpoint.check_identity(older, {"batch_size": 32, "drop_last": False}, tmp_path / "last.pt")
     with pytest.raises(UsageError, match="made with drop_last False, this run has True"):
         checkpoint.check_identity(older, {"batch_size": 32, "drop_last": True}, tmp_path / "last.pt")
+
+
+# Every setting a checkpoint must have been made with to be continued, and another value for it: listed here, not
+# read from checkpoint.IDENTITY_FIELDS, so that a setting dropped from there fails its case.
+IDENTITY_CHANGES = {"batch_size": 16, "lr": 0.5, "optimizer": "sgd", "schedule": "cosine", "epochs": 5, "seed": 7,
+                    "dataset": "synthetic", "subset": 100, "scale_lr": True, "drop_last": False}
+ALONE = World(rank=0, local_rank=0, size=1, nodes=1, backend=None, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def saved_config(tmp_path_factory) -> TrainConfig:
+    """A config whose checkpoint (of resnet18, in a world of one) lies in its --checkpoint-dir."""
+    cfg = TrainConfig(checkpoint_dir=str(tmp_path_factory.mktemp("identity")), epochs=3, batch_size=8)
+    with checkpoint.RunCheckpoint(cfg, "resnet18", ALONE, resume=False) as saved:
+        saved.save(lambda: {})  # no trainer state: only the identity is read back
+    return cfg
+
+
+@pytest.mark.parametrize("name, value", IDENTITY_CHANGES.items(), ids=list(IDENTITY_CHANGES))
+def test_resume_refuses_a_checkpoint_made_with_any_other_identity_setting(name, value, saved_config):
+    assert getattr(saved_config, name) != value
+    with pytest.raises(UsageError, match=f"was made with {name} .*, this run has {value!r}"):
+        checkpoint.RunCheckpoint(dataclasses.replace(saved_config, **{name: value}), "resnet18", ALONE, resume=True)
+
+
+def test_resume_continues_a_checkpoint_made_with_other_speed_settings(saved_config):
+    faster = dataclasses.replace(saved_config, workers=0, loader="torch", precision="fp32", compile=True)
+    assert checkpoint.RunCheckpoint(faster, "resnet18", ALONE, resume=True).progress["resumes"] == 1

@@ -97,6 +97,20 @@ def test_two_ranks_with_half_batches_match_one_process(tmp_path):
         # PowerSGD sends a rank-1 approximation: it trains (every tensor moved, all finite), not to the same weights.
         assert not torch.allclose(two["powersgd"][name], untrained[name])
         assert torch.isfinite(two["powersgd"][name]).all()
+        # Nearer the plain all-reduce's weights than those are to the untrained ones.
+        trained = (two["none"][name] - untrained[name]).abs().max()
+        assert (two["powersgd"][name] - two["none"][name]).abs().max() < trained
+    # The hooks did compress: weights the tolerances above would accept, but not the plain all-reduce's.
+    for setting in ("fp16", "bf16", "powersgd"):
+        assert not all(torch.equal(two[setting][name], two["none"][name]) for name in one), setting
+    # The last epoch's metrics, the test set evaluated in halves by the two ranks: the whole set's, as one process's.
+    alone, shared = (json.loads(path.with_suffix(".json").read_text()) for path in (single, double))
+    assert shared["test_images"] == alone["test_images"] == 100
+    assert shared["train_images"] == alone["train_images"] == 64
+    assert shared["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-5)
+    assert shared["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-5)
+    assert shared["test_acc"] == pytest.approx(alone["test_acc"], abs=0.011)  # an image may tip either way
+    assert shared["train_acc"] == pytest.approx(alone["train_acc"], abs=0.016)
 
 
 def test_plain_python_trains_as_a_world_of_one(npz_dir, tmp_path):

@@ -1,11 +1,14 @@
+import errno
 import json
+import subprocess
+import sys
 
 import pytest
 
 from hpml import results
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
-from tests.helpers import record
+from tests.helpers import REPO, record
 
 
 def test_summary_uses_median_after_warm_up_and_finds_best():
@@ -13,7 +16,7 @@ def test_summary_uses_median_after_warm_up_and_finds_best():
     assert summary["total_train_time_s"] == 8.5
     assert summary["median_images_per_s"] == 180.0  # median of epochs 2 and 3; epoch 1 is warm-up
     assert summary["best_test_acc"] == 0.5 and summary["best_epoch"] == 2 and summary["final_test_acc"] == 0.45
-    assert summary["time_to_best_s"] == 6.0
+    assert summary["time_to_best_s"] == 6.0 and summary["median_epoch_time_s"] == 2.25
 
 
 def test_write_is_atomic_and_never_overwrites(tmp_path):
@@ -23,6 +26,12 @@ def test_write_is_atomic_and_never_overwrites(tmp_path):
         results.write_results(record(model="vgg16"), tmp_path)
     assert json.loads(path.read_text())["model"] == "resnet18"
     assert [p.name for p in tmp_path.iterdir()] == ["r1.json"]  # no temp file left behind
+
+
+def test_json_written_atomically_replaces_the_file_before(tmp_path):
+    results.write_json_atomic(tmp_path / "finished.json", {"run_id": "first"})
+    results.write_json_atomic(tmp_path / "finished.json", {"run_id": "second"})
+    assert json.loads((tmp_path / "finished.json").read_text()) == {"run_id": "second"}
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path):
@@ -70,3 +79,34 @@ def test_load_all_counts_a_run_copied_twice_once(tmp_path):
     loaded, skipped = results.load_all(tmp_path)
     assert [r["run_id"] for r in loaded] == ["twice"]
     assert len(skipped) == 1 and "a copy of run twice" in skipped[0]
+
+
+# Files may grow to 64 kB here; the writes below fail half-way through a 1 MB record, as on a full disk.
+WRITE_TOO_MUCH = """
+import json, resource, signal, sys
+from pathlib import Path
+from hpml import results
+
+folder, big = Path(sys.argv[1]), {"run_id": "big", "blob": "x" * 2**20}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+failed = []
+for write in (lambda: results.write_json_atomic(folder / "old.json", big), lambda: results.write_results(big, folder)):
+    try:
+        write()
+    except OSError as error:
+        failed.append(error.errno)
+print(json.dumps(failed))
+"""
+
+
+def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path):
+    old = tmp_path / "old.json"
+    results.write_json_atomic(old, record("old"))
+    before = old.read_bytes()
+    done = subprocess.run([sys.executable, "-c", WRITE_TOO_MUCH, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [errno.EFBIG, errno.EFBIG]  # both writes did fail
+    assert old.read_bytes() == before  # the file overwritten is whole, as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["old.json"]  # no big.json, whole or partial; no temp file

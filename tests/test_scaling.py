@@ -1,6 +1,7 @@
 """hpml.scaling's ring all-reduce model, and bench/scaling.py checking it and drawing its projection."""
 
 import json
+import sys
 
 import pytest
 
@@ -31,6 +32,15 @@ def test_a_link_fitted_to_an_allreduce_table_reads_latency_small_and_bandwidth_l
     link = scaling.fit_link(rows, ranks=2, source="fit")
     assert link.latency_s == pytest.approx(50e-6, rel=0.01)  # 100 us over 2 rounds
     assert link.bandwidth_bytes_per_s == pytest.approx(2e9, rel=0.05)
+
+
+def test_a_link_is_fitted_to_the_medians_of_the_three_smallest_and_the_three_largest_messages():
+    rows = [{"bytes": size, "time_us": time_us, "busbw_gbps": bus_gbps} for size, time_us, bus_gbps in
+            ((2**22, 1100.0, 5.0), (8, 30.0, 0.0), (64, 600.0, 0.1), (2**20, 900.0, 4.0), (32, 90.0, 0.1),
+             (16, 60.0, 0.0), (2**21, 1000.0, 6.0))]
+    link = scaling.fit_link(rows, ranks=4, source="four ranks")
+    assert link.latency_s == pytest.approx(60e-6 / 6)  # the median time, over the 6 rounds of 4 ranks
+    assert link.bandwidth_bytes_per_s == pytest.approx(5e9) and link.source == "four ranks"
 
 
 def test_bench_checks_the_model_and_draws_its_projection(tmp_path, capsys):
@@ -66,3 +76,21 @@ def test_bench_checks_the_model_and_draws_its_projection(tmp_path, capsys):
 ])
 def test_bench_refuses_missing_inputs_in_one_line(argv, message, capsys):
     assert message in refusal(script_main("bench/scaling.py"), argv, capsys)
+
+
+def test_the_projection_beyond_one_node_runs_on_the_inter_node_link(monkeypatch):
+    bench = sys.modules[script_main("bench/scaling.py").__module__]
+    fast, slow = scaling.Link(5e-6, 300e9, "fast"), scaling.Link(5e-6, 1e9, "slow")
+    monkeypatch.setitem(bench.STATED_LINKS, "one fast link", (fast, fast))
+    monkeypatch.setitem(bench.STATED_LINKS, "slow between nodes", (fast, slow))
+    single = {"device": "GPU X", "batch_size": 128, "models": {"resnet18": {"fast_images_per_s": 12800.0}}}
+    equal, slower = (bench.project(single, name) for name in ("one fast link", "slow between nodes"))
+    assert slower["links"] == ["fast", "slow"]
+    for overlap in ("True", "False"):  # 45 MB of gradients: 84 ms at 16 GPUs over 1 GB/s, 10 ms of compute
+        pairs = zip(bench.PROJECTED_RANKS, equal["speedup"]["resnet18"][overlap],
+                    slower["speedup"]["resnet18"][overlap], strict=True)
+        for ranks, on_equal_links, on_a_slow_inter_node_link in pairs:
+            if ranks <= bench.GPUS_PER_NODE:
+                assert on_a_slow_inter_node_link == on_equal_links
+            else:
+                assert on_a_slow_inter_node_link < on_equal_links / 5
