@@ -184,3 +184,55 @@ def test_ddp_measures_the_step_with_and_without_gradient_synchronisation(tmp_pat
 ])
 def test_throughput_refuses_bad_ddp_flags_in_one_line(argv, message, capsys):
     assert message in refusal(script_main("bench/throughput.py"), argv, capsys)
+
+
+def test_scaling_check_tests_a_prediction_free_of_its_measurement_and_names_the_what_if_pairing(tmp_path, capsys):
+    """The check is the no-overlap prediction, with its spread over --ddp's paired rounds; the overlap prediction,
+    the no-sync step itself when communication hides, is labelled as no test; the projection names both machines."""
+    allreduce = {"backend": "gloo", "world_size": 2, "environment": {"cpu": "CPU X", "cpu_count": 2, "gpu": None},
+                 "sizes": [{"bytes": 8 * 2**k, "time_us": 100.0 + 8 * 2**k / 1e3,
+                            "busbw_gbps": 8 * 2**k / (100.0 + 8 * 2**k / 1e3) / 1e3} for k in range(22)]}
+    rounds = {"synced": [130.0, 120.0, 110.0], "no_sync": [100.0, 100.0, 100.0]}  # run back to back, per round
+    ddp = {"backend": "gloo", "world_size": 2, "device": "cpu: CPU X (1 thread)",
+           "environment": {"cpu": "CPU X", "cpu_count": 2, "gpu": None},
+           "models": {"shufflenetv2": {"none": {"step_ms": 120.0, "no_sync_step_ms": 100.0,
+                                                "repeats_step_ms": rounds}}}}
+    single = {"device": "GPU X", "batch_size": 128, "environment": {"gpu": "GPU X", "cpu": "CPU Y"},
+              "models": {"resnet18": {"fast_images_per_s": 12800.0}}}
+    paths = {name: tmp_path / f"{name}.json" for name in ("allreduce", "ddp", "single")}
+    for name, report in (("allreduce", allreduce), ("ddp", ddp), ("single", single)):
+        paths[name].write_text(json.dumps(report))
+    out = tmp_path / "scaling.json"
+    stdout, _ = bench(capsys, "scaling.py", *(f"--{name}={path}" for name, path in paths.items()),
+                      "--figure", str(tmp_path / "Scaling.png"), "--json", str(out))
+    report = json.loads(out.read_text())
+    checked = report["check"]
+    assert checked["measured_on"] == checked["link"]["measured_on"] == "CPU X, 2 cores, no GPU"
+    figures = checked["models"]["shufflenetv2"]
+    # 5.1 MB of fp32 gradients over the fitted 1 GB/s: about 5 ms, which the assumed 67 ms of backward pass hides
+    communication = figures["communication_ms"]
+    assert 4.5 < communication < 5.5
+    assert figures["predicted_step_ms_no_overlap"] == pytest.approx(100.0 + communication)
+    assert figures["error_no_overlap"] == pytest.approx((100.0 + communication) / 120.0 - 1)
+    assert figures["error_no_overlap_per_repeat"] == pytest.approx(
+        [(100.0 + communication) / synced - 1 for synced in rounds["synced"]])
+    assert figures["exposed_ms_per_repeat"] == pytest.approx([30.0, 20.0, 10.0])
+    assert figures["error_no_overlap_within_noise"] is False  # all three rounds: predicted shorter than measured
+    # with overlap: the no-sync measurement itself, so it is no test, and says so
+    assert figures["predicted_step_ms"] == pytest.approx(figures["compute_ms"]) == pytest.approx(100.0)
+    assert figures["overlap_is_a_test"] is False
+    assert "error_no_overlap" in checked["test"] and "not a test" in checked["with_overlap"]
+    assert "not a test" in stdout and "= the no-sync step: communication hid" in stdout
+    projected = report["projection"]
+    assert projected["step_time_measured_on"] == "GPU X"
+    assert projected["link_hardware"] == "AWS ml.p4d.24xlarge (8 NVIDIA A100 per node)"
+    assert "GPU X" in projected["what_if"] and "A100" in projected["what_if"]
+    assert "not a measurement of any one" in projected["what_if"] and projected["what_if"] in stdout
+
+
+def test_scaling_check_within_noise_when_the_rounds_straddle_the_prediction():
+    bench_module = sys.modules[script_main("bench/scaling.py").__module__]
+    spread = bench_module.per_repeat({"synced": [90.0, 130.0], "no_sync": [100.0, 100.0]}, communication_ms=5.0)
+    assert spread["error_no_overlap_per_repeat"] == pytest.approx([105 / 90 - 1, 105 / 130 - 1])
+    assert spread["error_no_overlap_within_noise"] is True
+    assert bench_module.per_repeat(None, 5.0) == {}  # a --ddp file without repeats: no spread to report
