@@ -5,6 +5,7 @@
     python bench/throughput.py --nproc 2            # also DDP scaling efficiency over 2 ranks
     python bench/throughput.py --ablate             # also the fast defaults with one setting changed at a time
     torchrun --nproc_per_node 2 bench/throughput.py --ddp --grad-compression none,fp16   # exposed communication
+    torchrun --nproc_per_node 2 bench/throughput.py --ddp --model resnet18 --cuda-graphs off,on  # GPUs: overlap kept?
 
 Reference: DataLoader with --workers 2 and torchvision transforms, fp32, eager (no CUDA graphs), NCHW. Fast:
 the defaults of run_hpc.py on this device. Both train the same model with the same code (hpml.train.Trainer) on
@@ -13,7 +14,10 @@ warm-up, and the figure is the median images/s over --repeats epochs.
 
 With --ddp, under torchrun, it measures instead how much of a data-parallel step is communication that the
 backward pass does not hide: the fast defaults' step time with DDP's gradient synchronisation, against the same
-step under DDP's no_sync() (same per-rank batch, no all-reduce), per model and per --grad-compression choice.
+step under DDP's no_sync() (same per-rank batch, no all-reduce), per model, --grad-compression choice and
+--cuda-graphs choice. CUDA graphs are off under DDP by default because a graphed backward is one autograd node, so
+no gradient bucket's all-reduce could start before it ended: `--cuda-graphs off,on` on GPUs measures what that
+costs in exposed communication.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                              "under no_sync(), per model and --grad-compression choice (default: off)")
     parser.add_argument("--grad-compression", default="none",
                         help="with --ddp: a comma list of " + ", ".join(GRAD_COMPRESSIONS) + " (default: %(default)s)")
+    parser.add_argument("--cuda-graphs", default="off",
+                        help="with --ddp on GPUs: a comma list of off and on, CUDA graphs in the measured steps "
+                             "(default: %(default)s, as under DDP in training)")
     parser.add_argument("--json", type=cli.path_flag, default=None,
                         help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
@@ -89,6 +96,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     if args.nproc < 0:
         raise UsageError(f"--nproc must be 0 (off) or more, got {args.nproc}")
     args.grad_compression = [part.strip() for part in args.grad_compression.split(",")]
+    graphs = [part.strip() for part in args.cuda_graphs.split(",")]
+    if not graphs or any(choice not in ("off", "on") for choice in graphs):
+        raise UsageError(f"--cuda-graphs takes a comma list of off and on, got {args.cuda_graphs!r}")
+    args.cuda_graphs = [choice == "on" for choice in graphs]
+    if any(args.cuda_graphs) and not args.ddp:
+        raise UsageError("--cuda-graphs on is for --ddp; the other measurements take CUDA graphs from the defaults "
+                         "and --ablate")
     for choice in args.grad_compression:
         if choice not in GRAD_COMPRESSIONS:
             raise UsageError(f"--grad-compression takes a comma list of {', '.join(GRAD_COMPRESSIONS)}, "
@@ -150,11 +164,11 @@ def measure_ddp(name: str, args: argparse.Namespace, nproc: int) -> float:
         return record["median_images_per_s"]
 
 
-def measure_exposed_communication(name: str, compression: str, args: argparse.Namespace, world: dist.World,
-                                  images: data.ImageSet) -> dict:
+def measure_exposed_communication(name: str, compression: str, cuda_graphs: bool, args: argparse.Namespace,
+                                  world: dist.World, images: data.ImageSet) -> dict:
     """Median step times (slowest rank) with DDP's synchronisation and under no_sync(), alternating epochs."""
     cfg = TrainConfig(models=[name], batch_size=args.batch_size, device=args.device, grad_compression=compression,
-                      quiet=True).validate()
+                      cuda_graphs=cuda_graphs, quiet=True).validate()
     trainer = Trainer(cfg, name, world, images)
     ddp = getattr(trainer.train_model, "_orig_mod", trainer.train_model)  # under --compile, the module it wraps
     step_ms: dict[str, list[float]] = {"synced": [], "no_sync": []}
@@ -184,11 +198,14 @@ def main_ddp(args: argparse.Namespace, names: list[str]) -> int:
         for name in names:
             report["models"][name] = {}
             for compression in args.grad_compression:
-                figures = measure_exposed_communication(name, compression, args, world, images)
-                report["models"][name][compression] = figures
-                if world.is_main:
-                    print(f"{name:<14}{compression:<13}{figures['step_ms']:>9.1f}{figures['no_sync_step_ms']:>12.1f}"
-                          f"{figures['exposed_ms']:>12.1f}{figures['exposed_fraction']:>8.0%}", flush=True)
+                for graphs in args.cuda_graphs:
+                    figures = measure_exposed_communication(name, compression, graphs, args, world, images)
+                    setup = f"{compression}, CUDA graphs" if graphs else compression
+                    report["models"][name][setup] = figures
+                    if world.is_main:
+                        print(f"{name:<14}{setup:<13}{figures['step_ms']:>9.1f}"
+                              f"{figures['no_sync_step_ms']:>12.1f}{figures['exposed_ms']:>12.1f}"
+                              f"{figures['exposed_fraction']:>8.0%}", flush=True)
         if world.is_main and args.json:
             results.write_json_atomic(args.json, report)
             print(f"wrote {args.json}")

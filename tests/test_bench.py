@@ -181,6 +181,8 @@ def test_ddp_measures_the_step_with_and_without_gradient_synchronisation(tmp_pat
     (["--ddp", "--nproc", "2"], "--ddp measures one world under torchrun; run --nproc and --ablate without it"),
     (["--grad-compression", "none,zip"], "--grad-compression takes a comma list of none, fp16, bf16, powersgd, "
                                          "got 'zip'"),
+    (["--cuda-graphs", "off,maybe"], "--cuda-graphs takes a comma list of off and on, got 'off,maybe'"),
+    (["--cuda-graphs", "on"], "--cuda-graphs on is for --ddp"),
 ])
 def test_throughput_refuses_bad_ddp_flags_in_one_line(argv, message, capsys):
     assert message in refusal(script_main("bench/throughput.py"), argv, capsys)
