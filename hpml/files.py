@@ -44,6 +44,21 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     return path
 
 
+def inside(folder: str | Path, name: object, what: str) -> Path:
+    """`folder`/`name` for a name read from a file that travels (a run id, a listed file, an archive member): a
+    plain relative path of non-empty parts that stays inside `folder` (no '..', no absolute path, no NUL, no link
+    out of it); ValueError naming `what` and the name otherwise."""
+    text = name if isinstance(name, str) else None
+    parts = Path(text).parts if text else ()
+    if not text or "\0" in text or Path(text).is_absolute() or any(part in ("..", "") for part in parts):
+        raise ValueError(f"{what} {name!r} is not a plain name inside {folder}")
+    base = Path(folder).resolve()
+    path = base.joinpath(*parts)
+    if not path.resolve().is_relative_to(base):
+        raise ValueError(f"{what} {name!r} leads outside {folder} (through a link)")
+    return path
+
+
 def copy_atomic(source: str | Path, path: str | Path) -> Path:
     """Copy `source` to `path` through a temp file and a rename (see write_atomic)."""
     return write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
