@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -30,7 +32,7 @@ from hpml.config import (
     check_grad_compression,
     default_data_dir,
 )
-from hpml.errors import UsageError
+from hpml.errors import UsageError, script_name
 
 if TYPE_CHECKING:
     import boto3
@@ -263,8 +265,8 @@ def print_dry_run(spec: jobs.JobSpec, upload: jobs.DataUpload | None, profile: s
     print(json.dumps(request, indent=2, default=str))
     print("Notes:")
     code = stage_listing()
-    print(f"  code: {len(code)} files from this repository ({', '.join(jobs.CODE_PATHS)} and a requirements.txt of "
-          f"{', '.join(jobs.JOB_REQUIREMENTS)}; the container's own torch is kept), packed and uploaded by the SDK "
+    print(f"  code: {len(code)} files from this repository ({code_summary(code)}; its requirements.txt lists "
+          f"{', '.join(jobs.JOB_REQUIREMENTS)}, the container's own torch is kept), packed and uploaded by the SDK "
           "to the sagemaker_submit_directory above")
     if upload:
         print(f"  data: {len(upload.files)} files ({upload.size / 1e6:.1f} MB) from {upload.folder}, uploaded to "
@@ -287,7 +289,17 @@ def print_dry_run(spec: jobs.JobSpec, upload: jobs.DataUpload | None, profile: s
 
 def stage_listing() -> list[Path]:
     with tempfile.TemporaryDirectory() as folder:
-        return jobs.stage_source(Path(folder))
+        return jobs.stage_source(Path(folder), log=lambda line: print(f"  {line}"))
+
+
+def code_summary(staged: list[Path]) -> str:
+    """The staged files: each top-level file by name, each folder by name and how many files it holds."""
+    counts: dict[str, int] = {}
+    for path in staged:
+        top = f"{path.parts[0]}/" if len(path.parts) > 1 else path.name
+        counts[top] = counts.get(top, 0) + 1
+    return ", ".join(f"{top} ({cli.count(count, 'file')})" if top.endswith("/") else top
+                     for top, count in counts.items())
 
 
 def cost_estimate(spec: jobs.JobSpec) -> str:
@@ -305,8 +317,13 @@ def print_submitted(spec: jobs.JobSpec, args: argparse.Namespace) -> None:
     print(f"  console: {jobs.console_url(spec.region, spec.job_name)}")
     print(f"  cost: {cost_estimate(spec)}")
     if not args.wait:
-        where = f" --region {spec.region}" + (f" --profile {args.profile}" if args.profile else "")
-        print(f"  when it has finished: python sagemaker_submission.py collect {spec.job_name}{where}")
+        where = ["--region", spec.region, *(["--profile", args.profile] if args.profile else [])]
+        print(f"  when it has finished: {collect_command(spec.job_name, *where)}")
+
+
+def collect_command(*arguments: str) -> str:
+    """The shell command that collects a job, each value quoted for the shell."""
+    return shlex.join(["python", "sagemaker_submission.py", "collect", *arguments])
 
 
 def wait_and_collect(boto: boto3.Session, session: sagemaker.session.Session, job_name: str,
@@ -315,12 +332,12 @@ def wait_and_collect(boto: boto3.Session, session: sagemaker.session.Session, jo
     try:
         job = jobs.stream_logs(session, job_name)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; {job_name} keeps running: python sagemaker_submission.py collect {job_name}")
+        print(f"\nstopped watching; {job_name} keeps running: {collect_command(job_name)}")
         return 130
     reason = f" ({job['FailureReason']})" if job.get("FailureReason") else ""
     print(f"{job_name}: {job['TrainingJobStatus']}{reason}")
-    collect(boto, [job], output_dir)
-    return 0 if job["TrainingJobStatus"] == "Completed" else 1
+    _, failed = collect(boto, [job], output_dir)
+    return 0 if job["TrainingJobStatus"] == "Completed" and not failed else 1
 
 
 # ---- collect and list ----------------------------------------------------------------------------------------------
@@ -339,19 +356,24 @@ def run_collect(args: argparse.Namespace) -> int:
         print(f"{cli.count(len(descriptions), 'job')} to collect ({len(done)} already in {output_dir})")
     else:
         descriptions = [jobs.describe(boto, name) for name in args.jobs]
-    finished = collect(boto, descriptions, output_dir)
-    return 0 if args.all or finished == len(descriptions) else 1
+    finished, failed = collect(boto, descriptions, output_dir)
+    return 0 if not failed and (args.all or finished == len(descriptions)) else 1
 
 
-def collect(boto: boto3.Session, descriptions: list[dict], output_dir: Path) -> int:
-    """Collect each job (as DescribeTrainingJob describes it) and print what it cost; the number that had finished."""
-    finished = 0
+def collect(boto: boto3.Session, descriptions: list[dict], output_dir: Path) -> tuple[int, int]:
+    """Collect each job (as DescribeTrainingJob describes it) and print what it cost; how many had finished, and how
+    many of those had outputs that could not be collected (each said in one line on stderr)."""
+    finished = failed = 0
     for job in descriptions:
-        written = jobs.collect_job(boto, job, output_dir)
+        try:
+            written = jobs.collect_job(boto, job, output_dir)
+        except jobs.CollectError as error:
+            print(f"{script_name()}: error: {error}", file=sys.stderr)
+            failed, written = failed + 1, []
         if job["TrainingJobStatus"] in jobs.ENDED:
             finished += 1
             print(f"{job['TrainingJobName']}: {len(written)} new files; {bill_text(prices.job_bill(job))}")
-    return finished
+    return finished, failed
 
 
 def bill_text(bill: dict) -> str:

@@ -26,6 +26,15 @@ MIN_TEST_SUBSET = 1_000  # CIFAR-10: test accuracy within about +-1.5 points
 MIN_SYNTHETIC_TEST_SUBSET = 100
 SUBSET_SEED = 0  # fixed, so runs with different --seed train on the same subset
 SYNTHETIC_SEED = 1234
+# The globals a pickled CIFAR-10 batch may name: numpy's array reconstruction (numpy 1 and 2 module names; _frombuffer
+# for pickle protocol 5) and _codecs.encode, which protocols 0-2 use for bytes. Lists, dicts, bytes and numbers need
+# none. A batch naming anything else (os.system, builtins.exec) is refused before it is called.
+BATCH_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})
 
 
 @dataclass
@@ -116,8 +125,7 @@ def _load_batches(folder: Path) -> ImageSet:
         for name in names:
             path = folder / name
             try:
-                with open(path, "rb") as file:
-                    batch = pickle.load(file, encoding="bytes")
+                batch = load_batch(path)
                 images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                 labels.append(np.asarray(batch[b"labels"]))
             except FileNotFoundError:
@@ -129,6 +137,20 @@ def _load_batches(folder: Path) -> ImageSet:
     train = read(list(TRAIN_BATCHES))
     test = read(list(TEST_BATCHES))
     return ImageSet(*train, *test, "CIFAR-10 (torchvision batches)")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in BATCH_GLOBALS:
+            raise pickle.UnpicklingError(f"refused: it asks for {module}.{name}, which no CIFAR-10 batch needs "
+                                         "(allowed: numpy arrays, lists, dicts, bytes, numbers); nothing was run")
+        return super().find_class(module, name)
+
+
+def load_batch(path: Path) -> object:
+    """One of torchvision's pickled batches, unpickled without calling anything but numpy's array reconstruction."""
+    with open(path, "rb") as file:
+        return _BatchUnpickler(file, encoding="bytes").load()
 
 
 def _download(folder: Path) -> None:

@@ -11,6 +11,7 @@ imports this module, so the training scripts never load the SDK.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import boto3
 import boto3.exceptions
@@ -48,6 +49,7 @@ SINGLE_DEVICE_SCRIPT = "run_hpc.py"  # the single-device path: one process on on
 ENTRY_POINTS = {"smddp": DATA_PARALLEL_SCRIPT, "torchrun": DATA_PARALLEL_SCRIPT, "none": SINGLE_DEVICE_SCRIPT}
 # The code a job needs, and nothing else (no data, results, tests, virtual environments or git history).
 CODE_PATHS = (DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, "hpml", "models")
+SOURCE_SUFFIXES = (".py",)  # the job's code is Python only: keys, notes, caches and data in those folders stay home
 # What the training code imports beyond the container's own torch, torchvision, numpy and pillow. SageMaker
 # pip-installs a requirements.txt found in the source folder: the repository's own lists torch, and installing it
 # would replace the container's CUDA build, so the job gets this list instead.
@@ -82,7 +84,10 @@ NO_REGION = "no AWS region: pass --region (e.g. us-east-1), set AWS_REGION, or r
 ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+")
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
-RUN_ID = re.compile(r"[\w.-]+")
+# A job's output archive is written by whatever ran in the job: what collecting it downloads and unpacks is bounded.
+MAX_OUTPUT_ARCHIVE_BYTES = 2 << 30  # 2 GiB of output.tar.gz; a job's results and monitor files take megabytes
+MAX_EXPANDED_BYTES = 512 << 20  # 512 MiB of unzipped tar stream: every member's header and content, read or skipped
+MAX_ARCHIVE_MEMBERS = 10_000  # tarfile keeps each member's header in memory
 
 
 @dataclass
@@ -270,16 +275,34 @@ def job_name_for(models: list[str], distribution: str) -> str:
 # ---- code and data -------------------------------------------------------------------------------------------------
 
 
-def stage_source(folder: Path) -> list[Path]:
-    """Copy the job's code into `folder` with the job's requirements.txt; return the files, relative to it."""
-    for name in CODE_PATHS:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
-        else:
-            shutil.copy2(source, folder / name)
+def stage_source(folder: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Copy the job's code (the SOURCE_SUFFIXES files of CODE_PATHS) into `folder` with the job's requirements.txt;
+    return the files, relative to it. Links are not followed; they, hidden files and folders, and every other file
+    that is not source are left out, each named in a line (__pycache__ without one)."""
+    for relative in _source_files(REPO, log):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / relative, folder / relative)
     (folder / "requirements.txt").write_text("\n".join(JOB_REQUIREMENTS) + "\n")
     return sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
+
+
+def _source_files(repo: Path, log: Callable[[str], None]) -> Iterator[Path]:
+    pending = [repo / name for name in reversed(CODE_PATHS)]
+    while pending:
+        path = pending.pop()
+        relative = path.relative_to(repo)
+        if path.name == "__pycache__":
+            continue
+        if path.name.startswith("."):
+            log(f"code: {relative} left out: hidden")
+        elif path.is_symlink():
+            log(f"code: {relative} left out: a link, not followed")
+        elif path.is_dir():
+            pending += sorted(path.iterdir(), reverse=True)
+        elif path.is_file() and path.suffix in SOURCE_SUFFIXES:
+            yield relative
+        else:
+            log(f"code: {relative} left out: not a {'/'.join(SOURCE_SUFFIXES)} source file")
 
 
 @dataclass
@@ -572,85 +595,181 @@ def collected_jobs(output_dir: Path) -> set[str]:
     return {record["sagemaker"]["job_name"] for record in records if (record.get("sagemaker") or {}).get("job_name")}
 
 
+class CollectError(Exception):
+    """A finished job's output that is there but cannot be collected (too large, corrupt, an invalid record): one
+    line naming the job; nothing of that job is written."""
+
+
 def collect_job(boto: boto3.Session, description: dict, output_dir: Path,
                 log: Callable[[str], None] = print) -> list[Path]:
     """Bring a finished job's results JSON files (and their monitor files) into `output_dir`, with the job's time
     and cost added to each record, and the run's share of that cost; files already there are left alone. The new
-    files."""
+    files; CollectError when its output archive is too large or corrupt or holds a record that is not valid."""
     name, status = description["TrainingJobName"], description["TrainingJobStatus"]
     if status not in ENDED:
         log(f"{name}: {status}, not finished yet; collect it when it has ended")
         return []
     bucket, prefix = parse_s3_uri(description["OutputDataConfig"]["S3OutputPath"], "S3OutputPath")
     key = "/".join(part for part in (prefix.rstrip("/"), name, "output", "output.tar.gz") if part)
-    with tempfile.TemporaryFile() as archive:
-        try:
-            boto.client("s3").download_fileobj(bucket, key, archive)
-        except botocore.exceptions.ClientError as error:
-            if _status(error) != 404:
-                raise
+    where = f"{name}: s3://{bucket}/{key}"
+    with tempfile.TemporaryDirectory(prefix="hpml-collect-") as scratch:
+        archive = Path(scratch) / "output.tar.gz"
+        if not _download_output(boto.client("s3"), bucket, key, archive, where):
             log(f"{name}: {status}, but s3://{bucket}/{key} does not exist"
                 + (f" ({description['FailureReason']})" if description.get("FailureReason") else ""))
             return []
-        archive.seek(0)
-        try:
-            with tarfile.open(fileobj=archive, mode="r:gz") as tar:
-                files = _results_files(tar)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:  # read whole before anything is written
-            log(f"{name}: s3://{bucket}/{key} is cut short or corrupt ({error}); nothing collected from it")
-            return []
-    return _write_collected(files, description, output_dir, log)
+        found = _results_files(archive, where, lambda line: log(f"{name}: {line}"))
+    return _write_collected(found, description, output_dir, log)
 
 
-def _results_files(tar: tarfile.TarFile) -> dict[str, bytes]:
-    """The regular files directly under results/ in a job's output archive, by name."""
+def _download_output(s3: botocore.client.BaseClient, bucket: str, key: str, archive: Path, where: str) -> bool:
+    """Download the job's output archive into `archive`, if it is there and not too large; whether it was there."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as error:
+        if _status(error) != 404:
+            raise
+        return False
+    if head["ContentLength"] > MAX_OUTPUT_ARCHIVE_BYTES:
+        raise CollectError(f"{where} holds {head['ContentLength']:,} bytes, more than the "
+                           f"{MAX_OUTPUT_ARCHIVE_BYTES:,} collect downloads; nothing collected from it")
+    body = s3.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]  # the object whose size was checked
+    with open(archive, "wb") as file:
+        for chunk in body.iter_chunks(1 << 20):
+            file.write(chunk)
+    return True
+
+
+def _results_files(archive: Path, where: str, log: Callable[[str], None]) -> dict[str, bytes]:
+    """The regular files directly under results/ in a job's output archive, by name, read whole before anything is
+    written; each link, device or name leading out of the archive is named in a line and skipped."""
+    try:
+        with gzip.open(archive) as unzipped, tarfile.open(fileobj=_Bounded(unzipped, where), mode="r|") as tar:
+            return _read_members(tar, where, archive.parent / "unpacked", log)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise CollectError(f"{where} is cut short or corrupt ({one_line(error)}); nothing collected from it") from None
+
+
+def _read_members(tar: tarfile.TarFile, where: str, folder: Path, log: Callable[[str], None]) -> dict[str, bytes]:
     found = {}
-    for member in tar.getmembers():
-        parts = [part for part in PurePosixPath(member.name).parts if part not in ("", ".")]
-        if member.isfile() and len(parts) == 2 and parts[0] == "results":
-            found[parts[1]] = tar.extractfile(member).read()
+    for count, member in enumerate(tar, start=1):
+        if count > MAX_ARCHIVE_MEMBERS:
+            raise CollectError(f"{where} holds more than {MAX_ARCHIVE_MEMBERS:,} files; nothing collected from it")
+        parts = PurePosixPath(member.name).parts
+        if _safe(member, folder, log) and member.isfile() and len(parts) == 2 and parts[0] == "results":
+            found[parts[1]] = tar.extractfile(member).read(member.size)
     return found
 
 
-def _write_collected(files: dict[str, bytes], description: dict, output_dir: Path,
+def _safe(member: tarfile.TarInfo, folder: Path, log: Callable[[str], None]) -> bool:
+    """Whether an archive member may be read: a regular file or folder, its name a plain name inside `folder` (an
+    empty folder, where nothing is a link); a line naming any other member."""
+    if member.issym() or member.islnk():
+        log(f"archive member {member.name!r} skipped: a link, not followed")
+        return False
+    if not (member.isfile() or member.isdir()):
+        log(f"archive member {member.name!r} skipped: not a regular file")
+        return False
+    try:
+        files.inside(folder, member.name, "archive member")
+    except ValueError:
+        log(f"archive member {member.name!r} skipped: not a plain relative name (absolute, '..' or empty)")
+        return False
+    return True
+
+
+class _Bounded:
+    """A file read through, up to MAX_EXPANDED_BYTES; CollectError past that (`where` names the archive)."""
+
+    def __init__(self, file: IO[bytes], where: str) -> None:
+        self.file, self.where, self.left = file, where, MAX_EXPANDED_BYTES
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(self.left + 1 if size < 0 else min(size, self.left + 1))
+        self.left -= len(data)
+        if self.left < 0:
+            raise CollectError(f"{self.where} expands to more than {MAX_EXPANDED_BYTES:,} bytes; nothing collected "
+                               "from it")
+        return data
+
+
+def _write_collected(found: dict[str, bytes], description: dict, output_dir: Path,
                      log: Callable[[str], None]) -> list[Path]:
+    """Write the job's records, and each one's companion files, once every record and path has passed its checks."""
     name = description["TrainingJobName"]
-    records = {filename: record for filename, content in files.items()
-               if filename.endswith(".json") and (record := _as_record(content))}
+    records = _job_records(found, description, output_dir)
     if not records:
         log(f"{name}: no results JSON in the job's output")
         return []
-    fields = job_fields(description, runs=len(records))
-    shares, job_cost = cost_shares(list(records.values())), fields["job_cost_usd"]
+    companions = {filename: _companions(found, record["run_id"], records, output_dir, name)
+                  for filename, record in records.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for record, share in zip(records.values(), shares, strict=True):
-        run_id = record["run_id"]
-        record["sagemaker"] = {**(record.get("sagemaker") or {}), **fields, "cost_share": share,
-                               "cost_usd": None if job_cost is None else job_cost * share}
+    for filename, record in records.items():
         try:
-            written.append(results.write_results(results.validate_record(record), output_dir))
+            written.append(results.write_results(record, output_dir))
         except FileExistsError:
-            log(f"{name}: {run_id} is already in {output_dir}, left as it is")
+            log(f"{name}: {record['run_id']} is already in {output_dir}, left as it is")
             continue
         log(f"{name}: {record['model']} final test acc {record['final_test_acc']:.4f} -> {written[-1]}")
-        for companion, content in files.items():
-            if companion.startswith(f"{run_id}.") and companion not in records:
-                written += _write_new_file(output_dir / companion, content)
+        for path, content in companions[filename]:
+            written += _write_new_file(path, content)
     run_ids = [record["run_id"] for record in records.values()]
-    for stray in sorted(set(files) - set(records)):
+    for stray in sorted(set(found) - set(records)):
         if not any(stray.startswith(f"{run_id}.") for run_id in run_ids):
             log(f"{name}: results/{stray} skipped: neither a results record nor a file of one")
     return written
 
 
-def _as_record(content: bytes) -> dict | None:
-    """A results record with a run_id that is a safe file name, or None."""
+def _job_records(found: dict[str, bytes], description: dict, output_dir: Path) -> dict[str, dict]:
+    """Each results/*.json file's record with the job's fields added, by file name; CollectError naming the first
+    file that is not a valid record with a run_id that names a file in `output_dir`."""
+    name = description["TrainingJobName"]
+    records = {filename: _as_record(content, f"{name}: results/{filename}", output_dir)
+               for filename, content in sorted(found.items()) if filename.endswith(".json")}
+    if not records:
+        return {}
+    fields = job_fields(description, runs=len(records))
+    shares, job_cost = cost_shares(list(records.values())), fields["job_cost_usd"]
+    for (filename, record), share in zip(records.items(), shares, strict=True):
+        record["sagemaker"] = {**(record.get("sagemaker") or {}), **fields, "cost_share": share,
+                               "cost_usd": None if job_cost is None else job_cost * share}
+        _checked(record, f"{name}: results/{filename}")
+    return records
+
+
+def _as_record(content: bytes, what: str, output_dir: Path) -> dict:
     try:
-        record = results.validate_record(json.loads(content))
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
-        return None
-    return record if RUN_ID.fullmatch(str(record["run_id"])) else None
+        record = _checked(json.loads(content), what)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        raise CollectError(f"{what} is not JSON ({one_line(error)}); nothing collected") from None
+    _inside(output_dir, f"{record['run_id']}.json", what)
+    if not isinstance(record.get("sagemaker") or {}, dict):
+        raise CollectError(f"{what}: sagemaker must be a JSON object, got {record['sagemaker']!r}; nothing collected")
+    return record
+
+
+def _checked(record: object, what: str) -> dict:
+    """The record if it is valid and can be written (no NaN); CollectError naming `what` otherwise."""
+    try:
+        json.dumps(results.validate_record(record), allow_nan=False)
+    except ValueError as error:
+        raise CollectError(f"{what} is not a valid results record ({one_line(error)}); nothing collected") from None
+    return record
+
+
+def _companions(found: dict[str, bytes], run_id: str, records: dict[str, dict], output_dir: Path,
+                name: str) -> list[tuple[Path, bytes]]:
+    """The files of a run beside its record (its monitor samples), each with the path it is written to."""
+    return [(_inside(output_dir, companion, f"{name}: results/{companion}"), content)
+            for companion, content in found.items() if companion.startswith(f"{run_id}.") and companion not in records]
+
+
+def _inside(output_dir: Path, filename: str, what: str) -> Path:
+    try:
+        return files.inside(output_dir, filename, "file name")
+    except ValueError as error:
+        raise CollectError(f"{what}: {error}; nothing collected") from None
 
 
 def job_fields(description: dict, runs: int) -> dict:

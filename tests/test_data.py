@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 from torchvision.datasets import CIFAR10
@@ -41,12 +43,23 @@ def test_cifar10_files_lists_what_load_cifar10_reads_in_the_usual_layout(npz_dir
 
 def test_batches_layout_decodes_channels_in_order(batches_dir):
     """The CHW row-major bytes of torchvision's batches must come back as the same HWC image."""
-    import pickle
-
     with open(batches_dir / data.BATCHES_FOLDER / "data_batch_1", "rb") as file:
         raw = pickle.load(file, encoding="bytes")[b"data"][0]
     image = data.load_cifar10(batches_dir).train_images[0]
     assert image[0, 0, 0] == raw[0] and image[0, 0, 1] == raw[1024] and image[0, 1, 0] == raw[1]
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_batches_pickled_with_any_protocol_or_numpy_version_load(batches_dir, protocol):
+    """The batches' unpickler allows what numpy arrays, lists, dicts and bytes need under every pickle protocol, and
+    numpy 1's module names (CIFAR-10's own batches were pickled by Python 2 and numpy 1, protocol 2)."""
+    expected = data.load_cifar10(batches_dir)
+    for path in (batches_dir / data.BATCHES_FOLDER).iterdir():
+        pickled = pickle.dumps(data.load_batch(path), protocol=protocol)
+        path.write_bytes(pickled.replace(b"numpy._core.", b"numpy.core.") if protocol == 2 else pickled)
+    loaded = data.load_cifar10(batches_dir)
+    assert np.array_equal(loaded.train_images, expected.train_images)
+    assert np.array_equal(loaded.test_labels, expected.test_labels)
 
 
 def test_corrupt_npz_names_the_file(npz_dir):

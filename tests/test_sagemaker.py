@@ -176,11 +176,13 @@ def test_submit_uploads_the_data_and_only_the_code(moto_account, main_job):
     source_key = hyperparameters["sagemaker_submit_directory"].removeprefix(f"s3://{BUCKET}/")
     archive = moto_account.client("s3").get_object(Bucket=BUCKET, Key=source_key)["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        names = tar.getnames()
+        names, members = tar.getnames(), tar.getmembers()
         requirements = tar.extractfile("requirements.txt").read().decode()
     assert {"run_distributed.py", "run_hpc.py", "hpml/cli.py", "hpml/train.py", "models/resnet.py"} <= set(names)
     assert not [name for name in names if name.split("/")[0] in ("tests", "results", "data", ".git", ".venv")]
     assert not [name for name in names if "__pycache__" in name]
+    assert [info.name for info in members if info.isfile() and not info.name.endswith(".py")] == ["requirements.txt"]
+    assert not [info.name for info in members if not (info.isfile() or info.isdir())]  # no links
     assert "tqdm" in requirements and not [line for line in requirements.splitlines()
                                            if re.match(r"(torch|torchvision|numpy)\b", line)]
 
@@ -452,9 +454,9 @@ def test_a_cut_output_archive_is_one_line_and_writes_nothing(moto_account, capsy
     s3 = moto_account.client("s3")
     whole = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     s3.put_object(Bucket=BUCKET, Key=key, Body=whole[:len(whole) // 2])  # an upload cut half way
-    code, out, err = run(capsys, "collect", MAIN_JOB, "--output-dir", str(tmp_path / "r"))
-    assert code == 0 and f"{MAIN_JOB}: s3://{BUCKET}/{key} is cut short or corrupt" in out
-    assert "Traceback" not in err and not results_in(tmp_path / "r")
+    code, _, err = run(capsys, "collect", MAIN_JOB, "--output-dir", str(tmp_path / "r"))
+    assert code == 1 and f"{MAIN_JOB}: s3://{BUCKET}/{key} is cut short or corrupt" in err
+    assert err.count("\n") == 1 and "Traceback" not in err and not results_in(tmp_path / "r")
 
 
 def test_submit_collect_and_plot_run_without_torch(moto_account, main_job, run_record, tmp_path):
