@@ -6,19 +6,21 @@
 World size 1 runs run_hpc.py (the single-device baseline), larger ones torchrun --standalone with that many
 run_distributed.py processes (one per GPU, or gloo processes on a CPU). Cells whose results are already in
 --output-dir are skipped, so an interrupted study continues where it stopped. The exit code is 0 only when every
-cell finished.
+cell finished. Ctrl-C or SIGTERM stops the running cell at a checkpoint (a second Ctrl-C kills it at once) and
+ends the study with exit code 130 or 143; the same command with --resume continues it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import cli, files, hardware, results, sagemaker_plan, slurm, study
+from hpml import cli, files, results, sagemaker_plan, slurm, study
 from hpml.config import MAX_JOBS, MAX_PROCESSES, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
 from hpml.errors import UsageError
 
@@ -47,18 +49,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.collect:
             raise UsageError("--where sagemaker waits for its jobs and collects them itself: drop --collect")
         return run_on_sagemaker(args, cfg, cells)
+    study.check_environment()
     if args.where == "slurm":
         slurm.check_time_limit(args.time_limit)
+        slurm.check_output_dir(cfg.output_dir)
         for size in world_sizes:
             slurm.nodes_and_gpus(size, args.gpus_per_node)
     elif args.collect:
         raise UsageError(f"--collect gathers the results of --where slurm jobs; --where {args.where} runs the cells "
                          "and draws at the end")
+    trained_on = study.local_processor(cfg.device) if args.where == "local" else None  # a SLURM node's: not known
     output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
     if args.collect:
         return draw_finished(cells, cfg, output_dir, figures_dir)
     records, _ = results.load_all(output_dir)
-    trained_on = hardware.local(cfg.device) if args.where == "local" else None  # a SLURM node's is not known here
     to_run = study.cells_to_run(cells, records, cfg, force=args.force, trained_on=trained_on)
     print(f"{cli.count(len(cells), 'cell')}{f' on {trained_on}' if trained_on else ''}: "
           f"{len(cells) - len(to_run)} already in {output_dir}, {len(to_run)} to run")
@@ -66,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return submit_to_slurm(args, cfg, to_run, output_dir)
     if args.dry_run:
         for cell in to_run:
-            print(" ".join(study.local_command(cell, cfg)))
+            print(shlex.join(study.local_command(cell, cfg)))
         return 0
-    for cell in study.run_cells(to_run, lambda cell: study.local_command(cell, cfg)):
+    for cell in study.run_cells(to_run, cfg):
         print(f"failed: {cell}")
     return draw_finished(cells, cfg, output_dir, figures_dir, trained_on)
 
@@ -79,11 +83,12 @@ def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[stu
     or with --force."""
     folder = output_dir / "slurm"
     for cell in to_run:
-        script = slurm.batch_script(cell, cfg, args.gpus_per_node, args.time_limit, folder)
+        script = slurm.batch_script(cell, cfg, args.gpus_per_node, args.time_limit)
         name = slurm.job_name(cell, cfg)
         path, job_file = folder / f"{name}.sbatch", folder / f"{name}.job"
+        command = slurm.sbatch_command(path, folder, cell, cfg)
         if args.dry_run:
-            print(f"# {path}\n{script}")
+            print(f"# {shlex.join(command)}\n{script}")
             continue
         if job_file.exists() and not args.force:
             earlier = job_file.read_text().strip()
@@ -92,7 +97,7 @@ def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[stu
             if not again:
                 continue
         files.write_atomic(path, lambda tmp, script=script: tmp.write_text(script))
-        job = slurm.submit(path)
+        job = slurm.submit(command)
         files.write_atomic(job_file, lambda tmp, job=job: tmp.write_text(job + "\n"))
         print(f"{cell}: submitted as job {job} ({path})")
     if not args.dry_run:
@@ -152,17 +157,19 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
 def collect_and_draw(boto: boto3.Session, ended: list[dict], planned_jobs: int, output_dir: Path,
                      figures_dir: Path) -> int:
     """Collect the ended jobs (the latest attempt of each planned job) not collected before, and draw; exit code 0
-    only when every one completed."""
+    only when every one completed and its outputs could be collected."""
     import sagemaker_submission
     from hpml import jobs
 
     done = jobs.collected_jobs(output_dir)
-    sagemaker_submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done], output_dir)
+    _, uncollected = sagemaker_submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done],
+                                                  output_dir)
     draw(output_dir, figures_dir)
     failed = [job["TrainingJobName"] for job in ended if job["TrainingJobStatus"] != "Completed"]
     print(f"{len(ended) - len(failed)} of {cli.count(planned_jobs, 'job')} completed"
-          + (f"; not completed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+          + (f"; not completed: {', '.join(failed)}" if failed else "")
+          + (f"; {cli.count(uncollected, 'job')} whose outputs could not be collected" if uncollected else ""))
+    return 1 if failed or uncollected else 0
 
 
 def confirmed(question: str) -> bool:

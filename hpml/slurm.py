@@ -55,12 +55,28 @@ def job_name(cell: Cell, cfg: TrainConfig) -> str:
     return f"hpml-{cell.model}-w{cell.world_size}-r{cell.repeat + 1}-{settings_id(cfg, cell)}"
 
 
+def check_output_dir(output_dir: str) -> None:
+    """UsageError for an --output-dir the jobs' log files cannot be named in: a newline or another control character
+    (no printed sbatch command would fit on a line), or a backslash (sbatch's --output then leaves '%j' as it is)."""
+    if "\\" in output_dir or any(ord(char) < 32 or ord(char) == 127 for char in output_dir):
+        raise UsageError(f"--where slurm: --output-dir must not contain a newline, another control character or a "
+                         f"backslash (sbatch names the log files in it), got {output_dir!r}")
+
+
 def log_file(log_dir: Path, cell: Cell, cfg: TrainConfig, job: str) -> Path:
-    """Where the job writes its output (job '%j' in the batch script: sbatch puts in the job id)."""
+    """Where the job writes its output."""
     return log_dir / f"{job_name(cell, cfg)}-{job}.out"
 
 
-def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: str, log_dir: Path) -> str:
+def sbatch_command(script: Path, log_dir: Path, cell: Cell, cfg: TrainConfig) -> list[str]:
+    """sbatch with the job's log file, '%j' for the job id that sbatch puts in. --output goes on the command line, not
+    in an #SBATCH line, which sbatch splits and unquotes by rules of its own; '%' in the folder is doubled, as sbatch
+    reads '%' in --output as the start of a pattern."""
+    pattern = log_file(Path(str(log_dir).replace("%", "%%")), cell, cfg, "%j")
+    return ["sbatch", f"--output={pattern}", str(script)]
+
+
+def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: str) -> str:
     """The sbatch script of one cell: run_hpc.py on one GPU for world size 1, else torchrun on every node. It runs
     in the folder sbatch is called from, as relative --data-dir and --output-dir expect."""
     nodes, gpus = nodes_and_gpus(cell.world_size, gpus_per_node)
@@ -84,8 +100,7 @@ def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: s
             f"#SBATCH --ntasks-per-node=1\n"
             f"#SBATCH --gpus-per-node={gpus}\n"
             f"#SBATCH --cpus-per-task={4 * gpus}\n"
-            f"#SBATCH --time={time_limit}\n"
-            f"#SBATCH --output={log_file(log_dir, cell, cfg, '%j')}\n\n"
+            f"#SBATCH --time={time_limit}\n\n"
             f"set -euo pipefail\n"
             f"{rendezvous}"
             "# CPU threads per training process (one per GPU): the data sits on the GPU, so the CPU mostly launches "
@@ -94,15 +109,15 @@ def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: s
             f"{launch}\n")
 
 
-def submit(script: Path) -> str:
-    """Submit a batch script with sbatch; the job id. UsageError with sbatch's message when it refuses."""
+def submit(command: list[str]) -> str:
+    """Submit a batch script with its sbatch_command; the job id. UsageError with sbatch's message when it refuses."""
     try:
-        done = subprocess.run(["sbatch", str(script)], capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True)
     except FileNotFoundError:
         raise UsageError("--where slurm: no sbatch on PATH; run it on a SLURM login node") from None
     found = SUBMITTED.search(done.stdout)
     if done.returncode != 0 or not found:
-        raise UsageError(f"sbatch {script} failed: {(done.stderr or done.stdout).strip() or done.returncode}")
+        raise UsageError(f"{shlex.join(command)} failed: {(done.stderr or done.stdout).strip() or done.returncode}")
     return found.group(1)
 
 

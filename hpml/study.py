@@ -8,19 +8,25 @@ world size are done when n such files are there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType, TracebackType
+
+import psutil
 
 from . import cli, hardware
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import RunStopped, UsageError
 
 # The settings that make two runs the same experiment (besides model, world size and hardware): what is trained and
 # how fast; others (loader workers, quiet, monitoring) change how a run is watched, not what it measures.
@@ -141,25 +147,159 @@ def progress_line(cell: Cell, ok: bool, done: int, total: int, elapsed: float) -
             f"· {estimate}")
 
 
-def run_command(command: list[str]) -> int:
-    """Run one cell's training in the foreground, its output on this console; its exit code.
+def check_environment() -> None:
+    """UsageError naming an OMP_NUM_THREADS the cells would get that is not a positive integer: libgomp ignores an
+    empty or 0 value and the training then uses every core."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None and not (threads.isascii() and threads.isdigit() and int(threads) > 0):
+        raise UsageError(f"OMP_NUM_THREADS must be a positive integer (CPU threads per training process) or unset, "
+                         f"got {threads!r}")
+
+
+def local_processor(device: str) -> str:
+    """What the cells of a study on this machine train on (hardware.local); UsageError for --device cuda where NVML
+    finds no GPU, before any cell starts."""
+    trained_on = hardware.local(device)
+    if device == "cuda" and not trained_on.startswith("GPU "):
+        raise UsageError(f"--device cuda: no GPU here (NVML finds none; this machine has a {trained_on}); use "
+                         "--device auto or cpu, or --where slurm to train on a cluster's GPUs")
+    return trained_on
+
+
+def checkpoint_of(cell: Cell, cfg: TrainConfig) -> Path:
+    """Where the cell's run keeps its checkpoint: hpml.checkpoint.run_path outside SageMaker (which imports torch)."""
+    root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(cfg.output_dir) / "checkpoints"
+    return root / f"{cell.model}_{cell.mode}_w{cell.world_size}" / "last.pt"
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+KILL_AFTER_S = 60.0  # how long a cell stopped by a signal has to save its checkpoint and end before it is killed
+POLL_S = 0.2
+
+
+class CellSignals:
+    """While the cells run, SIGINT, SIGTERM and SIGHUP stop the study at a checkpoint.
+
+    The first one goes on to the running cell's process group (SIGHUP as SIGTERM, which the training scripts
+    handle): run_hpc.py, or torchrun, which hands it to its ranks (each in a session of its own); they save a
+    checkpoint and end, and no further cell starts. A second Ctrl-C, or a cell still running KILL_AFTER_S after
+    the signal, is killed with every process it started. Use it as a context manager around the cells."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.kill_at = float("inf")
+        self.kill_reason = ""
+        self.forwarded = self.killed = False
+
+    def __enter__(self) -> CellSignals:
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum, self.kill_at, self.kill_reason = signum, time.monotonic() + KILL_AFTER_S, f"{KILL_AFTER_S:g} s"
+        elif signum == signal.SIGINT:
+            self.kill_at, self.kill_reason = time.monotonic(), "a second Ctrl-C"
+
+    def wait(self, process: subprocess.Popen) -> int:
+        """The exit code of a cell's process (started in a session of its own), once it and what it started ended."""
+        tree: set[psutil.Process] = set()
+        while True:
+            try:
+                code = process.wait(POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if self.signum is not None:
+                    tree |= self.stop(process.pid)
+        kill_all(tree)
+        return code
+
+    def stop(self, group: int) -> set[psutil.Process]:
+        """Forward the signal to the cell's process group once, kill the group when its time is up; the processes the
+        cell has started (torchrun's ranks are in sessions of their own), to kill whatever outlives it."""
+        tree = descendants(group)
+        if not self.forwarded:
+            send(group, signal.SIGTERM if self.signum == signal.SIGHUP else self.signum)
+            self.forwarded = True
+        if time.monotonic() >= self.kill_at and not self.killed:
+            send(group, signal.SIGKILL)
+            self.killed = True
+        return tree
+
+    def stopped(self, cell: Cell, code: int | None, cfg: TrainConfig) -> RunStopped:
+        """The one line the study ends with after a stop signal: where `cell` stands (`code` None: not started)."""
+        name = signal.Signals(self.signum).name
+        if code is None or code == 0:
+            where = f"before {cell}" if code is None else f"after {cell} finished"
+            return RunStopped(f"stopped by {name} {where}; rerun the same command to continue", 128 + self.signum)
+        checkpoint = checkpoint_of(cell, cfg)
+        killed = f", killed after {self.kill_reason}" if self.killed else ""
+        saved = f"its checkpoint: {checkpoint}" if checkpoint.exists() else "it had saved no checkpoint yet"
+        again = "rerun the same command" + ("" if cfg.resume else " with --resume")
+        return RunStopped(f"stopped by {name} during {cell}{killed}; {saved}; {again} to continue", 128 + self.signum)
+
+
+def descendants(pid: int) -> set[psutil.Process]:
+    try:
+        return set(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return set()
+
+
+def kill_all(processes: set[psutil.Process]) -> None:
+    """SIGKILL every one of these processes still running, and wait (a few seconds at most) until they have ended."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    deadline = time.monotonic() + 5
+    while not all(map(ended, processes)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def ended(process: psutil.Process) -> bool:
+    """Whether a process has ended: gone, or a zombie (an orphan's, where PID 1 reaps none)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def send(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signum)
+
+
+def run_command(command: list[str], signals: CellSignals) -> int:
+    """Run one cell's training in a process group of its own, its output on this console; its exit code.
 
     Every training process gets one CPU thread unless OMP_NUM_THREADS says otherwise, as torchrun gives each of
     its processes: on a CPU, world size N then uses N cores against the baseline's one, and a baseline's threads
     do not thrash on a machine that others share (measured: 26x "speedups" of 2 processes over 1)."""
     threads = os.environ.get("OMP_NUM_THREADS", "1")
-    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
+    return signals.wait(process)
 
 
-def run_cells(cells: list[Cell], command_of: Callable[[Cell], list[str]],
-              log: Callable[[str], None] = print) -> list[Cell]:
-    """Run each cell in turn; a failed cell is reported and the rest still run. Returns the failed cells."""
+def run_cells(cells: list[Cell], cfg: TrainConfig, log: Callable[[str], None] = print) -> list[Cell]:
+    """Run each cell in turn; a failed cell is reported and the rest still run. Returns the failed cells; raises
+    RunStopped when a stop signal came (CellSignals)."""
     failed: list[Cell] = []
     start = time.monotonic()
-    for done, cell in enumerate(cells, start=1):
-        log(f"--- {cell}: {' '.join(command_of(cell))}")
-        ok = run_command(command_of(cell)) == 0
-        if not ok:
-            failed.append(cell)
-        log(progress_line(cell, ok, done, len(cells), time.monotonic() - start))
+    with CellSignals() as signals:
+        for done, cell in enumerate(cells, start=1):
+            if signals.signum is not None:
+                raise signals.stopped(cell, None, cfg)
+            command = local_command(cell, cfg)
+            log(f"--- {cell}: {shlex.join(command)}")
+            code = run_command(command, signals)
+            if signals.signum is not None:
+                raise signals.stopped(cell, code, cfg)
+            if code != 0:
+                failed.append(cell)
+            log(progress_line(cell, code == 0, done, len(cells), time.monotonic() - start))
     return failed

@@ -1,17 +1,20 @@
 """run_study.py and hpml.study: the matrix, which cells are done, running the rest, and the figures at the end."""
 
 import argparse
+import shlex
+import sys
 import uuid
 
 import pytest
 
-from hpml import cli, hardware, results, study
+from hpml import cli, hardware, monitor, results, study
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
 from tests.helpers import (
     exit_code_of,
     heavy_packages_imported_by,
     record,
+    refusal,
     results_in,
     run_script,
     script_main,
@@ -101,7 +104,7 @@ def test_world_size_one_runs_the_single_device_script_larger_ones_torchrun():
 def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
     """A stand-in for a cell's training process: parses the cell's command with the training scripts' flags and
     writes a results record as the run would (or fails for the cells in `failing`)."""
-    def run(command: list[str]) -> int:
+    def run(command: list[str], signals: study.CellSignals) -> int:
         world_size = int(command[command.index("--nproc_per_node") + 1]) if "--nproc_per_node" in command else 1
         parser = argparse.ArgumentParser()
         cli.add_training_args(parser)
@@ -161,14 +164,51 @@ def test_a_real_study_on_the_cpu_then_its_rerun_skips_every_cell(tmp_path):
 
 @pytest.mark.parametrize("threads, expected", [(None, "1"), ("3", "3")])
 def test_each_training_process_gets_one_thread_unless_told(threads, expected, monkeypatch):
-    seen = []
-    monkeypatch.setattr(study.subprocess, "run", lambda command, env: seen.append(env) or argparse.Namespace(
-        returncode=0))
     if threads is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", threads)
-    assert study.run_command(["true"]) == 0 and seen[0]["OMP_NUM_THREADS"] == expected
+    command = [sys.executable, "-c", "import os, sys; sys.exit(0 if os.environ['OMP_NUM_THREADS'] == sys.argv[1] "
+               "else 1)", expected]
+    assert study.run_command(command, study.CellSignals()) == 0
+
+
+@pytest.mark.parametrize("threads", ["", "0", "-1", "two", "4,2"])
+def test_an_omp_num_threads_the_cells_cannot_use_is_refused_before_the_first_cell(threads, tmp_path, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.setattr(study, "run_command", pytest.fail)
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    for where in ("local", "slurm"):
+        err = refusal(script_main("run_study.py"), ["--where", where, "--models", "resnet18", *FLAGS,
+                                                    "--output-dir", str(tmp_path / "out")], capsys)
+        assert ("OMP_NUM_THREADS must be a positive integer (CPU threads per training process) or unset, got "
+                f"{threads!r}") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_the_first_cell(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "run_command", pytest.fail)
+    monkeypatch.setattr(monitor, "first_cuda_gpu_name", lambda: None)
+    argv = ["--models", "resnet18,vgg16", *FLAGS, "--device", "cuda", "--output-dir", str(tmp_path / "out")]
+    err = refusal(script_main("run_study.py"), argv, capsys)
+    assert ": error: --device cuda: no GPU here (NVML finds none; this machine has a CPU " in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(monitor, "first_cuda_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--dry-run"]) == 0
+    assert "4 cells on GPU NVIDIA H100 80GB HBM3: 0 already in" in capsys.readouterr().out
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--where", "slurm", "--dry-run"]) == 0  # not seen here
+
+
+def test_printed_commands_are_shell_quoted(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "it's a $(touch PWNED) dir; ls"
+    argv = ["--models", "resnet18", "--world-sizes", "1,2", *FLAGS, "--output-dir", str(out)]
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--dry-run"]) == 0
+    dry_run = capsys.readouterr().out.splitlines()[1:]
+    monkeypatch.setattr(study, "run_command", lambda command, signals: 1)
+    assert exit_code_of(script_main("run_study.py"), argv) == 1
+    logged = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("--- ")]
+    for commands in (dry_run, logged):
+        assert [shlex.split(line)[shlex.split(line).index("--output-dir") + 1] for line in commands] == [str(out)] * 2
 
 
 def test_the_study_modules_import_no_torch():

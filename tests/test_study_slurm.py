@@ -2,6 +2,8 @@
 cell, submitted once, and again only when its job failed or SLURM no longer knows it."""
 
 import os
+import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 from hpml import results
 from hpml.config import TrainConfig
-from tests.helpers import exit_code_of, script_main
+from tests.helpers import exit_code_of, refusal, script_main
 from tests.test_study import FLAGS, run_record
 
 
@@ -31,14 +33,16 @@ class FakeSlurm:
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch) -> FakeSlurm:
-    """sbatch runs the script at once as SLURM would on one node and records the job's end state, srun writes the
+    """sbatch runs the script at once as SLURM would on one node and records the job's end state (and its first
+    argument, the --output option, in jobs/<id>.output), srun writes the
     command it was given to srun.log instead of running it; sacct, squeue and scontrol report the recorded state
     in their formats, and an unknown job as SLURM does."""
     fake = FakeSlurm(tmp_path / "bin", tmp_path / "jobs", tmp_path / "srun.log")
     fake.bin_dir.mkdir()
     fake.jobs.mkdir()
     stand_in(fake.bin_dir, "sbatch", 'n=$(( $(cat "$0.count" 2>/dev/null || echo 0) + 1 )); echo $n > "$0.count"\n'
-                                     'if SLURM_JOB_ID=$n SLURM_NNODES=1 SLURM_JOB_NODELIST=node1 bash "$1"; '
+                                     f'printf "%s\\n" "$1" > {fake.jobs}/$n.output\n'
+                                     'if SLURM_JOB_ID=$n SLURM_NNODES=1 SLURM_JOB_NODELIST=node1 bash "${@: -1}"; '
                                      f'then echo COMPLETED; else echo FAILED; fi > {fake.jobs}/$n\n'
                                      'echo "Submitted batch job $n"\n')
     stand_in(fake.bin_dir, "srun", f'echo "$@" >> {fake.srun_log}\n')
@@ -130,3 +134,35 @@ def test_a_rerun_submits_a_cell_again_only_when_its_job_failed_or_is_unknown(sta
 def test_bad_slurm_flags_are_one_line(flags, message, tmp_path, capsys):
     assert exit_code_of(script_main("run_study.py"), [*flags, "--output-dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_with_shell_syntax_stays_one_argument_and_runs_nothing(tmp_path, fake_slurm, monkeypatch,
+                                                                             capsys):
+    monkeypatch.chdir(tmp_path)  # where the stand-in sbatch runs the scripts: an injected command would leave files
+    out = tmp_path / "my out; touch INJECTED $(touch INJECTED) `touch INJECTED` 'x\" 100%"
+    stand_in(fake_slurm.bin_dir, "srun", f'printf "%s\\0" "$@" >> {tmp_path}/srun.args\n')
+    argv = ["--where", "slurm", "--models", "resnet18", "--world-sizes", "1,2", *FLAGS, "--output-dir", str(out)]
+    assert exit_code_of(script_main("run_study.py"), [*argv, "--dry-run"]) == 0
+    shown = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("# sbatch ")]
+    names = [Path(command[-1]).stem for command in shown]
+    sbatch = [["sbatch", f"--output={str(out).replace('%', '%%')}/slurm/{name}-%j.out", f"{out}/slurm/{name}.sbatch"]
+              for name in names]
+    assert len(shown) == 2 and shown == sbatch
+
+    assert exit_code_of(script_main("run_study.py"), argv) == 0
+    for name in names:
+        script = out / "slurm" / f"{name}.sbatch"
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        assert "#SBATCH --output" not in script.read_text()
+    assert [(fake_slurm.jobs / f"{job}.output").read_text() for job in (1, 2)] == [f"{cmd[1]}\n" for cmd in sbatch]
+    arguments = (tmp_path / "srun.args").read_text().split("\0")
+    assert arguments.count(str(out)) == 2 and not list(tmp_path.rglob("INJECTED"))
+
+
+@pytest.mark.parametrize("bad", ["out\ntouch INJECTED #", "out\rx", "out\\x"])
+def test_an_output_dir_sbatch_cannot_take_is_refused_in_one_line(bad, tmp_path, fake_slurm, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--where", "slurm", "--models", "resnet18", *FLAGS, "--output-dir", str(tmp_path / bad)]
+    err = refusal(script_main("run_study.py"), argv, capsys)
+    assert "--output-dir must not contain a newline, another control character or a backslash" in err
+    assert repr(str(tmp_path / bad)) in err and not list(tmp_path.glob("out*")) and not fake_slurm.srun_log.exists()
