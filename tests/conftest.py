@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import fake_images, write_npz
+from tests.slurm_cluster import SlurmCluster, missing
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,3 +41,14 @@ def batches_dir(tmp_path: Path) -> Path:
         with open(folder / name, "wb") as file:
             pickle.dump(batch, file)
     return folder.parent
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A real SLURM cluster, a controller and two nodes in namespaces of their own (tests/slurm_cluster.py), one per
+    test process. Skipped without root, namespaces or the packages; under CI=true that is a failure instead."""
+    why = missing()
+    if why:
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"no SLURM test cluster: {why}")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
