@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-from hpml import cli
-from hpml.errors import UsageError
+from hpml import cli, files
+from hpml.errors import UsageError, script_name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "without such a baseline says why instead of showing a number.")
     parser.add_argument("--results-dir", type=cli.path_flag, default="results",
                         help="folder holding the results JSON files (and the monitor's .utilization.csv files "
-                             "beside them); other or malformed JSON files there are skipped with a warning "
+                             "beside them); other or malformed JSON files there (a field missing, of the wrong type "
+                             "or out of range) are skipped with a warning naming the file and the field "
                              "(default: %(default)s)")
     parser.add_argument("--output-dir", type=cli.path_flag, default="results_img",
                         help="folder for the figures and summary.md, created if needed; files of the same name "
@@ -36,7 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--dpi must be between 50 and 600, got {args.dpi}")
     from hpml import plots  # after the flags are checked: importing matplotlib takes a moment
 
-    plots.make_all(args.results_dir, args.output_dir, dpi=args.dpi)
+    try:
+        plots.make_all(args.results_dir, args.output_dir, dpi=args.dpi)
+    except OSError as error:  # a write that failed (full disk, file-size limit, read-only): the files before it stay
+        message = files.cannot_write(error.filename or args.output_dir, error)
+        print(f"{script_name()}: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ state is needed: every random stream (weights, shuffle, crops and flips) is draw
 from __future__ import annotations
 
 import copy
+import io
 import json
 import pickle
 import shutil
@@ -80,18 +81,28 @@ class RunCheckpoint:
         if resume and self.path.exists():
             state = load(self.path)
             check_identity(state, self.identity, self.path)
-            self.trainer_state, self.finished = state["trainer"], finished_run(self.path)
+            self.trainer_state = state["trainer"]
             self.progress = {**self.progress, **state["run"], "resumes": state["run"]["resumes"] + 1}
+            named(cfg.output_dir, self.progress["run_id"], "run id", self.path.parent)
+            self.finished = finished_run(self.path) or self.finished_unmarked(Path(cfg.output_dir))
 
     @property
     def epochs_done(self) -> int:
         return len(self.progress["epochs"])
 
+    def finished_unmarked(self, output_dir: Path) -> dict | None:
+        """A run whose whole results file is there though finished.json is missing or cut (a kill between the two
+        writes), as finished.json would describe it; rank 0 looks, every rank follows."""
+        found = results_found(self.path, self.progress["run_id"], output_dir) if self.world.is_main else None
+        if self.world.all_reduce([float(found is not None)], op="max")[0]:
+            return found or {"run_id": self.progress["run_id"], "files": []}
+        return None
+
     def restore_finished(self, output_dir: Path, log: Callable[[str], None]) -> None:
         """A finished run's results go back where they are missing (call when `finished`); training is skipped."""
         if self.world.is_main:
             restore_results(self.path, self.finished, output_dir, self.trainer_state["model"], log)
-        log(f"{self.identity['model']}: already finished, results in {self.finished['results_file']}; skipping")
+        log(f"{self.identity['model']}: already finished, results in {output_dir}; skipping")
 
     def start(self, load_trainer_state: Callable[[dict], None], setup_start: float,
               log: Callable[[str], None]) -> None:
@@ -170,9 +181,9 @@ class BackgroundWriter:
 
     def _write(self, path: Path, snapshot: dict) -> None:
         try:
-            files.write_atomic(path, lambda tmp: torch.save(snapshot, tmp))
+            files.write_atomic(path, lambda tmp: save_tensors(snapshot, tmp))
         except Exception as error:  # reported to the training thread at its next wait()
-            self._error = UsageError(f"cannot write checkpoint {path}: {one_line(error, 200)}")
+            self._error = UsageError(files.cannot_write(f"checkpoint {path}", error))
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -192,6 +203,31 @@ class BackgroundWriter:
             self._thread.join()
 
 
+class _KeepWriteError(io.BufferedWriter):
+    """A file that keeps the OSError of a failed write, which torch.save reports only as '[enforce fail at
+    inline_container.cc] unexpected pos'."""
+
+    error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return super().write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def save_tensors(state: dict, path: Path) -> None:
+    """torch.save into `path`; a failed write (a full disk, a file too large) raises its own OSError."""
+    with _KeepWriteError(io.FileIO(path, "wb")) as file:
+        try:
+            torch.save(state, file)
+        except RuntimeError:
+            if file.error is None:
+                raise
+            raise file.error from None
+
+
 def load(path: Path) -> dict:
     """A checkpoint's contents; UsageError naming the file when it is corrupt, truncated or foreign."""
     try:
@@ -209,31 +245,88 @@ def mark_finished(path: Path, run_id: str, written: list[Path]) -> None:
     """Keep copies of a finished run's results files beside its checkpoint, and note that it finished, so that
     --resume skips the run and can write the files again."""
     for file in written:
-        files.copy_atomic(file, path.with_name(RESULTS_COPIES) / file.name)
-    results.write_json_atomic(path.with_name(FINISHED_FILE), {"run_id": run_id, "results_file": str(written[0]),
-                                                              "files": [file.name for file in written]})
+        with files.write_errors_in_one_line(path.with_name(RESULTS_COPIES) / file.name):
+            files.copy_atomic(file, path.with_name(RESULTS_COPIES) / file.name)
+    with files.write_errors_in_one_line(path.with_name(FINISHED_FILE)):
+        results.write_json_atomic(path.with_name(FINISHED_FILE), {"run_id": run_id, "results_file": str(written[0]),
+                                                                  "files": [file.name for file in written]})
 
 
 def finished_run(path: Path) -> dict | None:
-    """What finished.json says of the run whose checkpoint is `path` (run_id, results_file, files), or None."""
+    """What finished.json says of the run whose checkpoint is `path` (run_id, results_file, files); None when it is
+    missing or cut."""
     try:
         finished = json.loads(path.with_name(FINISHED_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return finished if isinstance(finished, dict) and "results_file" in finished else None
+    whole = (isinstance(finished, dict) and "results_file" in finished and isinstance(finished.get("run_id"), str)
+             and isinstance(finished.get("files"), list))
+    return finished if whole else None
+
+
+def own_record(path: Path, run_id: str) -> dict | None:
+    """The whole results record of run `run_id` at `path`; None when the file is missing or cut (half a JSON, or
+    this run's record short of fields). A file holding no record of this run is refused in one line: it is never
+    replaced."""
+    try:
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("run_id") != run_id:
+        raise UsageError(f"{path} holds no results of run {run_id}; move it away and rerun with --resume")
+    try:
+        return results.validate_record(record)
+    except ValueError:
+        return None
+
+
+def results_found(path: Path, run_id: str, output_dir: Path) -> dict | None:
+    """finished.json's content for run `run_id` (checkpoint `path`) when its whole results file lies in `output_dir`
+    or among the copies beside the checkpoint; None when neither holds it."""
+    for folder in (output_dir, path.with_name(RESULTS_COPIES)):
+        record = own_record(folder / f"{run_id}.json", run_id)
+        if record is not None:
+            samples = [record["utilization"]["samples_csv"]] if "utilization" in record else []
+            return {"run_id": run_id, "results_file": str(folder / f"{run_id}.json"),
+                    "files": [f"{run_id}.json", *samples]}
+    return None
+
+
+def named(folder: str | Path, name: object, what: str, run_folder: Path) -> Path:
+    """`folder`/`name` for a name read from a checkpoint's files (see files.inside); UsageError otherwise."""
+    try:
+        return files.inside(folder, name, what)
+    except ValueError as error:
+        raise UsageError(f"refusing the checkpoint in {run_folder}: {error}; delete it or use another "
+                         "--checkpoint-dir") from None
+
+
+def needs_restoring(target: Path, run_id: str) -> bool:
+    """Whether a finished run's results file is missing, or cut (a results JSON of this run that is not whole)."""
+    return own_record(target, run_id) is None if target.suffix == ".json" else not target.exists()
 
 
 def restore_results(path: Path, finished: dict, output_dir: Path, model_state: dict,
                     log: Callable[[str], None]) -> None:
-    """Write a finished run's results files into `output_dir`, and its final weights into a SageMaker job's model
-    folder, wherever they are missing: a spot restart empties both."""
-    for name in finished.get("files", []):
-        target, kept = output_dir / name, path.with_name(RESULTS_COPIES) / name
-        if not target.exists() and kept.exists():
-            files.copy_atomic(kept, target)
+    """Write a finished run's results files into `output_dir` where they are missing or cut, its finished mark where
+    that is, and its final weights into a SageMaker job's model folder: a spot restart empties both folders. Every
+    name finished.json gives is checked before anything is written."""
+    run_id, kept_dir = finished["run_id"], path.with_name(RESULTS_COPIES)
+    pairs = [(named(output_dir, name, "results file", path.parent), named(kept_dir, name, "results file", path.parent))
+             for name in finished["files"]]
+    weights_path(run_id)  # a bad run id is refused before anything is written
+    for target, kept in pairs:
+        if kept.exists() and needs_restoring(target, run_id):
+            with files.write_errors_in_one_line(target):
+                files.copy_atomic(kept, target)
             log(f"restored {target} from {kept}")
-    if finished.get("run_id"):
-        save_final_weights(model_state, finished["run_id"], overwrite=False)
+    if finished_run(path) is None:
+        mark_finished(path, run_id, [target for target, _ in pairs if target.exists()])
+    save_final_weights(model_state, run_id, overwrite=False)
 
 
 def clear_finished(path: Path) -> None:
@@ -252,16 +345,36 @@ def check_identity(state: dict, expected: dict, path: Path) -> None:
 
 
 def check_writable(cfg: TrainConfig) -> None:
-    """Prove the checkpoint folder can be written before training starts."""
+    """Prove the checkpoint folder, and a SageMaker job's model folder, can be written before training starts."""
     files.check_writable(default_root(cfg), "checkpoint folder")
+    if container.model_dir() is not None:
+        files.check_writable(container.model_dir(), "model folder")
+
+
+def check_names_fit(cfg: TrainConfig, model_name: str, world: World, run_id: str, results_name: str) -> None:
+    """Refuse before training a run whose files the file system cannot name: the copy of its results beside the
+    checkpoint (its deepest file there) and, in a SageMaker job, its final weights."""
+    files.check_name_fits(run_path(cfg, model_name, world).with_name(RESULTS_COPIES), results_name,
+                          "copy of the results")
+    if container.model_dir() is not None:
+        files.check_name_fits(container.model_dir(), f"{run_id}.pt", "final weights")
+
+
+def weights_path(run_id: str) -> Path | None:
+    """$SM_MODEL_DIR/<run_id>.pt in a SageMaker job, None outside one; UsageError for a run id that is no plain name."""
+    model_dir = container.model_dir()
+    if model_dir is None:
+        return None
+    try:
+        return files.inside(model_dir, f"{run_id}.pt", "weights file")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def save_final_weights(model_state: dict, run_id: str, overwrite: bool = True) -> Path | None:
     """In a SageMaker job, the trained weights go to $SM_MODEL_DIR, which SageMaker uploads as model.tar.gz."""
-    model_dir = container.model_dir()
-    if model_dir is None:
-        return None
-    path = model_dir / f"{run_id}.pt"
-    if not overwrite and path.exists():
+    path = weights_path(run_id)
+    if path is None or (not overwrite and path.exists()):
         return path
-    return files.write_atomic(path, lambda tmp: torch.save(model_state, tmp))
+    with files.write_errors_in_one_line(path):
+        return files.write_atomic(path, lambda tmp: save_tensors(model_state, tmp))

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import checkpoint, data, monitor, results, speed, train
+from . import checkpoint, data, files, monitor, results, speed, train
 from .config import TrainConfig, check_grad_compression
 from .dist import World
 from .errors import one_line
@@ -19,8 +19,7 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
     speed.resolve(cfg, world.device, world.size)  # refuse speed settings this device cannot run before the data loads
     check_grad_compression(cfg.grad_compression, world.backend)
     if world.is_main:
-        results.check_writable(cfg.output_dir)
-        checkpoint.check_writable(cfg)
+        check_paths(cfg, world)
     images = load_dataset_once_per_node(cfg, world)
     if world.is_main and not cfg.quiet:
         log(f"data: {images.description}; {len(images.train_labels)} train / {len(images.test_labels)} test images")
@@ -31,16 +30,49 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
                 record = train.fit(cfg, name, world, images, log, stop_requested)
             if record is not None and utilization is not None:
                 add_utilization(record, utilization, world, cfg.output_dir)
-            if record is None or not world.is_main:
-                continue
-            path = results.write_results(record, cfg.output_dir)
-            samples = [Path(cfg.output_dir) / record["utilization"]["samples_csv"]] if "utilization" in record else []
-            checkpoint.mark_finished(Path(record["checkpoint"]), record["run_id"], [path, *samples])
-            log(f"{name}: final test acc {record['final_test_acc']:.4f} (best {record['best_test_acc']:.4f}), "
-                f"{record['total_train_time_s']:.1f}s training, {record['median_images_per_s']:.0f} img/s "
-                f"-> {path}")
-            written.append(path)
+            if record is not None and world.is_main:
+                written.append(finish(record, cfg.output_dir, log))
     return written
+
+
+def check_paths(cfg: TrainConfig, world: World) -> None:
+    """Refuse before training a folder that cannot be written, or a file the file system cannot name: a run's id is
+    as long as results.new_run_id makes it."""
+    results.check_writable(cfg.output_dir)
+    checkpoint.check_writable(cfg)
+    for name in cfg.models:
+        run_id = results.new_run_id(name, world.mode, world.size)
+        longest = f"{run_id}.utilization.csv" if cfg.utilization else f"{run_id}.json"
+        files.check_name_fits(cfg.output_dir, longest, "results file")
+        checkpoint.check_names_fit(cfg, name, world, run_id, longest)
+
+
+def finish(record: dict, output_dir: str, log: Callable[[str], None]) -> Path:
+    """Write a trained run's results file and mark its checkpoint finished."""
+    path, outcome = write_results(record, Path(output_dir))
+    samples = [Path(output_dir) / record["utilization"]["samples_csv"]] if "utilization" in record else []
+    checkpoint.mark_finished(Path(record["checkpoint"]), record["run_id"], [path, *samples])
+    if outcome == "written":
+        log(f"{record['model']}: final test acc {record['final_test_acc']:.4f} (best {record['best_test_acc']:.4f}), "
+            f"{record['total_train_time_s']:.1f}s training, {record['median_images_per_s']:.0f} img/s -> {path}")
+    else:
+        log(f"{record['model']}: already finished, results in {path}"
+            + ("; the cut file there was written again from the checkpoint" if outcome == "replaced" else ""))
+    return path
+
+
+def write_results(record: dict, output_dir: Path) -> tuple[Path, str]:
+    """Write <output_dir>/<run_id>.json: "written"; keep this run's whole record found there (another attempt at the
+    run wrote it meanwhile): "kept"; or replace a cut one: "replaced". Another run's record there is refused."""
+    path = output_dir / f"{record['run_id']}.json"
+    hint = f"; the checkpoint {record['checkpoint']} is kept: rerun with --resume to write the results"
+    with files.write_errors_in_one_line(path, hint):
+        try:
+            return results.write_results(record, output_dir), "written"
+        except FileExistsError:
+            if checkpoint.own_record(path, record["run_id"]) is not None:
+                return path, "kept"
+            return results.write_json_atomic(path, record), "replaced"
 
 
 @contextmanager
@@ -69,7 +101,8 @@ def add_utilization(record: dict, utilization: monitor.Monitor, world: World, ou
     rows = world.gather_lists(utilization.samples)
     if world.is_main:
         csv_name = f"{record['run_id']}.utilization.csv"
-        monitor.write_samples_csv(Path(output_dir) / csv_name, rows)
+        with files.write_errors_in_one_line(Path(output_dir) / csv_name):
+            monitor.write_samples_csv(Path(output_dir) / csv_name, rows)
         record["utilization"] = monitor.summarize(rows, utilization.interval, nvml_error=utilization.nvml_error,
                                                   samples_csv=csv_name)
 

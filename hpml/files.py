@@ -6,10 +6,11 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -22,8 +23,21 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     With overwrite=False an existing `path` is left alone and FileExistsError raised.
     """
     path = Path(path)
+    prefix = f".{path.name[:40]}."  # a temp file's name stays short of NAME_MAX whenever `path`'s does
+    try:
+        _write_through_temp(path, prefix, write, overwrite)
+    except OSError as error:
+        about = Path(os.fsdecode(error.filename)).name if error.filename else prefix  # no name: the file written
+        if error.errno is None or not about.startswith(prefix):
+            raise
+        # name the file that was asked for, not its temp file; the errno keeps its subclass (FileExistsError...)
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    return path
+
+
+def _write_through_temp(path: Path, prefix: str, write: Callable[[Path], None], overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -35,13 +49,13 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails if `path` exists
-    except OSError as error:
-        if error.errno in DISK_FULL:  # name the file that was asked for, not its temp file
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def shown(path: str | bytes | os.PathLike) -> str:
+    """A path for a message or a text file: as it reads, with the bytes that are not UTF-8 escaped ('\\xe9')."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def inside(folder: str | Path, name: object, what: str) -> Path:
@@ -73,6 +87,38 @@ def check_writable(folder: str | Path, what: str) -> Path:
             pass
     except OSError as error:
         raise UsageError(f"{what} {folder} is not writable: {error.strerror or error}") from None
+    return path
+
+
+def cannot_write(path: str | Path, error: BaseException) -> str:
+    """A failed write in one line, the file and the cause: 'cannot write out/x.json: Read-only file system'."""
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error, 200)
+    return f"cannot write {shown(path)}: {cause}"
+
+
+@contextmanager
+def write_errors_in_one_line(path: str | Path, hint: str = "") -> Iterator[None]:
+    """An OSError in the block (a read-only folder, a full disk, a file too large, a name too long) becomes a
+    UsageError: cannot_write's line, then `hint`."""
+    try:
+        yield
+    except OSError as error:
+        raise UsageError(cannot_write(path, error) + hint) from None
+
+
+def check_name_fits(folder: str | Path, name: str, what: str) -> Path:
+    """Refuse before the long work a file `name` whose path in `folder`, or that of write_atomic's temp file, the file
+    system cannot hold (a name or a path too long for the nearest existing folder's limits); UsageError naming `what`.
+    """
+    path = Path(folder) / name
+    existing = next(parent for parent in path.parents if parent.is_dir())
+    name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    for candidate in (path, path.with_name(f".{name[:40]}.XXXXXXXX.tmp")):
+        if len(os.fsencode(candidate)) >= path_max or any(len(os.fsencode(p)) > name_max for p in candidate.parts):
+            text = shown(path)
+            raise UsageError(f"{what} {text if len(text) <= 200 else text[:80] + '...' + text[-80:]} cannot be "
+                             f"written: its path is longer than the file system allows ({path_max - 1} bytes, "
+                             f"{name_max} a name); choose a shorter folder")
     return path
 
 

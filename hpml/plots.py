@@ -301,7 +301,7 @@ def representative_samples(groups: list[Group], results_dir: Path,
             try:
                 kind, lines = sample_lines(monitor.read_samples_csv(path))
             except (OSError, UnicodeDecodeError, ValueError) as error:
-                warn(f"{path}: monitor samples not read ({error}); left out of Utilization.png")
+                warn(f"{files.shown(path)}: monitor samples not read ({error}); left out of Utilization.png")
                 continue
             if lines:
                 found.append((group, run, kind, lines))
@@ -335,6 +335,11 @@ def utilization_figure(found: list[tuple[Group, dict, str, Lines]]) -> Figure:
 
 # ---- writing -----------------------------------------------------------------------------------
 
+FIGURES: dict[str, Callable[[list[Group]], Figure]] = {
+    "Time.png": time_figure, "Accuracy.png": accuracy_figure, "Curves.png": curves_figure,
+    "Speedup.png": speedup_figure}
+
+
 def save_figure(figure: Figure, path: Path, dpi: int) -> Path:
     return files.write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi))
 
@@ -343,30 +348,33 @@ def write_text(path: Path, text: str) -> Path:
     return files.write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def say(message: str) -> None:
+    """print, with what the terminal's encoding cannot show (an é under LANG=C) written as an escape."""
+    encoding = sys.stdout.encoding or "utf-8"
+    print(message.encode(encoding, "backslashreplace").decode(encoding))
+
+
 def warn_to_stderr(message: str) -> None:
     print(f"{cli.script_name()}: warning: {message}", file=sys.stderr)
 
 
 def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
-             warn: Callable[[str], None] = warn_to_stderr, log: Callable[[str], None] = print) -> list[Path]:
+             warn: Callable[[str], None] = warn_to_stderr, log: Callable[[str], None] = say) -> list[Path]:
     """Read every results JSON in `results_dir`; write the figures and summary.md to `output_dir`."""
     source = Path(results_dir)
     if not source.is_dir():
-        raise UsageError(f"--results-dir {results_dir}: no such folder; point it at the folder the training "
-                         "scripts wrote their results JSON files to")
+        raise UsageError(f"--results-dir {files.shown(results_dir)}: no such folder; point it at the folder the "
+                         "training scripts wrote their results JSON files to")
     records, skipped = results.load_all(source)
     for message in skipped:
         warn(f"skipped {message}")
     if not records:
-        raise UsageError(f"--results-dir {results_dir}: no valid results JSON files found "
+        raise UsageError(f"--results-dir {files.shown(results_dir)}: no valid results JSON files found "
                          f"({len(skipped)} skipped); run run_hpc.py or run_distributed.py first")
     target = results.check_writable(output_dir)
     groups = group_runs(records, warn)
-    log(f"{cli.count(len(records), 'run')} in {cli.count(len(groups), 'group')} from {source}")
-    written = [save_figure(time_figure(groups), target / "Time.png", dpi),
-               save_figure(accuracy_figure(groups), target / "Accuracy.png", dpi),
-               save_figure(curves_figure(groups), target / "Curves.png", dpi),
-               save_figure(speedup_figure(groups), target / "Speedup.png", dpi)]
+    log(f"{cli.count(len(records), 'run')} in {cli.count(len(groups), 'group')} from {files.shown(source)}")
+    written = [save_figure(draw(groups), target / name, dpi) for name, draw in FIGURES.items()]
     found = representative_samples(groups, source, warn)
     if found:
         written.append(save_figure(utilization_figure(found), target / "Utilization.png", dpi))
@@ -374,5 +382,5 @@ def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
         log("Utilization.png not made: no run has monitor samples")
     written.append(write_text(target / "summary.md", summary_markdown(groups, source)))
     for path in written:
-        log(f"wrote {path}")
+        log(f"wrote {files.shown(path)}")
     return written

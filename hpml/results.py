@@ -5,15 +5,18 @@ Imports no torch: the laptop client reads and writes records too; environment() 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +28,86 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema_version", "run_id", "model", "mode", "world_size", "device", "config", "epochs",
-                   "total_train_time_s", "final_test_acc", "best_test_acc")
+                   "total_train_time_s", "median_images_per_s", "final_test_acc", "best_test_acc", "time_to_best_s")
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "data_time_s",
                 "images_per_s")
+RUN_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,199}", re.ASCII)  # <run_id>.json and <run_id>.utilization.csv are files
+UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control characters, and what UTF-8 cannot write
+LIMIT = 10**15  # above any real count, size, time or price; far below where arithmetic on it overflows
+
+
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool: NaN and infinities fail every range check below."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """What a record field may hold: `allowed` says it in words, `test` decides; `nullable` lets null through too."""
+
+    allowed: str
+    test: Callable[[object], bool]
+    nullable: bool = False
+
+    def accepts(self, value: object) -> bool:
+        return (self.nullable and value is None) or self.test(value)
+
+    def or_null(self) -> Check:
+        return dataclasses.replace(self, nullable=True)
+
+    def __str__(self) -> str:
+        return f"{self.allowed} or null" if self.nullable else self.allowed
+
+
+SCHEMA = Check(str(SCHEMA_VERSION), lambda v: _is_integer(v) and v == SCHEMA_VERSION)
+NAME = Check("a file name: up to 200 letters, digits, '_', '.' or '-', starting with a letter or digit",
+             lambda v: isinstance(v, str) and RUN_ID.fullmatch(v) is not None)
+TEXT = Check("a non-empty line of text", lambda v: isinstance(v, str) and v != "" and not UNSHOWABLE.search(v))
+STRING = Check("a string", lambda v: isinstance(v, str))
+COUNT = Check("a whole number from 1 to 10^15", lambda v: _is_integer(v) and 1 <= v <= LIMIT)
+SIZE = Check("a whole number from 0 to 10^15", lambda v: _is_integer(v) and 0 <= v <= LIMIT)
+AMOUNT = Check("a number from 0 to 10^15", lambda v: _is_number(v) and 0 <= v <= LIMIT)
+POSITIVE = Check("a number above 0, at most 10^15", lambda v: _is_number(v) and 0 < v <= LIMIT)
+SECONDS = Check("a number of seconds from 1e-6 to 10^15", lambda v: _is_number(v) and 1e-6 <= v <= LIMIT)
+FRACTION = Check("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
+TARGET = Check("a number above 0, at most 1", lambda v: _is_number(v) and 0 < v <= 1)
+SWITCH = Check("true or false", lambda v: isinstance(v, bool))
+OBJECT = Check("a JSON object", lambda v: isinstance(v, dict))
+EPOCH_LIST = Check("a non-empty list of JSON objects",
+                   lambda v: isinstance(v, list) and v != [] and all(isinstance(e, dict) for e in v))
+
+# Every field a reader uses (summary, plots, study, sagemaker_plan, hardware, jobs), checked in this order: a part
+# ("config") before its fields ("config.lr"); "epochs[].lr" is the field of every epoch. REQUIRED_FIELDS and
+# EPOCH_FIELDS must be there; any other may be absent, and a part's fields are not looked at when it is null.
+RECORD_FIELDS: dict[str, Check] = {
+    "schema_version": SCHEMA, "run_id": NAME, "model": TEXT, "mode": TEXT, "backend": TEXT.or_null(),
+    "world_size": COUNT, "nodes": COUNT.or_null(), "device": TEXT, "batch_size": COUNT, "lr": POSITIVE,
+    "optimizer": TEXT, "schedule": TEXT, "started_at": TEXT.or_null(),
+    "total_train_time_s": SECONDS, "median_epoch_time_s": SECONDS, "median_images_per_s": AMOUNT,
+    "final_test_acc": FRACTION, "best_test_acc": FRACTION, "time_to_best_s": SECONDS, "target_acc": TARGET.or_null(),
+    "time_to_target_s": SECONDS.or_null(), "total_wall_time_s": AMOUNT,
+    "epochs": EPOCH_LIST, "epochs[].epoch": COUNT, "epochs[].train_loss": AMOUNT, "epochs[].train_acc": FRACTION,
+    "epochs[].test_loss": AMOUNT, "epochs[].test_acc": FRACTION, "epochs[].epoch_time_s": SECONDS,
+    "epochs[].data_time_s": AMOUNT, "epochs[].images_per_s": AMOUNT,
+    "config": OBJECT, "config.dataset": TEXT.or_null(), "config.data_dir": STRING.or_null(), "config.batch_size": COUNT,
+    "config.lr": POSITIVE, "config.optimizer": TEXT, "config.schedule": TEXT, "config.precision": TEXT.or_null(),
+    "config.loader": TEXT.or_null(), "config.drop_last": SWITCH, "config.grad_compression": TEXT,
+    "config.bucket_cap_mb": POSITIVE, "config.static_graph": SWITCH,
+    "speed": OBJECT.or_null(), "speed.precision": TEXT.or_null(), "speed.loader": TEXT.or_null(),
+    "speed.channels_last": SWITCH.or_null(), "speed.cuda_graphs": SWITCH.or_null(), "speed.compile": SWITCH.or_null(),
+    "data": OBJECT.or_null(), "data.description": TEXT.or_null(), "data.train_size": SIZE, "data.test_size": SIZE,
+    "environment": OBJECT.or_null(), "environment.gpu": TEXT.or_null(), "environment.cpu": TEXT.or_null(),
+    "environment.torch": TEXT.or_null(), "environment.gpu_capability": TEXT.or_null(),
+    "environment.gpu_count": SIZE.or_null(), "environment.cpu_count": SIZE.or_null(),
+    "sagemaker": OBJECT.or_null(), "sagemaker.job_name": TEXT.or_null(), "sagemaker.instance_type": TEXT.or_null(),
+    "sagemaker.cost_usd": AMOUNT.or_null(),
+    "utilization": OBJECT.or_null(), "utilization.samples_csv": STRING.or_null(),
+}
+REQUIRED = frozenset({*REQUIRED_FIELDS, *(f"epochs[].{name}" for name in EPOCH_FIELDS)})
 
 
 def utc_now() -> str:
@@ -152,7 +232,7 @@ def check_writable(folder: str | Path) -> Path:
 def write_json_atomic(path: Path, data: dict, *, overwrite: bool = True) -> Path:
     """Write JSON through a temp file and a rename: never half a file; NaN is refused, not written."""
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    return files.write_atomic(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+    return files.write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
 def write_results(record: dict, output_dir: str | Path) -> Path:
@@ -161,25 +241,49 @@ def write_results(record: dict, output_dir: str | Path) -> Path:
 
 
 def validate_record(record: object) -> dict:
-    """The record if it is a results record of this schema; ValueError saying what is wrong otherwise."""
+    """The record if it is a results record of this schema; ValueError naming the first field that is missing or
+    holds what RECORD_FIELDS does not allow otherwise."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     missing = [name for name in REQUIRED_FIELDS if name not in record]
     if missing:
         raise ValueError(f"missing fields: {', '.join(missing)}")
-    if record["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"schema_version {record['schema_version']!r}, expected {SCHEMA_VERSION}")
-    if not record["epochs"] or any(not all(f in e for f in EPOCH_FIELDS) for e in record["epochs"]):
-        raise ValueError("epochs must be a non-empty list of per-epoch metrics")
+    for path, check in RECORD_FIELDS.items():
+        key = path.rpartition(".")[2]
+        for name, holder in _holders(record, path):
+            if key not in holder:
+                if path in REQUIRED:
+                    raise ValueError(f"{name} is missing; it must be {check}")
+            elif not check.accepts(holder[key]):
+                raise ValueError(f"{name} must be {check}, found {_found(holder[key])}")
     return record
+
+
+def _holders(record: dict, path: str) -> Iterator[tuple[str, dict]]:
+    """(the field's name, the object that holds it) for each place `path` names: the record for "lr", its config
+    for "config.lr" (none when config is null), each epoch for "epochs[].lr"."""
+    part, _, key = path.rpartition(".")
+    if not part:
+        yield path, record
+    elif part.endswith("[]"):
+        for index, item in enumerate(record[part[:-2]]):
+            yield f"{part[:-2]}[{index}].{key}", item
+    elif record.get(part) is not None:
+        yield path, record[part]
+
+
+def _found(value: object) -> str:
+    """A value as JSON writes it, on one line and cut short: "two", NaN, null, [1]."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def load_results(path: str | Path) -> dict:
     """One results file; ValueError naming the file when it is not valid JSON or not of this schema."""
     try:
-        return validate_record(json.loads(Path(path).read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+        return validate_record(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as error:
+        raise ValueError(f"{files.shown(path)}: {error}") from None
 
 
 def load_all(folder: str | Path) -> tuple[list[dict], list[str]]:
@@ -192,7 +296,8 @@ def load_all(folder: str | Path) -> tuple[list[dict], list[str]]:
             skipped.append(str(error))
             continue
         if record["run_id"] in seen:  # a copy of a run (say, collected twice) counts once
-            skipped.append(f"{path}: a copy of run {record['run_id']} already read from {seen[record['run_id']]}")
+            skipped.append(f"{files.shown(path)}: a copy of run {record['run_id']} already read from "
+                           f"{files.shown(seen[record['run_id']])}")
             continue
         seen[record["run_id"]] = path
         records.append(record)

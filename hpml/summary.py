@@ -22,7 +22,7 @@ from pathlib import Path
 
 import models
 
-from . import cli, hardware, results
+from . import cli, files, hardware, results
 from .config import DDP_BUCKET_CAP_MB
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "synthetic": "synthetic data (not CIFAR-10)"}
@@ -150,7 +150,8 @@ def workload_of(record: dict) -> str:
     """The data and length of a run: what must match for two runs to be compared."""
     data = record.get("data") or {}
     description = data.get("description") or record["config"].get("dataset", "unknown data")
-    sizes = f"{data['train_size']:,} train / {data['test_size']:,} test images, " if "train_size" in data else ""
+    both = "train_size" in data and "test_size" in data
+    sizes = f"{data['train_size']:,} train / {data['test_size']:,} test images, " if both else ""
     return f"{description}; {sizes}{len(record['epochs'])} epochs"
 
 
@@ -269,11 +270,11 @@ def setup_lines(groups: list[Group]) -> list[str]:
     hardware = sorted({hardware_line(run) for run in records})
     software = sorted({f"torch {run['environment']['torch']}" for run in records
                        if "torch" in (run.get("environment") or {})})
-    batches = sorted({run.get("batch_size", run["config"].get("batch_size")) for run in records})
+    batches = sorted({run.get("batch_size", run["config"].get("batch_size")) for run in records} - {None})
     lines = [f"Hardware: {'; '.join(hardware)}" + (f" · {', '.join(software)}" if software else "")]
     lines += [f"Speed settings: {settings}" for settings in sorted({group.settings for group in groups})]
     lines += [f"Data: {workload}" for workload in sorted({group.workload for group in groups})]
-    lines.append(f"Batch: {'/'.join(map(str, batches))} images per process and step")
+    lines += [f"Batch: {'/'.join(map(str, batches))} images per process and step"] if batches else []
     if all(run["device"] != "cuda" for run in records):
         lines.append("CPU only: a demonstration of what the suite measures, not of data-parallel speed on GPUs "
                      "(the processes of a CPU run share the host's cores and memory bandwidth)")
@@ -346,9 +347,9 @@ def summary_row(group: Group) -> tuple[str, ...]:
 def summary_markdown(groups: list[Group], results_dir: Path) -> str:
     runs = cli.count(sum(len(group.runs) for group in groups), "run")
     lines = ["# hpml results summary", "",
-             f"{runs} from `{results_dir}`, in {cli.count(len(groups), 'group')}, one table per setup (platform, "
-             "hardware, speed settings, data): runs of different setups share no median and no baseline. Numbers "
-             "are medians over a group's runs (min–max in brackets when they differ).", "",
+             f"{runs} from `{files.shown(results_dir)}`, in {cli.count(len(groups), 'group')}, one table per setup "
+             "(platform, hardware, speed settings, data): runs of different setups share no median and no baseline. "
+             "Numbers are medians over a group's runs (min–max in brackets when they differ).", "",
              "- **Speedup** (the headline) is steady-state: the median epoch time, over the epochs after the first, "
              "of the single-device group of the same model and setup ÷ this group's. Efficiency = speedup ÷ world "
              "size. Where there is no such single-device group the cell says why.",

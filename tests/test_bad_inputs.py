@@ -8,7 +8,9 @@ path.
 """
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpml import checkpoint, cli, results
+from hpml import checkpoint, cli, plots, results
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
 from tests.helpers import REPO, exit_code_of, record, run_script, script_main
@@ -276,3 +278,69 @@ def test_every_bad_value_of_every_typed_flag_is_refused_naming_it(script, words,
     assert code != 0 and len(err.splitlines()) <= 2 and "Traceback" not in err, err
     assert flag in err, err
     assert snapshot(place / "results") == before
+
+
+# The record sweep: every field of the results schema (results.RECORD_FIELDS: what summary, plots, study and collect
+# read) set to every value its check must refuse, or left out where it is required, in a results file beside a valid
+# one: plot_hpml.py skips that file with one warning naming it and the field, and goes on with the valid one. The
+# figures are left out (FIGURES emptied), as they would be drawn from the valid record alone every time.
+MISSING = object()
+BAD_RECORD_VALUES = {
+    results.SCHEMA: [2, "1", True, 1.5],
+    results.NAME: ["", ".hidden", "../up", "a/b", "x" * 201, "r\u00e9", 7],
+    results.TEXT: ["", "two\nlines", "\udce9", 7, ["a"]],
+    results.STRING: [7, ["a"], {}],
+    results.COUNT: ["two", 0, -1, 1.5, True, float("nan"), 10**400],
+    results.SIZE: [-1, 1.5, True, "3", 10**16],
+    results.AMOUNT: [float("nan"), float("inf"), -1.0, "5", True, 1e300],
+    results.POSITIVE: [0, -1.0, float("nan"), "1", True, 1e300],
+    results.SECONDS: [0, 1e-9, -1, float("nan"), float("inf"), "4.0", True],
+    results.FRACTION: [-0.1, 1.5, float("nan"), "0.5", True],
+    results.TARGET: [0, 1.5, float("nan"), "0.5"],
+    results.SWITCH: ["yes", 1, 0],
+    results.OBJECT: [[1], "x", 3, True],
+    results.EPOCH_LIST: [[], [1], "epochs", {}],
+}
+
+
+def bad_values(path: str, check: results.Check) -> list:
+    values = BAD_RECORD_VALUES[dataclasses.replace(check, nullable=False)] + ([] if check.nullable else [None])
+    return values + ([MISSING] if path in results.REQUIRED else [])
+
+
+def with_value(path: str, value: object) -> dict:
+    """A valid record whose field at `path` ("world_size", "config.lr", or "epochs[].lr": the second epoch's) holds
+    `value`, or is left out when `value` is MISSING."""
+    run = record("bad")
+    part, _, key = path.rpartition(".")
+    holder = run if not part else run["epochs"][1] if part == "epochs[]" else run.setdefault(part, {})
+    if value is MISSING:
+        del holder[key]
+    else:
+        holder[key] = value
+    return run
+
+
+def refusal_of(path: str, value: object) -> str:
+    name, check = path.replace("[]", "[1]"), results.RECORD_FIELDS[path]
+    if value is not MISSING:
+        return f"{name} must be {check}, found "
+    return f"missing fields: {name}" if path in results.REQUIRED_FIELDS else f"{name} is missing; it must be {check}"
+
+
+RECORD_SWEEP = [(path, value) for path, check in results.RECORD_FIELDS.items() for value in bad_values(path, check)]
+
+
+@pytest.mark.parametrize("path, value", RECORD_SWEEP,
+                         ids=[f"{p}={'missing' if v is MISSING else repr(v)[:24]}" for p, v in RECORD_SWEEP])
+def test_every_bad_value_of_every_record_field_is_skipped_naming_it(path, value, tmp_path, capsys, monkeypatch):
+    runs, img = tmp_path / "results", tmp_path / "img"
+    results.write_results(record("good"), runs)
+    (runs / "bad.json").write_text(json.dumps(with_value(path, value)))
+    monkeypatch.setattr(plots, "FIGURES", {})
+    args = ["--results-dir", str(runs), "--output-dir", str(img)]
+    monkeypatch.setattr(sys, "argv", [str(REPO / "plot_hpml.py"), *args])
+    assert exit_code_of(script_main("plot_hpml.py"), args) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"plot_hpml.py: warning: skipped {runs / 'bad.json'}: {refusal_of(path, value)}"), err
+    assert len(err.splitlines()) == 1 and "1 run from" in (img / "summary.md").read_text()

@@ -7,6 +7,8 @@ process.
 """
 
 import dataclasses
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,11 +20,11 @@ import pytest
 import torch
 
 import run_hpc
-from hpml import checkpoint
+from hpml import checkpoint, dist, experiment, results
 from hpml.config import TrainConfig
 from hpml.dist import World, free_port
 from hpml.errors import UsageError
-from tests.helpers import REPO, exit_code_of, results_in, write_npz
+from tests.helpers import REPO, exit_code_of, record, results_in, write_npz
 
 SMALL = ["--batch-size", "8", "--workers", "0"]
 
@@ -264,3 +266,154 @@ def test_resume_refuses_a_checkpoint_made_with_any_other_identity_setting(name, 
 def test_resume_continues_a_checkpoint_made_with_other_speed_settings(saved_config):
     faster = dataclasses.replace(saved_config, workers=0, loader="torch", precision="fp32", compile=True)
     assert checkpoint.RunCheckpoint(faster, "resnet18", ALONE, resume=True).progress["resumes"] == 1
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {path for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.fixture
+def job_folders(tmp_path, monkeypatch) -> tuple[TrainConfig, Path]:
+    """A finished resnet18 checkpoint (no trainer state but its model's) in ckpt/, output to out/, and a SageMaker
+    model folder: a resume that follows the names in finished.json writes wherever they lead."""
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    cfg = TrainConfig(checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"), epochs=3, batch_size=8)
+    with checkpoint.RunCheckpoint(cfg, "resnet18", ALONE, resume=False) as saved:
+        saved.save(lambda: {"model": {"w": torch.zeros(1)}})
+    kept = saved.path.with_name(checkpoint.RESULTS_COPIES)
+    kept.mkdir()
+    (kept.parent / "escape").write_text("kept beside the checkpoint")  # what results/../escape names
+    return cfg, saved.path
+
+
+@pytest.mark.parametrize("finished", [{"run_id": "../x", "files": []}, {"run_id": "r", "files": ["../escape"]}],
+                         ids=["run_id", "files"])
+def test_names_in_finished_json_that_lead_out_of_their_folder_are_refused(finished, job_folders, tmp_path):
+    cfg, path = job_folders
+    path.with_name(checkpoint.FINISHED_FILE).write_text(json.dumps({**finished, "results_file": "r.json"}))
+    before = files_under(tmp_path)
+    saved = checkpoint.RunCheckpoint(cfg, "resnet18", ALONE, resume=True)
+    with pytest.raises(UsageError, match="is not a plain name inside") as refused:
+        saved.restore_finished(Path(cfg.output_dir), log=lambda _: None)
+    assert "\n" not in str(refused.value)
+    assert files_under(tmp_path) == before  # nothing written, in the output folder or outside it
+
+
+def test_a_checkpoint_whose_run_id_leads_out_of_the_output_folder_is_refused(job_folders, tmp_path):
+    cfg, path = job_folders
+    state = checkpoint.load(path)
+    state["run"]["run_id"] = "../x"
+    torch.save(state, path)
+    with pytest.raises(UsageError, match=r"run id '\.\./x' is not a plain name inside"):
+        checkpoint.RunCheckpoint(cfg, "resnet18", ALONE, resume=True)
+
+
+def one_epoch(out: Path, **changes: object) -> TrainConfig:
+    """One epoch of shufflenetv2 on 40 synthetic images: a finished run in seconds."""
+    return TrainConfig(models=["shufflenetv2"], dataset="synthetic", subset=40, batch_size=10, epochs=1, workers=0,
+                       device="cpu", output_dir=str(out), quiet=True, **changes).validate()
+
+
+@pytest.fixture(scope="module")
+def finished_output(tmp_path_factory) -> Path:
+    """The output folder of a finished run, its checkpoint (marked finished) in checkpoints/."""
+    out = tmp_path_factory.mktemp("finished")
+    experiment.run_models(one_epoch(out), dist.single_process("cpu"), log=lambda _: None)
+    return out
+
+
+def unmark(out: Path) -> None:
+    """A kill between the results file and the finished mark: no mark, no copies beside the checkpoint."""
+    folder = out / "checkpoints" / "shufflenetv2_single_w1"
+    folder.joinpath(checkpoint.FINISHED_FILE).unlink()
+    shutil.rmtree(folder / checkpoint.RESULTS_COPIES)
+
+
+def cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "results, no finished mark": lambda out, results_file: unmark(out),
+    "cut finished.json": lambda out, results_file: cut(out / "checkpoints/shufflenetv2_single_w1/finished.json"),
+    "cut results, finished mark": lambda out, results_file: cut(results_file),
+    "cut results, no finished mark": lambda out, results_file: (cut(results_file), unmark(out)),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES.values(), ids=list(DAMAGES))
+def test_resuming_a_finished_run_whose_files_are_cut_short_ends_as_finished(damage, finished_output, tmp_path):
+    out = shutil.copytree(finished_output, tmp_path / "out")
+    (results_file,) = out.glob("*.json")
+    whole = json.loads(results_file.read_text())
+    damage(out, results_file)
+    for _ in range(2):  # and every later --resume the same
+        lines = []
+        experiment.run_models(one_epoch(out, resume=True), dist.single_process("cpu"), log=lines.append)
+        assert any("already finished" in line for line in lines), lines
+    restored = results.load_results(results_file)
+    assert restored["run_id"] == whole["run_id"] and restored["epochs"] == whole["epochs"]
+    checkpoint_path = out / "checkpoints" / "shufflenetv2_single_w1" / checkpoint.FILE_NAME
+    assert checkpoint.finished_run(checkpoint_path)["run_id"] == whole["run_id"]
+    kept = checkpoint_path.with_name(checkpoint.RESULTS_COPIES) / results_file.name
+    assert results.load_results(kept)["run_id"] == whole["run_id"]
+
+
+def test_a_resume_that_trains_beside_the_first_attempt_keeps_its_results(finished_output, tmp_path):
+    """The first attempt writes its results while a --resume started meanwhile trains: the second one ends as
+    finished, leaving the first one's file as it was."""
+    out = shutil.copytree(finished_output, tmp_path / "out")
+    (results_file,) = out.glob("*.json")
+    first = results_file.read_bytes()
+    unmark(out)
+    results_file.rename(tmp_path / "aside.json")
+
+    def first_attempt_finishes(line: str) -> None:
+        lines.append(line)
+        if "resuming from" in line:
+            (tmp_path / "aside.json").rename(results_file)
+
+    lines = []
+    experiment.run_models(one_epoch(out, resume=True), dist.single_process("cpu"), log=first_attempt_finishes)
+    assert results_file.read_bytes() == first
+    assert any("already finished" in line for line in lines), lines
+    assert checkpoint.finished_run(out / "checkpoints" / "shufflenetv2_single_w1" / checkpoint.FILE_NAME)
+
+
+def test_another_runs_record_is_never_taken_for_this_runs_results(tmp_path):
+    path = results.write_results(record("other"), tmp_path)
+    with pytest.raises(UsageError, match=f"{path} holds no results of run mine"):
+        checkpoint.own_record(path, "mine")
+    assert checkpoint.own_record(path, "other")["run_id"] == "other"
+    cut(path)
+    assert checkpoint.own_record(path, "other") is None
+
+
+# Files may grow to 64 kB here: the checkpoint of 256 kB below fails half-way, as on a full disk.
+SAVE_TOO_MUCH = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from hpml import checkpoint
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+writer = checkpoint.BackgroundWriter()
+writer.save(Path(sys.argv[1]), {"identity": {}, "weights": torch.zeros(2**16)})
+try:
+    writer.wait()
+except Exception as error:
+    print(f"{type(error).__name__}: {error}")
+"""
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_the_last_one_stays(tmp_path):
+    path = tmp_path / "run" / checkpoint.FILE_NAME
+    with checkpoint.BackgroundWriter() as writer:
+        writer.save(path, {"identity": {}, "weights": torch.ones(10)})
+    done = subprocess.run([sys.executable, "-c", SAVE_TOO_MUCH, str(path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"UsageError: cannot write checkpoint {path}: File too large"
+    assert torch.equal(checkpoint.load(path)["weights"], torch.ones(10))
+    assert [p.name for p in path.parent.iterdir()] == [checkpoint.FILE_NAME]  # no temp file left

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import resource
 import shutil
 import struct
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 import plot_hpml
 import run_hpc
-from hpml import plots, summary
+from hpml import plots, results, summary
 from hpml.dist import free_port
 from tests.helpers import REPO, exit_code_of, gpu_record, record, results_in, run_script
 
@@ -116,11 +117,19 @@ def test_malformed_and_foreign_files_are_warned_about_and_skipped(results_dir, t
     shutil.copytree(results_dir, folder)
     (folder / "broken.json").write_text('{"run_id": "cut off')
     (folder / "foreign.json").write_text(json.dumps({"name": "a package.json", "version": "1.0"}))
+    real = results_in(results_dir)[0]
+    bad = {"nan-time": ("total_train_time_s", float("nan")), "no-config": ("config", None),
+           "sagemaker-list": ("sagemaker", [1]), "text-accuracy": ("final_test_acc", "0.9"),
+           "two-ranks": ("world_size", "two")}
+    for name, (field, value) in bad.items():
+        (folder / f"{name}.json").write_text(json.dumps({**real, "run_id": name, field: value}))
     done = run_script("plot_hpml.py", "--results-dir", str(folder), "--output-dir", str(tmp_path / "img"))
     assert done.returncode == 0, done.stderr
     warnings = done.stderr.strip().splitlines()
-    assert len(warnings) == 2, done.stderr
+    assert len(warnings) == 2 + len(bad), done.stderr
     assert "broken.json" in warnings[0] and "foreign.json: missing fields" in warnings[1]
+    for line, (name, (field, _)) in zip(warnings[2:], bad.items(), strict=True):
+        assert f"{name}.json: {field} must be " in line, line
     assert all(line.startswith("plot_hpml.py: warning: skipped ") for line in warnings)
     assert len(table_rows((tmp_path / "img" / "summary.md").read_text())) == 2
 
@@ -169,25 +178,69 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(results_dir, tmp_pa
     assert re.search(r"output folder .*file/img is not writable", err)
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_figure_half_written(tmp_path, capsys, monkeypatch):
-    runs, img = tmp_path / "runs", tmp_path / "img"
-    runs.mkdir()
-    img.mkdir()
+def two_runs(folder: Path) -> Path:
+    folder.mkdir()
     for run in (record("s"), record("d", world_size=2, mode="distributed", total_train_time_s=4.25)):
-        (runs / f"{run['run_id']}.json").write_text(json.dumps(run))
-    (img / "Time.png").write_bytes(b"an earlier figure")
+        (folder / f"{run['run_id']}.json").write_text(json.dumps(run))
+    return folder
 
-    def fill_the_disk(figure, path, **kwargs):
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.ENAMETOOLONG, errno.EACCES],
+                         ids=errno.errorcode.get)
+def test_a_failed_write_is_one_line_and_leaves_no_figure_half_written(code, tmp_path, capsys, monkeypatch):
+    runs, img = two_runs(tmp_path / "runs"), tmp_path / "img"
+    img.mkdir()
+    (img / "Accuracy.png").write_bytes(b"an earlier figure")
+    savefig = matplotlib.figure.Figure.savefig
+
+    def fail_on_the_second(figure, path, **kwargs):
+        if "Accuracy" not in Path(path).name:
+            return savefig(figure, path, **kwargs)
         Path(path).write_bytes(PNG_SIGNATURE)  # what fitted
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fill_the_disk)
-    code = exit_code_of(plot_hpml.main, ["--results-dir", str(runs), "--output-dir", str(img)])
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_on_the_second)
+    assert exit_code_of(plot_hpml.main, ["--results-dir", str(runs), "--output-dir", str(img)]) == 1
     err = capsys.readouterr().err
-    assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert f"No space left on device writing {img}" in err and ".tmp" not in err
+    assert len(err.splitlines()) == 1 and err.endswith(f": error: cannot write {img / 'Accuracy.png'}: "
+                                                       f"{os.strerror(code)}\n"), err
+    assert sorted(path.name for path in img.iterdir()) == ["Accuracy.png", "Time.png"]
+    assert (img / "Accuracy.png").read_bytes() == b"an earlier figure" and png_size(img / "Time.png")
+
+
+def test_a_file_size_limit_is_one_line_and_the_figure_before_stays(tmp_path):
+    runs, img = two_runs(tmp_path / "runs"), tmp_path / "img"
+    img.mkdir()
+    (img / "Time.png").write_bytes(b"an earlier figure")
+    limit = (16_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1])  # every figure is larger, summary.md smaller
+    done = subprocess.run([sys.executable, "plot_hpml.py", "--results-dir", str(runs), "--output-dir", str(img)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit))
+    assert done.returncode == 1
+    assert done.stderr == f"plot_hpml.py: error: cannot write {img / 'Time.png'}: File too large\n"
     assert [path.name for path in img.iterdir()] == ["Time.png"]
     assert (img / "Time.png").read_bytes() == b"an earlier figure"
+
+
+@pytest.mark.parametrize("name, locale", [
+    ("résultats-μ", {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}),  # ASCII file names and files, ASCII terminal
+    (os.fsdecode(b"runs-\xe9"), {"LC_ALL": "C.UTF-8"}),  # a byte UTF-8 cannot decode
+], ids=["non-ASCII folder, LANG=C", "undecodable folder name"])
+def test_any_folder_name_in_any_locale_is_read_and_named(name, locale, tmp_path):
+    runs = tmp_path / name
+    runs.mkdir()
+    for run in (record("s", environment={"cpu": "Ryzen™ 9"}),
+                record("d", world_size=2, mode="distributed", environment={"cpu": "Ryzen™ 9"})):
+        (runs / f"{run['run_id']}.json").write_text(json.dumps(run, ensure_ascii=False), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONIOENCODING"}
+    done = subprocess.run([sys.executable, "plot_hpml.py", "--results-dir", str(runs), "--output-dir",
+                           str(runs / "img"), "--dpi", "50"], cwd=REPO, env={**env, **locale}, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    shown = os.fsencode(runs).decode("utf-8", "backslashreplace")
+    assert f"wrote {shown}/img/summary.md".encode("ascii", "backslashreplace") in done.stdout
+    markdown = (runs / "img" / "summary.md").read_text(encoding="utf-8")
+    assert f"2 runs from `{shown}`" in markdown and "CPU Ryzen™ 9" in markdown
 
 
 def test_sagemaker_runs_are_compared_with_the_sagemaker_baseline(results_dir):
@@ -232,3 +285,20 @@ def test_mixed_gpus_and_settings_draw_a_panel_each_and_no_speedup_across_them():
     assert annotations == ["no baseline", "no baseline", "×2.00 steady\n100% eff.\n×2.60 total"]
     assert {ax.get_title() for ax in panels} >= {"GPU (NVIDIA H100) · unknown data · 3 epochs · fp32, device loader, "
                                                  "channels-last, drop last"}
+
+
+def test_records_at_the_edges_of_what_the_schema_allows_are_drawn(tmp_path):
+    """Nulls and absent fields where allowed, and the extremes of every range, next to each other: no reader fails."""
+    most, least = 10**15, 1e-6
+    nulls = record("nulls", world_size=2, mode="distributed", backend=None, nodes=None, target_acc=None,
+                   time_to_target_s=None, environment=None, sagemaker=None, speed=None, data=None, utilization=None,
+                   config={"dataset": None, "data_dir": None, "precision": None, "loader": None})
+    required = {*results.REQUIRED_FIELDS, "epochs"}
+    bare = {key: value for key, value in record("bare", epoch_times=(least,) * 3).items() if key in required}
+    extreme = record("extreme", epoch_times=(most,) * 3, world_size=most, nodes=most, batch_size=most,
+                     total_train_time_s=most, time_to_best_s=most, target_acc=1, time_to_target_s=most,
+                     data={"train_size": most}, sagemaker={"cost_usd": most, "instance_type": "ml.p4d.24xlarge"})
+    for run in (nulls, bare, extreme):
+        results.write_results(run, tmp_path / "runs")
+    written = plots.make_all(tmp_path / "runs", tmp_path / "img", dpi=50)
+    assert [path.name for path in written] == [*plots.FIGURES, "summary.md"]

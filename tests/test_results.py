@@ -8,7 +8,7 @@ import pytest
 from hpml import results
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
-from tests.helpers import REPO, record
+from tests.helpers import REPO, gpu_record, record
 
 
 def test_summary_uses_median_after_warm_up_and_finds_best():
@@ -49,7 +49,33 @@ def test_load_all_skips_malformed_and_foreign_files(tmp_path):
     assert [r["run_id"] for r in loaded] == ["good"]
     assert len(skipped) == 3
     assert any("broken.json" in s for s in skipped) and any("missing fields" in s for s in skipped)
-    assert any("schema_version 99" in s for s in skipped)
+    assert any("schema_version must be 1, found 99" in s for s in skipped)
+
+
+def test_every_results_record_of_the_repository_and_the_tests_is_valid():
+    paths = [*(REPO / "results_img" / "runs").glob("*.json"), *(REPO / "bench" / "measured").rglob("*.json")]
+    runs = [run for run in map(json.loads, (path.read_text() for path in paths)) if "schema_version" in run]
+    assert len(runs) >= 20
+    for run in [*runs, record(), gpu_record("g", "NVIDIA H100", 2)]:
+        assert results.validate_record(run) is run
+
+
+@pytest.mark.parametrize("field, value, found", [
+    ("final_test_acc", "0.5", 'final_test_acc must be a number from 0 to 1, found "0.5"'),
+    ("final_test_acc", float("nan"), "final_test_acc must be a number from 0 to 1, found NaN"),
+    ("world_size", "two", 'world_size must be a whole number from 1 to 10^15, found "two"'),
+    ("world_size", True, "world_size must be a whole number from 1 to 10^15, found true"),  # a bool is no number
+    ("config", None, "config must be a JSON object, found null"),
+    ("sagemaker", [1], "sagemaker must be a JSON object or null, found [1]"),
+    ("run_id", "../up", "run_id must be a file name"),
+])
+def test_a_record_holding_a_bad_value_is_skipped_naming_the_file_and_the_field(field, value, found, tmp_path):
+    results.write_results(record("good"), tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({**record("bad"), field: value}))
+    loaded, skipped = results.load_all(tmp_path)
+    assert [run["run_id"] for run in loaded] == ["good"]
+    (message,) = skipped
+    assert message.startswith(f"{tmp_path / 'bad.json'}: {found}"), message
 
 
 def test_check_writable_refuses_a_path_below_a_file(tmp_path):
@@ -95,7 +121,7 @@ for write in (lambda: results.write_json_atomic(folder / "old.json", big), lambd
     try:
         write()
     except OSError as error:
-        failed.append(error.errno)
+        failed.append([error.errno, Path(error.filename).name])
 print(json.dumps(failed))
 """
 
@@ -107,6 +133,6 @@ def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path):
     done = subprocess.run([sys.executable, "-c", WRITE_TOO_MUCH, str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [errno.EFBIG, errno.EFBIG]  # both writes did fail
+    assert json.loads(done.stdout) == [[errno.EFBIG, "old.json"], [errno.EFBIG, "big.json"]]  # failed, named
     assert old.read_bytes() == before  # the file overwritten is whole, as it was
     assert [p.name for p in tmp_path.iterdir()] == ["old.json"]  # no big.json, whole or partial; no temp file

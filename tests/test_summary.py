@@ -1,5 +1,6 @@
 """hpml.summary: results grouped for comparison and the summary table, without matplotlib or torch."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,75 @@ def test_each_gradient_communication_is_its_own_series():
         "1 CPU process (single)", "2 CPU processes (DDP, gloo)", "2 CPU processes (DDP, gloo, fp16)",
         "2 CPU processes (DDP, gloo, powersgd, 1 MB buckets, static graph)"]
     assert all(group.baseline is groups[0] for group in groups[1:])
+
+
+def test_a_results_folder_that_is_not_utf8_is_named_with_escapes():
+    folder = Path(os.fsdecode(b"runs-\xe9"))  # a byte UTF-8 cannot decode: held as a lone surrogate
+    markdown = summary.summary_markdown(summary.group_runs([record()], warn=pytest.fail), folder)
+    assert "from `runs-\\xe9`" in markdown and markdown.encode("utf-8")
+
+
+def test_a_size_or_batch_a_record_leaves_out_is_left_out():
+    runs = [record("s", data={"train_size": 400}, batch_size=8), record("d", mode="distributed", world_size=2)]
+    groups = summary.group_runs(runs, warn=pytest.fail)
+    assert [group.workload for group in groups] == ["unknown data; 3 epochs"] * 2
+    assert "Batch: 8 images per process and step" in summary.setup_lines(groups)
+
+
+def test_accuracy_columns_are_percent_medians_with_their_range():
+    runs = [record(f"s{i}", epoch_times=(4.0, 2.0, 2.0), final_test_acc=final, best_test_acc=best)
+            for i, (final, best) in enumerate(((0.40, 0.50), (0.45, 0.55), (0.60, 0.62)))]
+    (group,) = summary.group_runs(runs, warn=pytest.fail)
+    row = dict(zip(summary.SUMMARY_COLUMNS, summary.summary_row(group), strict=True))
+    assert row["final acc (%)"] == "45.0 (40.0–60.0)" and row["best acc (%)"] == "55.0 (50.0–62.0)"
+    assert row["epoch time (s)"] == "2.00"  # equal runs: one number, in the column's format
+    assert "3 runs from `r`, in 1 group," in summary.summary_markdown([group], Path("r"))
+
+
+def test_runs_of_other_data_or_length_share_no_group_and_no_baseline():
+    cifar = {"description": "CIFAR-10", "train_size": 50000, "test_size": 10000}
+    assert summary.workload_of(record(data=cifar)) == "CIFAR-10; 50,000 train / 10,000 test images, 3 epochs"
+    assert summary.workload_of(record(config={"dataset": "synthetic"})) == "synthetic; 3 epochs"
+    assert summary.workload_of(record()) == "unknown data; 3 epochs"
+    runs = [record("full", data=cifar), record("subset", data={**cifar, "train_size": 5000}),
+            record("synthetic", data={**cifar, "description": "synthetic"}),
+            record("cifar10", config={"dataset": "cifar10"}), record("synthetic2", config={"dataset": "synthetic"}),
+            record("longer", data=cifar, epoch_times=(4.0, 2.0, 2.0, 2.0)),
+            record("ddp", mode="distributed", backend="gloo", world_size=2, data=cifar,
+                   epoch_times=(4.0, 2.0, 2.0, 2.0, 2.0))]
+    groups = summary.group_runs(runs, warn=pytest.fail)
+    assert [len(group.runs) for group in groups] == [1] * 7
+    (ddp,) = [group for group in groups if group.mode == "distributed"]
+    assert ddp.speedup is None
+    assert ddp.no_baseline == "no single-process baseline of CIFAR-10; 50,000 train / 10,000 test images, 5 epochs"
+    assert ", 5,000/50,000 training images · 3/4/5 epochs ·" in summary.title_tag(groups)
+
+
+def test_platform_nodes_and_model_keep_runs_apart():
+    runs = [gpu_record("s", "H100"), gpu_record("vgg", "H100", model="vgg16"), gpu_record("own", "H100", model="mine"),
+            gpu_record("sm", "H100", 8, sagemaker={"instance_type": "ml.p4d.24xlarge"}),
+            gpu_record("one", "H100", 8), gpu_record("two", "H100", 8, nodes=2)]
+    groups = summary.group_runs(runs, warn=pytest.fail)
+    assert [(group.platform, group.model, summary.label(group)) for group in groups] == [
+        ("SageMaker", "resnet18", "8 GPUs (DDP, nccl)"), ("local", "vgg16", "1 GPU (single)"),
+        ("local", "resnet18", "1 GPU (single)"), ("local", "resnet18", "8 GPUs (DDP, nccl)"),
+        ("local", "resnet18", "8 GPUs on 2 nodes (DDP, nccl)"), ("local", "mine", "1 GPU (single)")]
+    assert groups[0].no_baseline == "no 1-GPU baseline on SageMaker"
+    assert groups[3].baseline is groups[2] and groups[4].baseline is groups[2]
+
+
+def test_a_group_that_mixes_batch_sizes_says_so():
+    warnings = []
+    (group,) = summary.group_runs([record("a", batch_size=128), record("b", config={"batch_size": 256})],
+                                  warn=warnings.append)
+    assert warnings == ["1 CPU process (single) of resnet18 mixes runs with different batch_size (128, 256); "
+                        "its medians span them"]
+    assert "Batch: 128/256 images per process and step" in summary.setup_lines([group])
+
+
+def test_only_a_single_run_is_a_baseline_and_one_nothing_is_compared_with_shows_no_speedup():
+    one_rank, two_ranks = (record(f"d{n}", mode="distributed", backend="gloo", world_size=n) for n in (1, 2))
+    assert all(group.baseline is None for group in summary.group_runs([one_rank, two_ranks], warn=pytest.fail))
+    (alone,) = summary.group_runs([record()], warn=pytest.fail)
+    row = dict(zip(summary.SUMMARY_COLUMNS, summary.summary_row(alone), strict=True))
+    assert not alone.compared and row["speedup"] == row["speedup incl. warm-up"] == "—"

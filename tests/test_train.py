@@ -1,6 +1,9 @@
 """The training loop's stops: a signal honoured at any step, a stop at an epoch's last step resumed, results
-written again after a SageMaker spot restart."""
+written again after a SageMaker spot restart, write errors in one line."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import run_hpc
 from hpml import checkpoint, data, dist, monitor, train
 from hpml.config import TrainConfig
 from hpml.errors import RunStopped
-from tests.helpers import exit_code_of, results_in, write_npz
+from tests.helpers import REPO, exit_code_of, refusal, results_in, write_npz
 
 STEPS_PER_EPOCH = 4  # 40 images at batch 10: fewer steps than train.CHECK_EVERY
 
@@ -117,3 +120,71 @@ def test_sampling_that_fails_during_training_costs_the_samples_not_the_results(t
     (record,) = results_in(tmp_path / "out")
     assert record["utilization"]["samples"] == 0
     assert "utilization sampling stopped early on rank 0 (RuntimeError: sensor gone)" in capsys.readouterr().out
+
+
+ONE_EPOCH = ["--model", "shufflenet", "--dataset", "synthetic", "--subset", "40", "--batch-size", "10", "--epochs", "1",
+             "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def deep_folder(base: Path, length: int) -> Path:
+    """A folder under `base` whose path is `length` characters long (or one less)."""
+    folder = base
+    while length - len(str(folder)) > 1:
+        folder /= "d" * min(100, length - len(str(folder)) - 1)
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--checkpoint-dir"])
+def test_a_file_path_longer_than_the_system_allows_is_refused_before_training(flag, tmp_path, capsys):
+    deep = deep_folder(tmp_path, os.pathconf(tmp_path, "PC_PATH_MAX") - 40)  # writable; its run's files are not
+    folders = {"--output-dir": tmp_path / "out", "--checkpoint-dir": tmp_path / "ckpt", flag: deep}
+    argv = [*ONE_EPOCH, *(item for pair in folders.items() for item in map(str, pair))]
+    err = refusal(run_hpc.main, argv, capsys)
+    assert "cannot be written: its path is longer than the file system allows" in err
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]  # no checkpoint: it did not train
+
+
+# Runs run_hpc.py in a mount namespace of its own, where the output folder turns read-only once training is done.
+READ_ONLY_AFTER_TRAINING = """
+import subprocess, sys
+import run_hpc
+from hpml import cli, train
+
+out, fit = sys.argv[1], train.fit
+subprocess.run(["mount", "--bind", out, out], check=True)
+
+
+def fit_then_read_only(*args, **kwargs):
+    record = fit(*args, **kwargs)
+    subprocess.run(["mount", "-o", "remount,bind,ro", out], check=True)
+    return record
+
+
+train.fit = fit_then_read_only
+cli.run_script(run_hpc.main, sys.argv[2:])
+"""
+OWN_MOUNTS = ["unshare", "--mount", "--map-root-user"]
+
+
+def own_mounts_allowed() -> bool:
+    try:
+        return subprocess.run([*OWN_MOUNTS, "true"], capture_output=True, timeout=30).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not own_mounts_allowed(), reason="needs unshare: a mount namespace to make a folder read-only")
+def test_an_output_folder_that_turns_read_only_during_training_costs_one_line_and_keeps_the_checkpoint(tmp_path,
+                                                                                                       capsys):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    argv = [*ONE_EPOCH, "--output-dir", str(out), "--checkpoint-dir", str(ckpt)]
+    done = subprocess.run([*OWN_MOUNTS, sys.executable, "-c", READ_ONLY_AFTER_TRAINING, str(out), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot write {out}/shufflenetv2_single_w1_" in err and ".json: Read-only file system" in err
+    assert "rerun with --resume" in err and not list(out.iterdir())
+    assert exit_code_of(run_hpc.main, [*argv, "--resume"]) == 0  # the checkpoint stayed: the results follow
+    assert "after epoch 1" in capsys.readouterr().out and len(results_in(out)) == 1
