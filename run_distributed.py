@@ -17,6 +17,7 @@ one_line_on_ctrl_c()  # before torch loads
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from hpml import cli, dist, experiment  # noqa: E402
+from hpml.errors import RunStopped  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with dist.ranks_lost_in_one_line(lost):
             experiment.run_models(cfg, world, log=print if world.is_main else lambda _: None)
+    except RunStopped as stop:
+        if stop.agreed and not world.is_main:
+            return stop.exit_code  # every rank stopped at the same step: rank 0 says so for all of them
+        raise
     finally:
         dist.teardown()
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpml import cli, files, results, sagemaker_plan, slurm, study
-from hpml.config import MAX_JOBS, MAX_PROCESSES, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
+from hpml.config import MAX_JOBS, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
 from hpml.errors import UsageError
 
 if TYPE_CHECKING:
@@ -35,11 +35,13 @@ POLL_S = 60  # seconds between looks at running SageMaker jobs
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.require_positive(args, "repeats", "gpus_per_node", "max_jobs", "max_run")
+    cli.require_positive(args, "repeats", "max_jobs", "max_run")
     if args.epoch_seconds is not None and not args.epoch_seconds > 0:
         raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
-    cli.require_at_most(args, repeats=MAX_REPEATS, gpus_per_node=MAX_PROCESSES, max_jobs=MAX_JOBS,
-                        max_run=SAGEMAKER_MAX_RUN_S, epoch_seconds=SAGEMAKER_MAX_RUN_S)
+    cli.require_at_most(args, repeats=MAX_REPEATS, max_jobs=MAX_JOBS, max_run=SAGEMAKER_MAX_RUN_S,
+                        epoch_seconds=SAGEMAKER_MAX_RUN_S)
+    options = slurm_options(args)
+    slurm.check_counts(options)
     args.model = args.models
     world_sizes = study.parse_world_sizes(args.world_sizes)
     cfg = study.common_speed_settings(cli.config_from_args(args), world_sizes)
@@ -51,10 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_on_sagemaker(args, cfg, cells)
     study.check_environment()
     if args.where == "slurm":
-        slurm.check_time_limit(args.time_limit)
+        options.check(world_sizes)
         slurm.check_output_dir(cfg.output_dir)
-        for size in world_sizes:
-            slurm.nodes_and_gpus(size, args.gpus_per_node)
     elif args.collect:
         raise UsageError(f"--collect gathers the results of --where slurm jobs; --where {args.where} runs the cells "
                          "and draws at the end")
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{cli.count(len(cells), 'cell')}{f' on {trained_on}' if trained_on else ''}: "
           f"{len(cells) - len(to_run)} already in {output_dir}, {len(to_run)} to run")
     if args.where == "slurm":
-        return submit_to_slurm(args, cfg, to_run, output_dir)
+        return submit_to_slurm(args, options, cfg, to_run, output_dir)
     if args.dry_run:
         for cell in to_run:
             print(shlex.join(study.local_command(cell, cfg)))
@@ -77,16 +77,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return draw_finished(cells, cfg, output_dir, figures_dir, trained_on)
 
 
-def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[study.Cell], output_dir: Path) -> int:
+def slurm_options(args: argparse.Namespace) -> slurm.JobOptions:
+    names = {flag: getattr(args, flag) for flag in slurm.NAMES if getattr(args, flag) is not None}
+    return slurm.JobOptions(gpus_per_node=args.gpus_per_node, processes_per_node=args.processes_per_node,
+                            cpus_per_task=args.cpus_per_task, time_limit=args.time_limit, names=names,
+                            sbatch_args=args.sbatch_arg, setup=args.setup)
+
+
+def submit_to_slurm(args: argparse.Namespace, options: slurm.JobOptions, cfg: TrainConfig, to_run: list[study.Cell],
+                    output_dir: Path) -> int:
     """One sbatch script per cell, in <output-dir>/slurm/, submitted (printed with --dry-run). A cell submitted
     before (its job id in <job-name>.job) is submitted again only when its job failed or SLURM no longer knows it,
     or with --force."""
-    folder = output_dir / "slurm"
+    folder, submitted = output_dir / "slurm", 0
     for cell in to_run:
-        script = slurm.batch_script(cell, cfg, args.gpus_per_node, args.time_limit)
+        script = slurm.batch_script(cell, cfg, options)
         name = slurm.job_name(cell, cfg)
         path, job_file = folder / f"{name}.sbatch", folder / f"{name}.job"
-        command = slurm.sbatch_command(path, folder, cell, cfg)
+        command = slurm.sbatch_command(path, folder, cell, cfg, options.sbatch_args)
         if args.dry_run:
             print(f"# {shlex.join(command)}\n{script}")
             continue
@@ -100,7 +108,8 @@ def submit_to_slurm(args: argparse.Namespace, cfg: TrainConfig, to_run: list[stu
         job = slurm.submit(command)
         files.write_atomic(job_file, lambda tmp, job=job: tmp.write_text(job + "\n"))
         print(f"{cell}: submitted as job {job} ({path})")
-    if not args.dry_run:
+        submitted += 1
+    if submitted:
         print("when the jobs have ended, run the same command with --collect to draw what has finished")
     return 0
 
@@ -272,15 +281,40 @@ def build_parser() -> cli.ArgumentParser:
                              "running or COMPLETED; sagemaker: SageMaker training jobs (default: %(default)s)")
     cli.add_switch(matrix, "--collect", "--where slurm: draw whatever cells have finished, and say which have not; "
                                         "submits nothing (run without --collect to resubmit failed cells)")
-    cluster = parser.add_argument_group("SLURM (--where slurm; not tested against a real SLURM)")
-    cluster.add_argument("--gpus-per-node", type=int, default=4,
-                         help="GPUs of a node; a world size above it must fill whole nodes (default: %(default)s)")
-    cluster.add_argument("--time-limit", default="01:00:00",
-                         help="each job's sbatch --time, e.g. 30:00 or 1-00:00:00 (default: %(default)s)")
+    add_slurm_args(parser)
     add_sagemaker_args(parser)
     cli.add_training_args(parser, leave_out=("--model",))
     cli.add_distributed_args(parser)
     return parser
+
+
+def add_slurm_args(parser: argparse.ArgumentParser) -> None:
+    cluster = parser.add_argument_group(
+        "SLURM (--where slurm)",
+        "  A job per cell: one node when its world size fits --processes-per-node, else whole nodes of it; srun\n"
+        "  starts one torchrun per node. Each flag that names something goes into an #SBATCH line of the script.")
+    cluster.add_argument("--gpus-per-node", type=int, default=4, help="GPUs of a node, one per training process; 0: "
+                         "CPU nodes, and no GPUs asked for (default: %(default)s)")
+    cluster.add_argument("--processes-per-node", type=int, help="training processes of a node, at most (with GPUs, "
+                         "up to --gpus-per-node); a world size above it fills whole nodes of it (default: "
+                         "--gpus-per-node, or 1 on CPU nodes: world size 2 is 2 nodes of 1 process)")
+    cluster.add_argument("--cpus-per-task", type=int, help="CPUs of a node's task (its torchrun and processes), "
+                         f"shared out as OMP_NUM_THREADS (default: {slurm.CPUS_PER_GPU} per GPU, or 1 per process "
+                         "on CPU nodes)")
+    cluster.add_argument("--time-limit", default="01:00:00",
+                         help="each job's sbatch --time, e.g. 30:00 or 1-00:00:00 (default: %(default)s)")
+    cluster.add_argument("--partition", help="sbatch --partition: a partition, or a comma list of them")
+    cluster.add_argument("--account", help="sbatch --account: the account the jobs are charged to")
+    cluster.add_argument("--qos", help="sbatch --qos: the jobs' quality of service")
+    cluster.add_argument("--constraint", help="sbatch --constraint: node features, e.g. 'a100|h100'")
+    cluster.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION", help="one more option for "
+                         "sbatch's command line, as given, with its value in the same argument: "
+                         "--sbatch-arg=--mem=32G --sbatch-arg=--exclusive (repeatable)")
+    cluster.add_argument("--setup", action="append", default=[], metavar="SHELL", help="shell lines each job runs "
+                         "before training, written into its script as given (repeatable): --setup 'module load "
+                         "cuda' --setup 'source venv/bin/activate'. With --setup the jobs run the `python` on the "
+                         "PATH it leaves; without, the python running run_study.py, by its full path (default: "
+                         "none)")
 
 
 def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:

@@ -96,6 +96,9 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     job.add_argument("--max-wait", type=int, metavar="SECONDS",
                      help="with --spot: give up after this long, waiting for spot capacity included; at least "
                           "--max-run (default: twice --max-run)")
+    cli.add_switch(job, "--tensorboard", "the job writes TensorBoard scalars into SageMaker's TensorBoard folder "
+                                         f"({container.JOB_TENSORBOARD_DIR}; the job installs tensorboard), which "
+                                         "SageMaker uploads to s3://BUCKET/hpml/tensorboard/<job name>/")
     where = parser.add_argument_group("data, S3 and AWS")
     where.add_argument("--s3-data", metavar="S3_URI",
                        help="CIFAR-10 already in S3, e.g. s3://my-bucket/cifar10/ (train.npz and test.npz, or "
@@ -150,8 +153,10 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
 
 def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, str]]:
     """The validated training configuration, and every training flag of the job's script as a hyperparameter
-    (SageMaker passes each back to the script as `--name value`)."""
-    cfg = cli.config_from_args(args)
+    (SageMaker passes each back to the script as `--name value`). A job writes --tensorboard into SageMaker's
+    TensorBoard folder, which submit has SageMaker upload."""
+    tensorboard = container.JOB_TENSORBOARD_DIR if getattr(args, "tensorboard", None) else None
+    cfg = cli.config_from_args(argparse.Namespace(**{**vars(args), "tensorboard": tensorboard}))
     if getattr(args, "checkpoint_dir", None):
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: a SageMaker job keeps its checkpoints in "
                          f"{container.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
@@ -264,10 +269,12 @@ def print_dry_run(spec: jobs.JobSpec, upload: jobs.DataUpload | None, profile: s
     print("Dry run: nothing was sent to AWS. This is the CreateTrainingJob request that submit would send:")
     print(json.dumps(request, indent=2, default=str))
     print("Notes:")
-    code = stage_listing()
+    code = stage_listing(spec.requirements)
     print(f"  code: {len(code)} files from this repository ({code_summary(code)}; its requirements.txt lists "
-          f"{', '.join(jobs.JOB_REQUIREMENTS)}, the container's own torch is kept), packed and uploaded by the SDK "
+          f"{', '.join(spec.requirements)}, the container's own torch is kept), packed and uploaded by the SDK "
           "to the sagemaker_submit_directory above")
+    print(f"  metrics: {', '.join(jobs.METRICS)} of each model per epoch (MetricDefinitions above, named "
+          "<model>:<metric>), read by SageMaker from the line each epoch prints, charted in its console and CloudWatch")
     if upload:
         print(f"  data: {len(upload.files)} files ({upload.size / 1e6:.1f} MB) from {upload.folder}, uploaded to "
               "the training channel's S3 location above unless the same files are already there")
@@ -287,9 +294,9 @@ def print_dry_run(spec: jobs.JobSpec, upload: jobs.DataUpload | None, profile: s
     print(f"  cost: {cost_estimate(spec)}")
 
 
-def stage_listing() -> list[Path]:
+def stage_listing(requirements: tuple[str, ...]) -> list[Path]:
     with tempfile.TemporaryDirectory() as folder:
-        return jobs.stage_source(Path(folder), log=lambda line: print(f"  {line}"))
+        return jobs.stage_source(Path(folder), requirements, log=lambda line: print(f"  {line}"))
 
 
 def code_summary(staged: list[Path]) -> str:

@@ -73,12 +73,17 @@ class Table:
         lines = [self.format_row(row) for row in rows]
         if self.redraw:
             title = f"{rows[0]['host']}  {rows[0]['timestamp']}  every {self.interval:g} s, Ctrl-C to stop"
-            print("\x1b[H\x1b[J" + "\n".join([title, self.header(), *lines]), file=self.stream, flush=True)
+            self.print("\x1b[H\x1b[J" + "\n".join([title, self.header(), *lines]))
             return
         if self.lines % HEADER_EVERY == 0:
-            print(self.header(), file=self.stream)
-        print("\n".join(lines), file=self.stream, flush=True)
+            self.print(self.header())
+        self.print("\n".join(lines))
         self.lines += len(lines)
+
+    def print(self, text: str) -> None:
+        """Print `text`, with what the stream's encoding cannot show (a GPU's or host's é under a C locale) escaped."""
+        encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        print(text.encode(encoding, "backslashreplace").decode(encoding), file=self.stream, flush=True)
 
     def header(self) -> str:
         return "  ".join(title.rjust(width) if title != "name" else title.ljust(width)

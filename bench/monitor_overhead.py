@@ -28,7 +28,17 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hpml import cli, data, dist, monitor  # noqa: E402
-from hpml.config import DEVICES, MAX_BATCH_SIZE, MAX_REPEATS, MAX_STEPS, TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import (  # noqa: E402
+    DEVICES,
+    MAX_BATCH_SIZE,
+    MAX_REPEATS,
+    MAX_SAMPLE_INTERVAL,
+    MAX_STEPS,
+    MIN_SAMPLE_INTERVAL,
+    TrainConfig,
+    comma_list,
+    parse_model_list,
+)
 from hpml.train import Trainer  # noqa: E402
 
 
@@ -46,17 +56,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cli.require_positive(args, "batch_size", "steps", "repeats")
     cli.require_at_most(args, batch_size=MAX_BATCH_SIZE, steps=MAX_STEPS, repeats=MAX_REPEATS)
-    try:
-        args.intervals = [float(part) for part in args.intervals.split(",")]
-    except ValueError:
-        raise UsageError(f"--intervals must be a comma list of seconds, got {args.intervals!r}") from None
-    if not all(0 < interval < float("inf") for interval in args.intervals):
-        raise UsageError(f"--intervals must be positive numbers of seconds, got {args.intervals}")
+    args.intervals = parse_intervals(args.intervals)
     names = parse_model_list(args.model)
     if len(names) != 1:
         raise UsageError(f"--model takes one model name, got {args.model!r}")
     args.model = names[0]
     return args
+
+
+def parse_intervals(text: str) -> list[float]:
+    """'1,0.2' -> [1.0, 0.2]; UsageError unless each is a number of seconds the monitor takes."""
+    try:
+        intervals = [float(part) for part in comma_list(text, "--intervals")]
+    except ValueError:
+        intervals = []
+    if not intervals or not all(MIN_SAMPLE_INTERVAL <= interval <= MAX_SAMPLE_INTERVAL for interval in intervals):
+        raise UsageError(f"--intervals must be a comma list of seconds from {MIN_SAMPLE_INTERVAL} to "
+                         f"{MAX_SAMPLE_INTERVAL}, got {text!r}")
+    return intervals
 
 
 class TimedTraining:

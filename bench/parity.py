@@ -31,7 +31,7 @@ from hpml.errors import UsageError, one_line_on_ctrl_c  # noqa: E402
 one_line_on_ctrl_c()  # before torch loads
 
 from hpml import cli, dist, experiment, files, results, speed  # noqa: E402
-from hpml.config import TrainConfig, default_data_dir, parse_model_list  # noqa: E402
+from hpml.config import MAX_SEED, TrainConfig, default_data_dir, parse_model_list  # noqa: E402
 
 SETUPS = {"fast": {}, "reference": speed.REFERENCE_SETUP}
 # The training flags a comparison takes; the speed flags are the setups', and the rest keep the study's values.
@@ -77,6 +77,8 @@ def parse_seeds(text: str) -> list[int]:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise UsageError(f"--seeds must be a comma list of distinct integers, 0 or more, e.g. 0,1,2; got {text!r}")
+    if max(seeds) > MAX_SEED:
+        raise UsageError(f"--seeds must be at most {MAX_SEED} each, got {text!r}")
     return seeds
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
+import select
+import signal
 import sys
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import files
+from . import container, files
 from .config import (
     BACKENDS,
     DATASETS,
@@ -22,13 +26,18 @@ from .config import (
     PRECISIONS,
     SCHEDULES,
     TrainConfig,
+    check_data_variable,
     default_data_dir,
     default_output_dir,
+    default_tensorboard_dir,
     parse_model_list,
 )
-from .errors import RunStopped, UsageError, script_name
+from .errors import RunStopped, UsageError, one_line, script_name
 
 DEFAULTS = TrainConfig()
+# The errors of a write to a file object (which names no file): the disk, the quota or the file-size limit is
+# reached, or the file system is read-only or failing.
+UNNAMED_WRITE_FAILURES = frozenset({*files.DISK_FULL, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -129,7 +138,8 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                        help="record the training time at which test accuracy first reaches this fraction "
                             "(0 < FRACTION <= 1, e.g. 0.8), or that it never does: time to accuracy, the fair "
                             "speedup when a larger global batch learns more slowly (default: off)")
-    add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary")
+    add_switch(group, "--quiet", "no progress bars or per-epoch lines, only the summary (inside a SageMaker job the "
+                                 "per-epoch lines stay: SageMaker reads the job's metrics from them)")
     add_switch(group, "--resume", "continue the checkpoint of the same model and settings if there is one "
                                   "(implied after a torchrun restart and inside SageMaker)")
     group.add_argument("--utilization", "--monitor", dest="utilization", type=parse_bool, nargs="?", const=True,
@@ -141,6 +151,15 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
     group.add_argument("--sample-interval", type=float, default=DEFAULTS.sample_interval,
                        help=f"seconds between --utilization samples, {MIN_SAMPLE_INTERVAL} to {MAX_SAMPLE_INTERVAL} "
                             "(default: %(default)s)")
+    group.add_argument("--tensorboard", type=path_flag, nargs="?", const=default_tensorboard_dir(), default=None,
+                       metavar="DIR",
+                       help="rank 0 writes TensorBoard scalars into DIR/<run_id>/: per epoch (losses, accuracies, "
+                            "learning rate, images/s, times) and every --tensorboard-every steps (loss, images/s), "
+                            "with the run's settings as text; needs the tensorboard package (pip install "
+                            "tensorboard). DIR defaults to runs, or inside a SageMaker job to its TensorBoard "
+                            f"output folder (now {default_tensorboard_dir()}) (default: off)")
+    group.add_argument("--tensorboard-every", type=int, default=DEFAULTS.tensorboard_every, metavar="STEPS",
+                       help="steps between the per-step --tensorboard scalars (default: %(default)s)")
     group.add_argument("--checkpoint-dir", type=path_flag, default=None,
                        help="folder for checkpoints, one sub-folder per run, written every epoch and on "
                             "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")
@@ -230,20 +249,39 @@ def require_at_most(args: argparse.Namespace, **bounds: float) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A validated TrainConfig from parsed flags; UsageError on a bad value."""
+    """A validated TrainConfig from parsed flags; UsageError on a bad value, or on a variable of the environment
+    that the run would read (SageMaker's, or the one naming the data folder when --data-dir does not)."""
+    container.check_variables()
+    if args.data_dir is None and args.dataset == "cifar10":
+        check_data_variable()
     values = {key: value for key, value in vars(args).items() if key in TrainConfig.__dataclass_fields__}
-    values["models"] = parse_model_list(args.model)
+    flag = "--models" if "models" in values else "--model"  # run_study.py names its list --models
+    values["models"] = parse_model_list(args.model, flag)
     values.update({key: str(value) for key, value in values.items() if isinstance(value, Path)})
     for unset in [key for key in ("data_dir", "output_dir") if values.get(key) is None]:
         del values[unset]
     return TrainConfig(**values).validate()
 
 
+def stdout_unread() -> bool:
+    """Whether the reader of stdout went away (`| head` has read its lines): a pipe no one reads polls as an error."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2, a full disk one line and
-    exit code 1."""
+    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2, an OSError about a file
+    (file_error_line) one line and exit code 1, a closed stdout nothing more and exit code 141 (128 + SIGPIPE, as a
+    shell reports such a tool)."""
     try:
         code = main(argv)
+        sys.stdout.flush()  # here, where a reader that went away is caught, not as Python exits
+    except BrokenPipeError:
+        if not stdout_unread():
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for Python's own flush as it exits
+        code = 128 + signal.SIGPIPE
     except UsageError as error:
         print(f"{script_name()}: error: {error}", file=sys.stderr)
         code = 2
@@ -254,9 +292,19 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
         print(f"{script_name()}: interrupted", file=sys.stderr)
         code = 130
     except OSError as error:
-        if error.errno not in files.DISK_FULL:
+        line = file_error_line(error)
+        if line is None:
             raise
-        where = f" writing {error.filename}" if error.filename else ""
-        print(f"{script_name()}: error: {error.strerror}{where}", file=sys.stderr)
+        print(f"{script_name()}: error: {line}", file=sys.stderr)
         code = 1
     sys.exit(code or 0)
+
+
+def file_error_line(error: OSError) -> str | None:
+    """An OSError about a file (a read-only folder, a full disk, a file-size limit, a name too long) as one line: the
+    file and the cause; a write that failed on a file object, which names none, by its cause alone. None for an
+    OSError of neither kind (a socket's, one a library raised with a message only): a traceback tells more there."""
+    if error.filename is None:
+        return f"a write failed: {error.strerror}" if error.errno in UNNAMED_WRITE_FAILURES else None
+    names = " -> ".join(files.shown(name) for name in (error.filename, error.filename2) if name is not None)
+    return f"{names}: {error.strerror or one_line(error)}"

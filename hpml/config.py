@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from . import container
 from .errors import UsageError
+from .files import shown
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 SCHEDULES = ("none", "cosine")
@@ -31,9 +32,12 @@ MIN_SAMPLE_INTERVAL = 0.01  # faster, sampling itself floods the output and take
 MAX_SAMPLE_INTERVAL = 3_600
 MAX_DIST_TIMEOUT = 7 * 24 * 3_600  # a week
 MAX_REPEATS = 1_000  # run_study.py and bench/ --repeats
-MAX_STEPS = 100_000  # bench/ --steps, --iters, --warmup
+MAX_STEPS = 100_000  # bench/ --steps, --iters, --warmup; --tensorboard-every
+TENSORBOARD_EVERY = 20  # steps between the per-step TensorBoard scalars (--tensorboard-every)
 MAX_PROCESSES = 256  # processes or GPUs of one node: bench/throughput.py --nproc, run_study.py --gpus-per-node
 MAX_INSTANCE_COUNT = 1_000  # SageMaker instances of one job
+MAX_WORLD_SIZE = MAX_PROCESSES * MAX_INSTANCE_COUNT  # processes of one data-parallel run (run_study.py)
+MAX_THREADS = 4_096  # OMP_NUM_THREADS of one training process (run_study.py): more than a node has cores
 MAX_JOBS = 1_000  # SageMaker jobs at once (run_study.py --max-jobs) or listed (sagemaker_submission.py list)
 SAGEMAKER_MAX_RUN_S = 28 * 24 * 3_600  # the longest --max-run (and --max-wait) SageMaker accepts: 28 days
 
@@ -41,6 +45,31 @@ SAGEMAKER_MAX_RUN_S = 28 * 24 * 3_600  # the longest --max-run (and --max-wait) 
 def default_data_dir() -> str:
     """$HPML_CIFAR10, else a SageMaker job's training channel, else ./data."""
     return os.path.expanduser(os.environ.get("HPML_CIFAR10") or container.data_channel() or "./data")
+
+
+def check_data_variable() -> None:
+    """UsageError naming $HPML_CIFAR10, or a SageMaker job's $SM_CHANNEL_TRAINING, when the one that gives
+    default_data_dir() is empty or names no folder: a download into a folder named once in a profile, or by
+    SageMaker, is never what was meant."""
+    name = next(filter(os.environ.__contains__, ("HPML_CIFAR10", "SM_CHANNEL_TRAINING")), None)
+    if name is None:
+        return
+    text = os.environ[name]
+    folder = os.path.expanduser(text)
+    if not text.strip():
+        what = "is empty"
+    elif os.path.isdir(folder):
+        return
+    else:
+        what = f"names {shown(text)}, " + ("a file" if os.path.exists(folder) else "which does not exist")
+    raise UsageError(f"environment variable {name} {what}: set it to the folder that holds CIFAR-10 "
+                     "(train.npz/test.npz or cifar-10-batches-py/), or unset it and pass --data-dir")
+
+
+def default_tensorboard_dir() -> str:
+    """Where --tensorboard without a folder writes: inside a SageMaker job its TensorBoard output folder (uploaded to
+    S3 when the job was submitted with --tensorboard), else runs (SummaryWriter's own default)."""
+    return str(container.tensorboard_dir()) if container.in_job() else "runs"
 
 
 def default_output_dir() -> str:
@@ -71,6 +100,8 @@ class TrainConfig:
     sample_interval: float = 1.0
     checkpoint_dir: str | None = None
     target_acc: float | None = None  # test accuracy (0-1) whose first epoch reaching it is recorded
+    tensorboard: str | None = None  # folder of TensorBoard event files, one sub-folder per run; None: off
+    tensorboard_every: int = TENSORBOARD_EVERY
     loader: str = "device"
     precision: str = "auto"
     channels_last: bool | None = None  # None: chosen per device
@@ -92,6 +123,8 @@ class TrainConfig:
         _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
         _require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
         _require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        _require(self.tensorboard_every >= 1,
+                 f"--tensorboard-every must be a positive number of steps, got {self.tensorboard_every}")
         _require(self.subset is None or self.subset >= MIN_SUBSET,
                  f"--subset must be at least {MIN_SUBSET} (one image per class), got {self.subset}")
         _require(math.isfinite(self.sample_interval) and self.sample_interval > 0,
@@ -113,6 +146,7 @@ class TrainConfig:
             ("--subset", self.subset or 0, MAX_SUBSET),
             ("--sample-interval", self.sample_interval, MAX_SAMPLE_INTERVAL),
             ("--dist-timeout", self.dist_timeout, MAX_DIST_TIMEOUT),
+            ("--tensorboard-every", self.tensorboard_every, MAX_STEPS),
         ]:
             _require(value <= most, f"{flag} must be at most {most}, got {value}")
         for name, value, allowed in [
@@ -140,24 +174,31 @@ def check_grad_compression(compression: str, backend: str | None) -> None:
                          "none, or --backend nccl (--distribution torchrun on SageMaker)")
 
 
-def parse_model_list(text: str) -> list[str]:
-    """'all', one name, or a comma list of names/aliases -> canonical names, in order, no repeats."""
+def comma_list(text: str, flag: str) -> list[str]:
+    """The entries of a flag's comma list, stripped; UsageError naming `flag` for an empty one ('', 'a,', 'a,,b')."""
+    parts = [part.strip() for part in text.split(",")]
+    _require(all(parts), f"{flag} takes a comma list without empty entries, got {text!r}")
+    return parts
+
+
+def parse_model_list(text: str, flag: str = "--model") -> list[str]:
+    """'all', one name, or a comma list of names/aliases -> canonical names, in order, no repeats; UsageError naming
+    `flag` otherwise."""
     import models  # here, not at the top: models imports torch, which scripts that only parse flags skip
 
     if text.strip().lower() == "all":
         return models.names()
     chosen: list[str] = []
-    for name in filter(None, (part.strip() for part in text.split(","))):
+    for name in comma_list(text, flag):
         try:
             canonical = models.canonical_name(name)
         except KeyError:
             raise UsageError(
                 f"unknown model {name!r}; choose from {', '.join(models.names())}, "
-                f"their aliases ({', '.join(models.ALIASES)}), a comma list, or 'all'"
+                f"their aliases ({', '.join(models.ALIASES)}), a comma list, or 'all' ({flag} {text!r})"
             ) from None
         if canonical not in chosen:
             chosen.append(canonical)
-    _require(bool(chosen), f"--model needs at least one model name, got {text!r}")
     return chosen
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as torch_dist
 
 from . import container
-from .config import TrainConfig
+from .config import MAX_PROCESSES, MAX_WORLD_SIZE, TrainConfig
 from .errors import RunStopped, UsageError, one_line
 
 
@@ -85,7 +85,10 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or --device auto")
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UsageError("--device cuda: no CUDA device is available here"
+                         + (f" (CUDA_VISIBLE_DEVICES is {hidden!r})" if hidden is not None else "")
+                         + "; use --device cpu or --device auto")
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise UsageError(f"local rank {local_rank} needs GPU {local_rank}, but this node has {count}; "
@@ -107,6 +110,7 @@ def single_process(device: str, log: Callable[[str], None] = print) -> World:
 # ---- torch.distributed ---------------------------------------------------------------------------
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+MAX_PORT = 65_535
 
 
 def launcher_from_env() -> str:
@@ -121,27 +125,51 @@ def launcher_from_env() -> str:
     return "none"
 
 
-def _env_int(*names: str, default: int) -> int:
-    """The first of these variables that is set, as an integer 0 or more; UsageError naming it when it is not."""
-    for name in names:
-        text = os.environ.get(name, "").strip()
-        if text:
-            if not text.isdigit():
-                raise UsageError(f"environment variable {name} must be an integer 0 or more, got {text!r}")
-            return int(text)
+def _env_int(*names: str, default: int | None, most: int | None = None) -> int | None:
+    """The first of these variables that is set, as an integer 0 or more (at most `most`); UsageError naming it when
+    it is empty, not such an integer, or above `most`."""
+    for name in filter(os.environ.__contains__, names):
+        text = os.environ[name].strip()
+        if not (text.isascii() and text.isdigit()):
+            raise UsageError(f"environment variable {name} must be an integer 0 or more, got {os.environ[name]!r}")
+        if most is not None and int(text) > most:
+            raise UsageError(f"environment variable {name} must be at most {most}, got {text}")
+        return int(text)
     return default
 
 
 def check_torchrun_env() -> None:
-    """What env:// needs from torchrun (or whatever set WORLD_SIZE), named when it is missing or malformed."""
-    missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name, "").strip()]
+    """What env:// needs from torchrun (or whatever set WORLD_SIZE), named when it is missing or malformed: refused
+    here, before a rendezvous that would wait --dist-timeout for it."""
+    size = _env_int("WORLD_SIZE", default=1, most=MAX_WORLD_SIZE)
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
                          "start the ranks with torchrun, which sets them all, or unset WORLD_SIZE to train alone")
-    if _env_int("RANK", default=0) >= _env_int("WORLD_SIZE", default=1):
-        raise UsageError(f"environment variable RANK {os.environ['RANK']} must be below WORLD_SIZE "
-                         f"{os.environ['WORLD_SIZE']}")
-    _env_int("MASTER_PORT", default=0)
+    if _env_int("RANK", default=0) >= size:
+        raise UsageError(f"environment variable RANK {os.environ['RANK']} must be below WORLD_SIZE {size}")
+    port = _env_int("MASTER_PORT", default=0, most=MAX_PORT)
+    if port == 0:
+        raise UsageError("environment variable MASTER_PORT must be a port from 1 to 65535, got 0")
+    address = os.environ["MASTER_ADDR"]
+    if not (address and address.isascii() and address.isprintable() and " " not in address):
+        raise UsageError(f"environment variable MASTER_ADDR must be a host name or address, got {address!r}")
+
+
+def local_world() -> tuple[int, int | None]:
+    """(this process's rank on its node, the processes on its node or None where the launcher does not say), from
+    torchrun's variables or mpirun's; UsageError naming a malformed one."""
+    rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0, most=MAX_PROCESSES - 1)
+    size = _env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", default=None, most=MAX_PROCESSES)
+    if size is not None and not rank < size:
+        raise UsageError(f"environment variable LOCAL_RANK {rank} must be below LOCAL_WORLD_SIZE {size}")
+    return rank, size
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted the ranks (TORCHELASTIC_RESTART_COUNT; 0 when unset); UsageError naming
+    it when it is no count."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", default=0)
 
 
 def smddp_available() -> bool:
@@ -188,7 +216,10 @@ def choose_backend(requested: str, device: torch.device, launcher: str) -> str:
 def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     """Join the process group the launcher set up, or form a world of one when there is no launcher."""
     launcher = launcher_from_env()
-    local_rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
+    if launcher == "torchrun":
+        check_torchrun_env()
+    local_rank, local_size = local_world()
+    restart_count()  # refused now, not once the group has formed
     device = resolve_device(cfg.device, local_rank)
     backend = choose_backend(cfg.backend, device, launcher)
     joining = (f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: the group did not form "
@@ -196,8 +227,8 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     with ranks_lost_in_one_line(joining, every_dist_error=True):
         join_group(backend, launcher, timedelta(seconds=cfg.dist_timeout), log)
     size = torch_dist.get_world_size()
-    local_size = _env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", default=size)
-    return World(rank=torch_dist.get_rank(), local_rank=local_rank, size=size, nodes=max(1, size // local_size),
+    nodes = max(1, size // (local_size or size))
+    return World(rank=torch_dist.get_rank(), local_rank=local_rank, size=size, nodes=nodes,
                  backend=torch_dist.get_backend(), device=device, launcher=launcher, sagemaker=container.job_info())
 
 
@@ -206,11 +237,10 @@ def join_group(backend: str, launcher: str, timeout: timedelta, log: Callable[[s
     if backend == "smddp":  # the SMDDP library finds its ranks itself, under its own launcher or torchrun
         torch_dist.init_process_group(backend, timeout=timeout)
     elif launcher == "torchrun":
-        check_torchrun_env()
         store, rank, size = next(torch_dist.rendezvous("env://", timeout=timeout))
         # A torchrun restart re-forms the group in the same store: without a fresh prefix per attempt, a new
         # rank can read a dead rank's address from the attempt before and fail to connect.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        attempt = restart_count()
         torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f"hpml/attempt_{attempt}/", store),
                                       rank=rank, world_size=size, timeout=timeout)
     elif launcher == "none":

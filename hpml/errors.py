@@ -13,11 +13,12 @@ class UsageError(Exception):
 
 
 class RunStopped(Exception):
-    """Training stopped early (a signal, a diverging loss): one line, its own exit code, checkpoint kept."""
+    """Training stopped early (a signal, a diverging loss): one line, its own exit code, checkpoint kept. `agreed`:
+    every rank stops with it at the same step, so that rank 0 alone need say it."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, agreed: bool = False) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.agreed = exit_code, agreed
 
 
 def one_line(error: object, limit: int | None = None) -> str:

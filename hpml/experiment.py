@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import checkpoint, data, files, monitor, results, speed, train
+from . import checkpoint, data, files, monitor, results, speed, tensorboard_log, train
 from .config import TrainConfig, check_grad_compression
 from .dist import World
 from .errors import one_line
@@ -36,8 +36,10 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
 
 
 def check_paths(cfg: TrainConfig, world: World) -> None:
-    """Refuse before training a folder that cannot be written, or a file the file system cannot name: a run's id is
-    as long as results.new_run_id makes it."""
+    """Refuse before training a folder that cannot be written (or --tensorboard without its package), or a file the
+    file system cannot name: a run's id is as long as results.new_run_id makes it."""
+    if cfg.tensorboard:
+        tensorboard_log.check(cfg.tensorboard)
     results.check_writable(cfg.output_dir)
     checkpoint.check_writable(cfg)
     for name in cfg.models:

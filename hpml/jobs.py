@@ -39,6 +39,7 @@ from . import container, data, files, prices, results
 from .errors import UsageError, one_line
 
 if TYPE_CHECKING:  # imported on first use at run time (see above)
+    import sagemaker.debugger
     import sagemaker.estimator
     import sagemaker.session
 
@@ -54,6 +55,7 @@ SOURCE_SUFFIXES = (".py",)  # the job's code is Python only: keys, notes, caches
 # pip-installs a requirements.txt found in the source folder: the repository's own lists torch, and installing it
 # would replace the container's CUDA build, so the job gets this list instead.
 JOB_REQUIREMENTS = ("psutil>=5.9", "nvidia-ml-py>=12.535", "tqdm>=4.64")
+TENSORBOARD_REQUIREMENT = "tensorboard>=2.14"  # added for a job that writes TensorBoard scalars (--tensorboard)
 S3_PREFIX = "hpml"
 SUITE_TAG = {"Key": "hpml-suite", "Value": "hpml"}  # `list` and `collect --all` find this suite's jobs by it
 LOG_POLL_S = 10  # seconds between looks at a job's logs and status while `--wait` streams them
@@ -75,6 +77,13 @@ DEFAULT_FRAMEWORK_VERSION = "2.2.0"
 DEFAULT_PY_VERSION = "py310"
 TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 NOTEBOOK_METADATA = Path("/opt/ml/metadata/resource-metadata.json")  # present in SageMaker notebooks and Studio
+# The metrics SageMaker charts for a job, in its console and in CloudWatch, read from the line each model prints per
+# epoch (hpml.train.format_epoch; printed inside a job even with --quiet): one definition per model and metric, named
+# <model>:<metric>, whose regex captures the value in its one group. The five models make 30 definitions; SageMaker
+# takes up to 40, each regex up to 500 characters.
+EPOCH_LINE = (r"{model} epoch [0-9]+/[0-9]+: train loss {train_loss} acc {train_acc} \| test loss {test_loss} "
+              r"acc {test_acc} \| {epoch_time_s}s \([0-9.]+s data\) {images_per_s} img/s")
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
 
 NO_CREDENTIALS = ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN "
                   "for temporary keys), run `aws configure` or `aws sso login`, choose a profile with --profile or "
@@ -108,6 +117,12 @@ class JobSpec:
     spot: bool
     max_run: int
     max_wait: int | None
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What the job pip-installs beside the container's own packages."""
+        return (*JOB_REQUIREMENTS, TENSORBOARD_REQUIREMENT) if self.hyperparameters.get("tensorboard") else \
+            JOB_REQUIREMENTS
 
     @property
     def shown_bucket(self) -> str:
@@ -227,9 +242,10 @@ def _quiet_sdk_errors() -> Iterator[None]:
         raise UsageError(one_line(error)) from None
 
 
-def check_role(role: str) -> str:
+def check_role(role: str, source: str = "--role") -> str:
+    """`role` when it is an IAM role ARN; UsageError naming `source` (the flag, or the variable it came from)."""
     if not ROLE_ARN.fullmatch(role):
-        raise UsageError(f"--role must be an IAM role ARN like arn:aws:iam::123456789012:role/NAME, got {role!r}")
+        raise UsageError(f"{source} must be an IAM role ARN like arn:aws:iam::123456789012:role/NAME, got {role!r}")
     return role
 
 
@@ -256,10 +272,10 @@ def parse_s3_uri(uri: str, flag: str) -> tuple[str, str]:
 
 
 def default_role(ask_aws: bool) -> str | None:
-    """$HPML_SAGEMAKER_ROLE; else inside a SageMaker notebook or Studio, the notebook's own role (which takes AWS
-    calls to find); else None."""
-    if os.environ.get("HPML_SAGEMAKER_ROLE"):
-        return os.environ["HPML_SAGEMAKER_ROLE"]
+    """$HPML_SAGEMAKER_ROLE (UsageError naming it when it is no role ARN); else inside a SageMaker notebook or Studio,
+    the notebook's own role (which takes AWS calls to find); else None."""
+    if "HPML_SAGEMAKER_ROLE" in os.environ:
+        return check_role(os.environ["HPML_SAGEMAKER_ROLE"], "environment variable HPML_SAGEMAKER_ROLE")
     if ask_aws and NOTEBOOK_METADATA.exists():
         with _quiet_sdk_errors():
             return sdk().get_execution_role()
@@ -275,14 +291,15 @@ def job_name_for(models: list[str], distribution: str) -> str:
 # ---- code and data -------------------------------------------------------------------------------------------------
 
 
-def stage_source(folder: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Copy the job's code (the SOURCE_SUFFIXES files of CODE_PATHS) into `folder` with the job's requirements.txt;
-    return the files, relative to it. Links are not followed; they, hidden files and folders, and every other file
-    that is not source are left out, each named in a line (__pycache__ without one)."""
+def stage_source(folder: Path, requirements: tuple[str, ...] = JOB_REQUIREMENTS,
+                 log: Callable[[str], None] = print) -> list[Path]:
+    """Copy the job's code (the SOURCE_SUFFIXES files of CODE_PATHS) into `folder` with a requirements.txt listing
+    `requirements`; return the files, relative to it. Links are not followed; they, hidden files and folders, and
+    every other file that is not source are left out, each named in a line (__pycache__ without one)."""
     for relative in _source_files(REPO, log):
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / relative, folder / relative)
-    (folder / "requirements.txt").write_text("\n".join(JOB_REQUIREMENTS) + "\n")
+    (folder / "requirements.txt").write_text("\n".join(requirements) + "\n")
     return sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
 
 
@@ -471,7 +488,23 @@ def _same_object(s3: botocore.client.BaseClient, bucket: str, key: str, path: Pa
 
 def s3_locations(bucket: str, job_name: str) -> dict[str, str]:
     root = f"s3://{bucket}/{S3_PREFIX}"
-    return {"output": f"{root}/output", "code": f"{root}/code", "checkpoints": f"{root}/checkpoints/{job_name}"}
+    return {"output": f"{root}/output", "code": f"{root}/code", "checkpoints": f"{root}/checkpoints/{job_name}",
+            "tensorboard": f"{root}/tensorboard/{job_name}/"}
+
+
+def metric_definitions(models: list[str]) -> list[dict[str, str]]:
+    """SageMaker's metric definitions of each model's per-epoch metrics (see EPOCH_LINE)."""
+    number = "[0-9.]+"
+    return [{"Name": f"{model}:{metric}",
+             "Regex": EPOCH_LINE.format(model=re.escape(model),
+                                        **{name: f"({number})" if name == metric else number for name in METRICS})}
+            for model in models for metric in METRICS]
+
+
+def tensorboard_output(spec: JobSpec, where: dict[str, str]) -> sagemaker.debugger.TensorBoardOutputConfig | None:
+    """The job's TensorBoard output: the folder its script writes (its --tensorboard, when given), uploaded to S3."""
+    folder = spec.hyperparameters.get("tensorboard")
+    return sdk().debugger.TensorBoardOutputConfig(where["tensorboard"], folder) if folder else None
 
 
 def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
@@ -493,6 +526,8 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
             code_location=where["code"],
             checkpoint_s3_uri=where["checkpoints"],
             checkpoint_local_path=container.JOB_CHECKPOINT_DIR,
+            metric_definitions=metric_definitions(spec.hyperparameters["model"].split(",")),
+            tensorboard_output_config=tensorboard_output(spec, where),
             use_spot_instances=spec.spot,
             max_run=spec.max_run,
             max_wait=spec.max_wait if spec.spot else None,
@@ -533,7 +568,7 @@ def dry_run_request(spec: JobSpec, profile: str | None) -> dict:
 def submit(spec: JobSpec, session: sagemaker.session.Session) -> None:
     """Upload the code and start the job (the SDK does both); return once SageMaker has accepted it."""
     with tempfile.TemporaryDirectory(prefix="hpml-source-") as folder:
-        stage_source(Path(folder))
+        stage_source(Path(folder), spec.requirements)
         job = estimator(spec, session, spec.bucket, folder)
         with _quiet_sdk_errors():
             job.fit(_inputs(spec), wait=False, job_name=spec.job_name)

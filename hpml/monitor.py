@@ -308,7 +308,7 @@ def check_csv_path(path: str | Path) -> Path:
     """Prove samples can be appended to `path` (creating its folder and an empty file); UsageError otherwise."""
     path = files.check_output_file(path, "--csv")
     try:
-        with open(path, "a", newline=""):
+        with open(path, "a", newline="", encoding="utf-8"):
             pass
     except OSError as error:
         raise UsageError(f"--csv {path} is not writable: {error.strerror or error}") from None
@@ -338,8 +338,9 @@ def write_samples_csv(path: str | Path, rows: Iterable[dict], append: bool = Fal
 
 
 def _write_rows(path: Path, mode: str, rows: Iterable[dict]) -> Path:
-    """Write (mode "w") or append (mode "a") rows, with the header when the file starts empty."""
-    with open(path, mode, newline="") as file:
+    """Write (mode "w") or append (mode "a") rows, with the header when the file starts empty; UTF-8 whatever the
+    locale, so that a GPU's or a host's name reads back the same on any machine."""
+    with open(path, mode, newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
         if file.tell() == 0:
             writer.writeheader()
@@ -348,8 +349,8 @@ def _write_rows(path: Path, mode: str, rows: Iterable[dict]) -> Path:
 
 
 def read_samples_csv(path: str | Path) -> list[dict]:
-    """Rows of a samples CSV with numbers parsed (int or float) and empty fields as None."""
-    with open(path, newline="") as file:
+    """Rows of a samples CSV (UTF-8, as written) with numbers parsed (int or float) and empty fields as None."""
+    with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
         if tuple(reader.fieldnames or ()) != CSV_FIELDS:
             raise ValueError(f"{path}: not a utilization samples CSV (header {reader.fieldnames})")

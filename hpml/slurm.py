@@ -1,8 +1,9 @@
 """A study's cells as SLURM batch jobs: one sbatch script per cell, in the conventions of slurm/hpml_ddp.sbatch
-(srun starts one torchrun per node, torchrun one process per GPU, rendezvous on the first node).
+(srun starts one torchrun per node, torchrun one process per GPU, or the processes of a CPU node; the rendezvous
+is on the first node, at a port of the job's own).
 
-Client layer: no torch. Written against the documented interfaces of sbatch, sacct, squeue and scontrol; not
-tested against a real SLURM.
+Client layer: no torch. Run against a real SLURM of two CPU nodes (tests/test_slurm_cluster.py), and against
+stand-ins for its commands (tests/test_study_slurm.py).
 """
 
 from __future__ import annotations
@@ -11,15 +12,25 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cli
-from .config import TrainConfig
+from .config import MAX_PROCESSES, TrainConfig
 from .errors import UsageError
 from .study import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell, settings_id
 
 SUBMITTED = re.compile(r"Submitted batch job (\d+)")
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d\d){0,2}")  # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+# What the #SBATCH line of a name may hold (sbatch splits those lines at blanks and reads quotes its own way):
+# partition (a comma list), account and QOS names; a constraint adds the operators of its expressions.
+NAME = r"[A-Za-z0-9_.\-]+"
+NAMES = {"partition": (re.compile(rf"{NAME}(,{NAME})*"), "a partition name or comma list of them"),
+         "account": (re.compile(NAME), "an account name"), "qos": (re.compile(NAME), "a QOS name"),
+         "constraint": (re.compile(r"[A-Za-z0-9_.\-&|,*:\[\]()]+"), "node features joined by &, |, [...], *count")}
+NAME_CHARS = "letters, digits, '_', '-', '.'"
+CPUS_PER_GPU = 4  # a job's CPUs per GPU unless --cpus-per-task says
+MAX_CPUS = 4096  # --cpus-per-task: more than a node has, a typo
 # The end states of a job that did not finish its work: its cell is submitted again.
 FAILED = frozenset({"BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                     "TIMEOUT"})
@@ -33,22 +44,109 @@ STATE_QUERIES = (
     (("scontrol", "show", "job", "{job}"), re.compile(r"\bJobState=([A-Z_]+)")),
 )
 QUERY_TIMEOUT_S = 60
+# A multi-node job's rendezvous, on its first node (two jobs there meet at the same port only when their ids are a
+# multiple of 20000 apart); its log says where.
+RENDEZVOUS = ('RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+              "# A rendezvous port of this job's own: jobs that share their first node do not meet at the same one.\n"
+              "RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}\n"
+              'echo "rendezvous at $RDZV_HOST:$RDZV_PORT"\n')
 
 
-def check_time_limit(text: str) -> str:
+@dataclass
+class JobOptions:
+    """What every cell's job asks SLURM for, and runs before training: run_study.py's SLURM flags."""
+
+    gpus_per_node: int = 4  # 0: CPU nodes
+    processes_per_node: int | None = None  # None: one per GPU, or one per CPU node
+    cpus_per_task: int | None = None  # None: CPUS_PER_GPU per GPU, or one per process on CPU nodes
+    time_limit: str = "01:00:00"
+    names: dict[str, str] = field(default_factory=dict)  # those of partition, account, qos, constraint given
+    sbatch_args: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)  # shell lines, as given
+
+    @property
+    def per_node(self) -> int:
+        """The training processes of a node, at most."""
+        return self.processes_per_node or self.gpus_per_node or 1
+
+    def check(self, world_sizes: list[int]) -> None:
+        """UsageError in one line for the first flag SLURM or the script could not take (check_counts aside, which
+        holds wherever the study runs)."""
+        check_time_limit(self.time_limit)
+        for flag, value in self.names.items():
+            check_name(flag, value)
+        for argument in self.sbatch_args:
+            check_sbatch_arg(argument)
+        check_setup(self.setup)
+        for size in world_sizes:
+            self.layout(size)
+
+    def layout(self, world_size: int) -> tuple[int, int]:
+        """(nodes, processes per node) for a world size: one node when it fits, else whole nodes."""
+        if world_size <= self.per_node:
+            return 1, world_size
+        if world_size % self.per_node:
+            given = (f"--processes-per-node {self.processes_per_node}" if self.processes_per_node
+                     else f"--gpus-per-node {self.gpus_per_node}" if self.gpus_per_node
+                     else "one process per CPU node (--processes-per-node)")
+            raise UsageError(f"--world-sizes {world_size} does not fill whole nodes of {given}; use a size up to "
+                             f"{self.per_node} or a multiple of it")
+        return world_size // self.per_node, self.per_node
+
+    def python(self) -> str:
+        """The python a job runs: this one, unless --setup makes its own (then `python` on the PATH it leaves)."""
+        return "python" if self.setup else shlex.quote(sys.executable)
+
+
+def check_counts(options: JobOptions) -> None:
+    """UsageError in one line for a count of GPUs, processes or CPUs that no node has."""
+    if not 0 <= options.gpus_per_node <= MAX_PROCESSES:
+        raise UsageError(f"--gpus-per-node must be 0 (CPU nodes) to {MAX_PROCESSES}, got {options.gpus_per_node}")
+    processes = options.processes_per_node
+    if processes is not None and not 1 <= processes <= MAX_PROCESSES:
+        raise UsageError(f"--processes-per-node must be 1 to {MAX_PROCESSES}, got {processes}")
+    if processes is not None and options.gpus_per_node and processes > options.gpus_per_node:
+        raise UsageError(f"--processes-per-node {processes} is more than --gpus-per-node {options.gpus_per_node}: "
+                         "each process has a GPU of its own (--gpus-per-node 0 for CPU nodes)")
+    if options.cpus_per_task is not None and not 1 <= options.cpus_per_task <= MAX_CPUS:
+        raise UsageError(f"--cpus-per-task must be 1 to {MAX_CPUS}, got {options.cpus_per_task}")
+
+
+def check_time_limit(text: str) -> None:
     if not TIME_LIMIT.fullmatch(text):
         raise UsageError(f"--time-limit must be a SLURM time such as 30, 45:00, 01:00:00 or 1-00:00:00, got {text!r}")
-    return text
 
 
-def nodes_and_gpus(world_size: int, gpus_per_node: int) -> tuple[int, int]:
-    """(nodes, GPUs per node) for a world size: one node when it fits, else whole nodes; UsageError otherwise."""
-    if world_size <= gpus_per_node:
-        return 1, world_size
-    if world_size % gpus_per_node:
-        raise UsageError(f"--world-sizes {world_size} does not fill whole nodes of --gpus-per-node {gpus_per_node}; "
-                         f"use a size up to {gpus_per_node} or a multiple of it")
-    return world_size // gpus_per_node, gpus_per_node
+def check_name(flag: str, value: str) -> None:
+    pattern, what = NAMES[flag]
+    if not pattern.fullmatch(value):
+        allowed = NAME_CHARS + (", &, |, ',', *, :, [, ], (, )" if flag == "constraint" else "")
+        raise UsageError(f"--{flag} must be {what} ({allowed}), got {value!r}")
+
+
+def has_control_characters(text: str, allowed: str = "") -> bool:
+    return any((ord(char) < 32 or ord(char) == 127) and char not in allowed for char in text)
+
+
+def check_sbatch_arg(argument: str) -> None:
+    """An option sbatch takes on its command line, in one argument (it would take another word for the script's
+    name): --sbatch-arg=--mem=8G, not --sbatch-arg=--mem --sbatch-arg=8G."""
+    if not argument.startswith("-") or has_control_characters(argument):
+        raise UsageError(f"--sbatch-arg must be one sbatch option with its value, starting with '-' and without "
+                         f"control characters (e.g. --sbatch-arg=--mem=8G), got {argument!r}")
+
+
+def check_setup(lines: list[str]) -> None:
+    """Shell lines bash can read: no control characters but newlines and tabs, and no syntax error (bash -n)."""
+    for text in lines:
+        if has_control_characters(text, allowed="\n\t"):
+            raise UsageError(f"--setup must be shell lines without control characters other than newlines and "
+                             f"tabs, got {text!r}")
+    if lines:
+        done = subprocess.run(["bash", "-n"], input="\n".join(lines) + "\n", capture_output=True, text=True)
+        if done.returncode:
+            why = " ".join(done.stderr.split()) or f"exit code {done.returncode}"
+            raise UsageError(f"--setup must be lines bash can run: {why}, in {chr(10).join(lines)!r}")
 
 
 def job_name(cell: Cell, cfg: TrainConfig) -> str:
@@ -58,7 +156,7 @@ def job_name(cell: Cell, cfg: TrainConfig) -> str:
 def check_output_dir(output_dir: str) -> None:
     """UsageError for an --output-dir the jobs' log files cannot be named in: a newline or another control character
     (no printed sbatch command would fit on a line), or a backslash (sbatch's --output then leaves '%j' as it is)."""
-    if "\\" in output_dir or any(ord(char) < 32 or ord(char) == 127 for char in output_dir):
+    if "\\" in output_dir or has_control_characters(output_dir):
         raise UsageError(f"--where slurm: --output-dir must not contain a newline, another control character or a "
                          f"backslash (sbatch names the log files in it), got {output_dir!r}")
 
@@ -68,45 +166,53 @@ def log_file(log_dir: Path, cell: Cell, cfg: TrainConfig, job: str) -> Path:
     return log_dir / f"{job_name(cell, cfg)}-{job}.out"
 
 
-def sbatch_command(script: Path, log_dir: Path, cell: Cell, cfg: TrainConfig) -> list[str]:
-    """sbatch with the job's log file, '%j' for the job id that sbatch puts in. --output goes on the command line, not
-    in an #SBATCH line, which sbatch splits and unquotes by rules of its own; '%' in the folder is doubled, as sbatch
-    reads '%' in --output as the start of a pattern."""
+def sbatch_command(script: Path, log_dir: Path, cell: Cell, cfg: TrainConfig, sbatch_args: list[str]) -> list[str]:
+    """sbatch with --sbatch-arg's options, then the job's log file, '%j' for the job id that sbatch puts in (last, so
+    that the log is where a re-run looks for it). --output goes on the command line, not in an #SBATCH line, which
+    sbatch splits and unquotes by rules of its own; '%' in the folder is doubled, as sbatch reads '%' in --output as
+    the start of a pattern."""
     pattern = log_file(Path(str(log_dir).replace("%", "%%")), cell, cfg, "%j")
-    return ["sbatch", f"--output={pattern}", str(script)]
+    return ["sbatch", *sbatch_args, f"--output={pattern}", str(script)]
 
 
-def batch_script(cell: Cell, cfg: TrainConfig, gpus_per_node: int, time_limit: str) -> str:
-    """The sbatch script of one cell: run_hpc.py on one GPU for world size 1, else torchrun on every node. It runs
-    in the folder sbatch is called from, as relative --data-dir and --output-dir expect."""
-    nodes, gpus = nodes_and_gpus(cell.world_size, gpus_per_node)
+def batch_script(cell: Cell, cfg: TrainConfig, options: JobOptions) -> str:
+    """The sbatch script of one cell: run_hpc.py for world size 1, else torchrun on every node. It runs in the
+    folder sbatch is called from, as relative --data-dir and --output-dir expect."""
+    nodes, processes = options.layout(cell.world_size)
+    gpus = processes if options.gpus_per_node else 0
+    cpus = options.cpus_per_task or (CPUS_PER_GPU * gpus or processes)
+    requests = [f"--job-name={job_name(cell, cfg)}", f"--nodes={nodes}", "--ntasks-per-node=1",
+                *([f"--gpus-per-node={gpus}"] if gpus else []), f"--cpus-per-task={cpus}",
+                f"--time={options.time_limit}", *(f"--{flag}={value}" for flag, value in options.names.items())]
+    return (f"#!/bin/bash\n"
+            f"# {cell}: written by run_study.py --where slurm\n"
+            + "".join(f"#SBATCH {request}\n" for request in requests)
+            + f"\n{shell_start(options.setup)}"
+            + f"# CPU threads per training process: its share of the node's CPUs ({cpus} for {processes})\n"
+            + f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{max(1, cpus // processes)}}}\n\n"
+            + f"{launch(cell, cfg, options.python(), processes)}\n")
+
+
+def shell_start(setup: list[str]) -> str:
+    """Stop at the first failing command; --setup's lines before `set -u`, which some of them (module, activate
+    scripts) do not take."""
+    if not setup:
+        return "set -euo pipefail\n"
+    lines = "\n".join(setup)
+    return f"set -eo pipefail\n# --setup, as given; then `python` is the one on the PATH it leaves\n{lines}\nset -u\n"
+
+
+def launch(cell: Cell, cfg: TrainConfig, python: str, processes: int) -> str:
     distributed = cell.world_size > 1
     values = {**cli.flag_values(cfg, distributed), "model": cell.model}
     flags = " ".join(shlex.quote(text) for name, value in values.items() for text in (f"--{name}", value))
-    python = shlex.quote(sys.executable)
-    if distributed:
-        launch = (f"srun --kill-on-bad-exit=1 {python} -m torch.distributed.run \\\n"
-                  f"    --nnodes \"$SLURM_NNODES\" --nproc_per_node {gpus} --rdzv-id \"$SLURM_JOB_ID\" \\\n"
-                  f"    --rdzv-backend c10d --rdzv-endpoint \"$RDZV_HOST:$RDZV_PORT\" \\\n"
-                  f"    {shlex.quote(str(DATA_PARALLEL_SCRIPT))} {flags}")
-        rendezvous = ('RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-                      "RDZV_PORT=${RDZV_PORT:-29500}\n")
-    else:
-        launch, rendezvous = f"srun {python} {shlex.quote(str(SINGLE_DEVICE_SCRIPT))} {flags}", ""
-    return (f"#!/bin/bash\n"
-            f"# {cell}: written by run_study.py --where slurm\n"
-            f"#SBATCH --job-name={job_name(cell, cfg)}\n"
-            f"#SBATCH --nodes={nodes}\n"
-            f"#SBATCH --ntasks-per-node=1\n"
-            f"#SBATCH --gpus-per-node={gpus}\n"
-            f"#SBATCH --cpus-per-task={4 * gpus}\n"
-            f"#SBATCH --time={time_limit}\n\n"
-            f"set -euo pipefail\n"
-            f"{rendezvous}"
-            "# CPU threads per training process (one per GPU): the data sits on the GPU, so the CPU mostly launches "
-            "kernels.\n"
-            "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}\n\n"
-            f"{launch}\n")
+    if not distributed:
+        return f"srun {python} {shlex.quote(str(SINGLE_DEVICE_SCRIPT))} {flags}"
+    return (f"{RENDEZVOUS}"
+            f"srun --kill-on-bad-exit=1 {python} -m torch.distributed.run \\\n"
+            f"    --nnodes \"$SLURM_NNODES\" --nproc_per_node {processes} --rdzv-id \"$SLURM_JOB_ID\" \\\n"
+            f"    --rdzv-backend c10d --rdzv-endpoint \"$RDZV_HOST:$RDZV_PORT\" \\\n"
+            f"    {shlex.quote(str(DATA_PARALLEL_SCRIPT))} {flags}")
 
 
 def submit(command: list[str]) -> str:

@@ -25,7 +25,7 @@ from types import FrameType, TracebackType
 import psutil
 
 from . import cli, hardware
-from .config import TrainConfig
+from .config import MAX_THREADS, MAX_WORLD_SIZE, TrainConfig, comma_list
 from .errors import RunStopped, UsageError
 
 # The settings that make two runs the same experiment (besides model, world size and hardware): what is trained and
@@ -58,15 +58,14 @@ class Cell:
 
 
 def parse_world_sizes(text: str) -> list[int]:
-    """'1,2,4' -> [1, 2, 4]; UsageError naming a size that is not a positive integer."""
+    """'1,2,4' -> [1, 2, 4]; UsageError naming a size that is not a positive integer up to MAX_WORLD_SIZE."""
     sizes: list[int] = []
-    for part in filter(None, (piece.strip() for piece in text.split(","))):
-        if not part.isdigit() or int(part) < 1:
-            raise UsageError(f"--world-sizes takes positive integers separated by commas (e.g. 1,2,4), got {part!r}")
+    for part in comma_list(text, "--world-sizes"):
+        if not (part.isascii() and part.isdigit() and 1 <= int(part) <= MAX_WORLD_SIZE):
+            raise UsageError(f"--world-sizes takes positive integers up to {MAX_WORLD_SIZE} separated by commas "
+                             f"(e.g. 1,2,4), got {part!r}")
         if int(part) not in sizes:
             sizes.append(int(part))
-    if not sizes:
-        raise UsageError(f"--world-sizes needs at least one size, got {text!r}")
     return sizes
 
 
@@ -148,12 +147,12 @@ def progress_line(cell: Cell, ok: bool, done: int, total: int, elapsed: float) -
 
 
 def check_environment() -> None:
-    """UsageError naming an OMP_NUM_THREADS the cells would get that is not a positive integer: libgomp ignores an
-    empty or 0 value and the training then uses every core."""
+    """UsageError naming an OMP_NUM_THREADS the cells would get that is not a positive integer up to MAX_THREADS:
+    libgomp ignores an empty or 0 value and the training then uses every core."""
     threads = os.environ.get("OMP_NUM_THREADS")
-    if threads is not None and not (threads.isascii() and threads.isdigit() and int(threads) > 0):
+    if threads is not None and not (threads.isascii() and threads.isdigit() and 0 < int(threads) <= MAX_THREADS):
         raise UsageError(f"OMP_NUM_THREADS must be a positive integer (CPU threads per training process) or unset, "
-                         f"got {threads!r}")
+                         f"got {threads!r}; at most {MAX_THREADS}")
 
 
 def local_processor(device: str) -> str:

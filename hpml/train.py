@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 import sys
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 import models
 
-from . import checkpoint, container, dist, results, speed
+from . import checkpoint, container, dist, results, speed, tensorboard_log
 from .config import TrainConfig
 from .data import ImageSet
 from .dist import World
@@ -104,12 +103,13 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
                     device: torch.device, progress: tqdm,
                     autocast: contextlib.AbstractContextManager | None = None,
                     scaler: torch.amp.GradScaler | None = None,
-                    control: StepControl | None = None, partial: dict | None = None) -> dict:
+                    control: StepControl | None = None, partial: dict | None = None,
+                    on_step: Callable[[int, Tensor, int], None] | None = None) -> dict:
     """One pass over this rank's shard (or what is left of it after `partial`, a stopped epoch's sums).
 
     Returns sums (loss, correct, images), the steps taken, times in seconds and `stopped` (None, "stop" or
     "diverged"). data_time_s is the time the loop waited for the next batch; the epoch time is read after
-    the device has finished the last step.
+    the device has finished the last step. `on_step` gets the steps, loss sum and images so far after each step.
     """
     model.train()
     autocast = autocast or contextlib.nullcontext()
@@ -144,6 +144,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
         images += len(targets)
         steps += 1
         progress.update(1)
+        if on_step:
+            on_step(steps, loss_sum, images)
         if not progress.disable and steps % 20 == 0:
             progress.set_postfix(loss=f"{loss_sum.item() / images:.3f}", acc=f"{correct.item() / images:.3f}")
         if control:
@@ -214,12 +216,13 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_epoch(self, epoch: int, progress: tqdm, control: StepControl | None = None,
-                    partial: dict | None = None) -> dict:
+                    partial: dict | None = None, on_step: Callable[[int, Tensor, int], None] | None = None) -> dict:
         """Train one epoch (the rest of it after `partial`); the schedule steps when the epoch completes."""
         seed_all(self.cfg.seed, epoch, self.world.rank)
         self.train_batches.set_epoch(epoch, skip_batches=partial["steps"] if partial else 0)
         stats = train_one_epoch(self.train_model, self.optimizer, self.train_batches, self.world.device, progress,
-                                speed.autocast(self.speed, self.world.device), self.scaler, control, partial)
+                                speed.autocast(self.speed, self.world.device), self.scaler, control, partial,
+                                on_step)
         if not stats["stopped"]:
             with warnings.catch_warnings():  # an epoch resumed after its last step takes no optimizer step
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
@@ -257,34 +260,65 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     trainer = Trainer(cfg, model_name, world, images)
     saved.start(trainer.load_state_dict, setup_start, log)
     control = StepControl(world, stop_requested)
-    with saved:
+    with saved, tensorboard_scalars(cfg, model_name, world, saved, len(trainer.train_batches)) as scalars:
         for epoch in range(saved.epochs_done + 1, cfg.epochs + 1):
-            epoch_lr = trainer.current_lr
+            epoch_lr, partial = trainer.current_lr, rank_share(saved.progress["partial"], world)
+            if scalars:
+                scalars.start_epoch(epoch, partial)
             with epoch_progress(cfg, world, model_name, epoch, len(trainer.train_batches)) as progress:
-                train = trainer.train_epoch(epoch, progress, control, saved.progress["partial"])
+                train = trainer.train_epoch(epoch, progress, control, partial, scalars.after_step if scalars else None)
             if train["stopped"] == "diverged":
                 raise RunStopped(f"{model_name}: the training loss became NaN or infinite in epoch {epoch}; stopped "
-                                 f"({saved.last_good()}); try a lower --lr or --precision fp32", exit_code=3)
+                                 f"({saved.last_good()}); try a lower --lr or --precision fp32", exit_code=3,
+                                 agreed=True)
             if train["stopped"] == "stop":
-                saved.save_stopped_epoch(train, trainer.state_dict)
+                saved.save_stopped_epoch(summed_over_ranks(train, world), trainer.state_dict)
                 raise RunStopped(f"{model_name}: stopped by a signal at step {train['steps']} of epoch {epoch}; "
-                                 f"checkpoint saved to {saved.path}; rerun with --resume to continue", exit_code=130)
+                                 f"checkpoint saved to {saved.path}; rerun with --resume to continue", exit_code=130,
+                                 agreed=True)
             eval_start = time.perf_counter()
             test = trainer.evaluate()
             metrics = epoch_metrics(epoch, epoch_lr, train, test, time.perf_counter() - eval_start, world)
             saved.save_epoch(metrics, trainer.state_dict)
-            if not cfg.quiet and world.is_main:
+            if scalars:
+                scalars.end_epoch(metrics)
+            if world.is_main and (not cfg.quiet or container.in_job()):  # SageMaker reads the job's metrics from it
                 log(format_epoch(model_name, cfg.epochs, metrics))
+                sys.stdout.flush()  # a job's stdout is a pipe: the line, and so the metric, arrives with the epoch
             if epoch < cfg.epochs and control.stop_agreed():
                 saved.writer.wait()
                 raise RunStopped(f"{model_name}: stopped by a signal after epoch {epoch}; checkpoint saved to "
-                                 f"{saved.path}; rerun with --resume to continue", exit_code=130)
+                                 f"{saved.path}; rerun with --resume to continue", exit_code=130, agreed=True)
     record = results.build_record(model_name, saved.progress, cfg.as_dict(), world.describe(), trainer.describe(),
                                   images.summary(), results.environment(world.device), saved.wall_time_s(),
                                   str(saved.path))
     if world.is_main:
         checkpoint.save_final_weights(trainer.model.state_dict(), record["run_id"])
     return record
+
+
+def summed_over_ranks(train: dict, world: World) -> dict:
+    """A stopped epoch's sums over every rank, as its checkpoint keeps them (rank 0 writes it)."""
+    loss_sum, correct, images = world.all_reduce([train["loss_sum"], train["correct"], train["images"]])
+    return {**train, "loss_sum": loss_sum, "correct": round(correct), "images": round(images)}
+
+
+def rank_share(partial: dict | None, world: World) -> dict | None:
+    """What this rank goes on from in a resumed epoch: rank 0 from the sums over every rank, the others from none,
+    so that the epoch's sums over ranks come out as they would have without the stop."""
+    if partial is None or world.is_main:
+        return partial
+    return {**partial, "loss_sum": 0.0, "correct": 0, "images": 0}
+
+
+def tensorboard_scalars(cfg: TrainConfig, model_name: str, world: World, saved: checkpoint.RunCheckpoint,
+                        steps_per_epoch: int) -> contextlib.AbstractContextManager[tensorboard_log.RunScalars | None]:
+    """--tensorboard's writer for this run, on rank 0 (None on the others, and without the flag)."""
+    run_id, partial = saved.progress["run_id"], saved.progress["partial"]
+    steps_done = saved.epochs_done * steps_per_epoch + (partial["steps"] if partial else 0)
+    settings = {"model": model_name, "run_id": run_id, **cfg.as_dict(), **world.describe()}
+    return tensorboard_log.run_scalars(cfg.tensorboard if world.is_main else None, run_id, settings,
+                                       cfg.tensorboard_every, steps_per_epoch, world.size, steps_done)
 
 
 def epoch_progress(cfg: TrainConfig, world: World, model_name: str, epoch: int, steps: int) -> tqdm:
@@ -296,7 +330,7 @@ def epoch_progress(cfg: TrainConfig, world: World, model_name: str, epoch: int, 
 
 def resuming(cfg: TrainConfig) -> bool:
     """--resume, or implied: a torchrun restart after a failure, or a SageMaker job (spot interruptions)."""
-    return cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or container.in_job()
+    return cfg.resume or dist.restart_count() > 0 or container.in_job()
 
 
 def epoch_metrics(epoch: int, lr: float, train: dict, test: dict, eval_time: float, world: World) -> dict:

@@ -45,10 +45,11 @@ def batches_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A real SLURM cluster, a controller and two nodes in namespaces of their own (tests/slurm_cluster.py), one per
-    test process. Skipped without root, namespaces or the packages; under CI=true that is a failure instead."""
+    """A real SLURM cluster, a controller and two nodes of 4 CPUs in namespaces of their own (tests/slurm_cluster.py),
+    one per test process: room for a study's jobs at once. Skipped without root, namespaces or the packages; under
+    CI=true that is a failure instead."""
     why = missing()
     if why:
         (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"no SLURM test cluster: {why}")
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4) as cluster:
         yield cluster

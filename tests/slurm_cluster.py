@@ -19,6 +19,9 @@ PATH. The file system is the machine's, shared by all hosts as a cluster's share
 root in the folder it was submitted from, and can run this repository's .venv/bin/python on either node. In a job,
 the wrappers run the real commands on the node itself.
 
+Signals: `scancel` sends SIGTERM to every process of a job's steps, and SIGKILL KillWait (30 s) later to those left,
+time enough for a training run to save its checkpoint.
+
 Accounting: none (`sacct` says "Slurm accounting storage is disabled"); `scontrol show job` and `squeue --states=all`
 know a job for MinJobAge (300 s) after it ends, and jobcomp/filetxt writes a line per ended job to `jobcomp.txt`.
 """
@@ -247,7 +250,7 @@ SlurmctldLogFile={self.log_dir / 'slurmctld.log'}
 SlurmdLogFile={self.log_dir / 'slurmd'}-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-KillWait=2
+KillWait=30
 MinJobAge=300
 InactiveLimit=0
 MailProg=/bin/true

@@ -9,6 +9,7 @@ path.
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpml import checkpoint, cli, plots, results
+from hpml import checkpoint, cli, data, dist, plots, results, study
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
 from tests.helpers import REPO, exit_code_of, record, run_script, script_main
@@ -145,7 +146,7 @@ CASES = [
     ("bench/checkpoint_wait.py", ["--gap", "nan"], "--gap must be 0 or more seconds, got nan"),
     ("bench/parity.py", ["--epochs", "0", "--output-dir", "{root}/parity"], "--epochs must be a positive integer"),
     ("bench/monitor_overhead.py", ["--model", "vgg,resnet"], "--model takes one model name, got 'vgg,resnet'"),
-    ("bench/monitor_overhead.py", ["--intervals", "1,0"], "--intervals must be positive numbers of seconds"),
+    ("bench/monitor_overhead.py", ["--intervals", "1,0"], "--intervals must be a comma list of seconds from 0.01"),
     ("bench/allreduce.py", ["--max-bytes", "99999999G"], "argument --max-bytes: expected at most 16G, got '99999999G'"),
 ]
 TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
@@ -227,6 +228,55 @@ def test_dist_timeout_too_large_for_the_c_layer_is_refused():
         TrainConfig(dist_timeout=1e12).validate()
 
 
+# Write errors: whatever a script writes (a samples CSV, a JSON, a figure), a write that fails there is one line
+# naming the file and the cause, exit code 1, no traceback. The figures folder holds a folder named Time.png, which
+# the first figure's rename cannot replace; a name of 300 bytes is longer than any file system takes.
+LONG = "n" * 300
+MEASURED = str(REPO / "bench" / "measured" / "throughput_all_models_h200.json")
+WRITE_FAILURES = [
+    ("utilization.py", ["--once", "--csv", f"{{root}}/{LONG}.csv"], f"{{root}}/{LONG}.csv: File name too long"),
+    ("bench/throughput.py", ["--json", f"{{root}}/{LONG}.json"], f"{{root}}/{LONG}.json: File name too long"),
+    ("bench/scaling.py", ["--single", MEASURED, "--figure", "{figures}/S.png", "--json", f"{{root}}/{LONG}.json"],
+     f"{{root}}/{LONG}.json: File name too long"),
+    ("run_study.py", ["--models", "resnet18", "--world-sizes", "1", "--device", "cpu", "--output-dir",
+                      "{root}/results", "--figures-dir", "{figures}"], "{figures}/Time.png: Is a directory"),
+    ("plot_hpml.py", ["--results-dir", "{root}/results", "--output-dir", "{figures}"],
+     "{figures}/Time.png: Is a directory"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", WRITE_FAILURES, ids=[s for s, _, _ in WRITE_FAILURES])
+def test_a_write_that_fails_is_one_line_naming_the_file(script, args, message, place, tmp_path, capfd, monkeypatch):
+    (tmp_path / "Time.png" / "a folder, not a figure").mkdir(parents=True)
+    args = [a.format(root=place, figures=tmp_path) for a in args]
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
+    monkeypatch.setattr(study, "run_command", lambda command, signals: 1)  # a cell that fails at once: no training
+    before = snapshot(place / "results")
+    code = exit_code_of(script_main(script), args)
+    err = capfd.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert message.format(root=place, figures=tmp_path) in err
+    assert snapshot(place / "results") == before
+
+
+def test_a_failed_write_that_names_no_file_is_one_line(capsys):
+    def main(argv):
+        raise OSError(errno.EFBIG, "File too large")  # as a file object's write reports a file-size limit
+
+    assert exit_code_of(main, []) == 1
+    assert capsys.readouterr().err.endswith(": error: a write failed: File too large\n")
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ECONNREFUSED, "Connection refused"), OSError("mode RGBA as JPEG"),
+                                   ValueError("a bug")], ids=["a socket's", "a library's message", "not an OSError"])
+def test_an_error_about_no_file_keeps_its_traceback(error):
+    def main(argv):
+        raise error
+
+    with pytest.raises(type(error)):
+        cli.run_script(main, [])
+
+
 # The property sweep: every flag of every script whose value is an integer, a number or a path, found in the parser
 # each script's main builds, driven with every value its type must refuse.
 BAD_VALUES = {
@@ -242,9 +292,9 @@ class ParserCaught(Exception):
     pass
 
 
-def typed_flags(script: str) -> list[tuple[list[str], str, object]]:
-    """(sub-command, flag, type) of each option of a script's parser and its sub-commands' whose type is in BAD_VALUES:
-    the parser is caught as the script's main starts parsing."""
+def parsers_of(script: str) -> list[tuple[list[str], argparse.ArgumentParser]]:
+    """(sub-command, parser) of a script's parser and of each of its sub-commands: the parser is caught as the
+    script's main starts parsing."""
     def catch(parser, args=None, namespace=None):
         raise ParserCaught(parser)
 
@@ -253,10 +303,30 @@ def typed_flags(script: str) -> list[tuple[list[str], str, object]]:
         with pytest.raises(ParserCaught) as caught:
             script_main(script)([])
     top = caught.value.args[0]
-    parsers = [([], top)] + [([name], sub) for action in top._actions
-                             if isinstance(action, argparse._SubParsersAction) for name, sub in action.choices.items()]
-    return [(words, max(action.option_strings, key=len), action.type) for words, parser in parsers
+    return [([], top)] + [([name], sub) for action in top._actions
+                          if isinstance(action, argparse._SubParsersAction) for name, sub in action.choices.items()]
+
+
+def typed_flags(script: str) -> list[tuple[list[str], str, object]]:
+    """(sub-command, flag, type) of each option of a script's parser and its sub-commands' whose type is in
+    BAD_VALUES."""
+    return [(words, max(action.option_strings, key=len), action.type) for words, parser in parsers_of(script)
             for action in parser._actions if action.option_strings and action.type in BAD_VALUES]
+
+
+def run_with_flag(script: str, flag_words: list[str], place: Path, capfd: pytest.CaptureFixture,
+                  monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """The script's exit code and stderr for its usual arguments plus `flag_words`, in `place`; its results folder
+    must be left as it was."""
+    args = full_args(script, flag_words, place)
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HOME", str(place))
+    monkeypatch.chdir(place)
+    before = snapshot(place / "results")
+    code = exit_code_of(script_main(script), args)
+    assert snapshot(place / "results") == before
+    return code, capfd.readouterr().err.strip()
 
 
 SWEEP = [(script, words, flag, value) for script in SCRIPTS for words, flag, kind in typed_flags(script)
@@ -266,8 +336,136 @@ SWEEP = [(script, words, flag, value) for script in SCRIPTS for words, flag, kin
 @pytest.mark.parametrize("script, words, flag, value", SWEEP,
                          ids=[" ".join([s, *w, f, repr(v)]) for s, w, f, v in SWEEP])
 def test_every_bad_value_of_every_typed_flag_is_refused_naming_it(script, words, flag, value, place, capfd,
-                                                                   monkeypatch):
-    args = full_args(script, [*words, flag, value], place)
+                                                                   monkeypatch, bounded):
+    code, err = run_with_flag(script, [*words, flag, value], place, capfd, monkeypatch)
+    assert code != 0 and len(err.splitlines()) <= 2 and "Traceback" not in err, err
+    assert flag in err, err
+
+
+# The list sweep: every flag whose value is a comma list (its help says so), each entry driven with the values its
+# kind must refuse, alone and after a good entry, and an empty list of entries (",,"). A refused list trains nothing,
+# waits for nothing and writes nothing; a case that would train instead fails at once (run_command, the alarm).
+NAMES = ["x", "", "nan"]
+LIST_ENTRIES = {  # flag: (a good entry, the bad ones)
+    "--model": ("resnet18", NAMES), "--models": ("resnet18", NAMES), "--grad-compression": ("none", NAMES),
+    "--cuda-graphs": ("off", NAMES),
+    "--world-sizes": ("1", ["x", "1.5", "nan", "inf", "-1", "0", "1e15", "99999999999999999999", "\u0663", ""]),
+    "--intervals": ("1", ["x", "nan", "inf", "-1", "0", "1e-9", "1e15", "1e20", ""]),
+    "--seeds": ("0", ["x", "1.5", "-1", "1e20", "99999999999999999999", ""]),
+}
+NOT_SPLIT_HERE = {"--partition", "--sbatch-arg", "--dry-run"}  # handed to sbatch as given; mention commas only
+CASE_SECONDS = 60
+
+
+class TookTooLong(BaseException):
+    """Raised by the alarm in a case that went on to train or wait: no script's handler catches it."""
+
+
+@pytest.fixture
+def bounded(monkeypatch):
+    """A case that runs longer than CASE_SECONDS, would start a study's cell or download CIFAR-10 fails instead."""
+    def stop(signum, frame):
+        raise TookTooLong(f"still running after {CASE_SECONDS} s: the bad value was not refused")
+
+    def no_cell(command, signals):
+        raise TookTooLong(f"a study cell would train: {command}")
+
+    def no_download(folder):
+        raise TookTooLong(f"CIFAR-10 would be downloaded into {folder}")
+
+    monkeypatch.setattr(study, "run_command", no_cell)
+    monkeypatch.setattr(data, "_download", no_download)
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(CASE_SECONDS)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def list_flags(script: str) -> list[tuple[list[str], str]]:
+    """(sub-command, flag) of each option of a script whose help speaks of a comma list."""
+    return [(words, max(action.option_strings, key=len)) for words, parser in parsers_of(script)
+            for action in parser._actions if "comma" in (action.help or "")
+            and max(action.option_strings, key=len) not in NOT_SPLIT_HERE]
+
+
+def bad_lists(flag: str) -> list[str]:
+    good, bad = LIST_ENTRIES[flag]
+    return list(dict.fromkeys([value for entry in bad for value in (entry, f"{good},{entry}")] + [",,"]))
+
+
+LIST_SWEEP = [(script, words, flag, value) for script in SCRIPTS for words, flag in list_flags(script)
+              for value in bad_lists(flag)]
+
+
+@pytest.mark.parametrize("script, words, flag, value", LIST_SWEEP,
+                         ids=[" ".join([s, *w, f, repr(v)]) for s, w, f, v in LIST_SWEEP])
+def test_every_bad_entry_of_every_list_flag_is_refused_naming_it(script, words, flag, value, place, capfd,
+                                                                  monkeypatch, bounded):
+    code, err = run_with_flag(script, [*words, flag, value], place, capfd, monkeypatch)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert flag in err, err
+
+
+# The environment sweep: every variable a script reads (grep os.environ), set to each value it must refuse, through a
+# script that reads it, in this process: one line naming the variable, before any training, download or rendezvous
+# (an accepted value would go on to them: the alarm and run_command stop that case, failing it). The other variables
+# of its kind hold good values: a world of one under torchrun, a SageMaker job's, CIFAR-10 from the environment.
+NUMBERS = ["", "x", "-1", "1.5", "99999999999999999999", "\udce9"]  # "\udce9": the byte 0xe9, not UTF-8
+FOLDERS = ["", "{root}/a-file", "{root}/a-file/below", "\udce9"]
+DATA_FOLDERS = ["", "{root}/missing", "{root}/a-file", "\udce9"]
+TEXTS = ["", "two\nlines", "\udce9"]
+TORCHRUN = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "{port}", "TORCHELASTIC_RESTART_COUNT": "0"}
+JOB = {"SM_TRAINING_ENV": "{{}}", "SAGEMAKER_BASE_DIR": "{root}/job"}
+RUN = [*(item for pair in SMALL_RUN.items() for item in pair), "--output-dir", "{root}/results"]
+CIFAR10 = ["--dataset", "cifar10", "--subset", "20", "--batch-size", "10", "--epochs", "1", "--output-dir",
+           "{root}/results"]
+STUDY = ["--models", "resnet18", "--world-sizes", "1", "--device", "cpu", "--output-dir", "{root}/results",
+         "--figures-dir", "{root}/figures"]
+ENVIRONMENT = [  # (variable, bad values, script, arguments, the good environment around it)
+    ("WORLD_SIZE", [*NUMBERS, "0"], "run_distributed.py", [*RUN, "--dist-timeout", "5"], TORCHRUN),
+    ("RANK", [*NUMBERS, "1"], "run_distributed.py", [*RUN, "--dist-timeout", "5"], TORCHRUN),
+    ("LOCAL_RANK", [*NUMBERS, "1"], "run_distributed.py", [*RUN, "--dist-timeout", "5"], TORCHRUN),
+    ("LOCAL_WORLD_SIZE", [*NUMBERS, "0"], "run_distributed.py", [*RUN, "--dist-timeout", "5"], TORCHRUN),
+    ("MASTER_ADDR", ["", " ", "two words", "\udce9"], "run_distributed.py", [*RUN, "--dist-timeout", "5"], TORCHRUN),
+    ("MASTER_PORT", [*NUMBERS, "0", "65536"], "run_distributed.py", [*RUN, "--dist-timeout", "5"], TORCHRUN),
+    ("TORCHELASTIC_RESTART_COUNT", NUMBERS[:4] + NUMBERS[5:], "run_distributed.py", [*RUN, "--dist-timeout", "5"],
+     TORCHRUN),
+    ("TORCHELASTIC_RESTART_COUNT", NUMBERS[:4] + NUMBERS[5:], "run_hpc.py", RUN, {}),
+    ("SM_TRAINING_ENV", ["", "x", "[]", "\udce9"], "run_hpc.py", RUN, JOB),
+    ("SM_HOSTS", ["", "x", "5", "[1]", "\udce9"], "run_hpc.py", RUN, JOB),
+    ("SM_FRAMEWORK_PARAMS", ["", "x", "[]", "\udce9"], "run_hpc.py", RUN, JOB),
+    ("SM_NUM_GPUS", NUMBERS, "run_hpc.py", RUN, JOB),
+    ("TRAINING_JOB_NAME", TEXTS, "run_hpc.py", RUN, JOB),
+    ("SM_CURRENT_HOST", TEXTS, "run_hpc.py", RUN, JOB),
+    ("SM_CURRENT_INSTANCE_TYPE", TEXTS, "run_hpc.py", RUN, JOB),
+    ("SM_MODEL_DIR", FOLDERS, "run_hpc.py", RUN, JOB),
+    ("SM_OUTPUT_DATA_DIR", FOLDERS, "run_hpc.py", RUN[:-2], JOB),
+    ("SAGEMAKER_BASE_DIR", FOLDERS, "run_hpc.py", RUN, {"SM_TRAINING_ENV": "{{}}"}),
+    ("SM_CHANNEL_TRAINING", DATA_FOLDERS, "run_hpc.py", CIFAR10, JOB),
+    ("HPML_CIFAR10", DATA_FOLDERS, "run_hpc.py", CIFAR10, {}),
+    ("OMP_NUM_THREADS", [*NUMBERS, "0"], "run_study.py", STUDY, {}),
+    ("HPML_SAGEMAKER_ROLE", ["", "hpml-role", "\udce9"], "sagemaker_submission.py",
+     ["submit", "--dry-run", "--dataset", "synthetic"], {}),
+    ("CUDA_VISIBLE_DEVICES", ["", "x", "-1", "\udce9"], "run_hpc.py", [*RUN, "--device", "cuda"], {}),
+]
+READ_VARIABLES = {name for name, *_ in ENVIRONMENT} | set(TORCHRUN) | set(JOB)
+ENV_SWEEP = [(name, value, script, args, env) for name, values, script, args, env in ENVIRONMENT for value in values]
+
+
+@pytest.mark.parametrize("name, value, script, args, env", ENV_SWEEP,
+                         ids=[f"{s} {n}={v!r}" for n, v, s, _, _ in ENV_SWEEP])
+def test_every_bad_value_of_every_variable_is_refused_naming_it(name, value, script, args, env, place, capfd,
+                                                                 monkeypatch, bounded):
+    if script == "run_hpc.py" and "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    fill = {"root": place, "port": str(dist.free_port())}
+    args = [a.format(**fill) for a in args]
+    for variable in READ_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, text in {**env, name: value}.items():
+        monkeypatch.setenv(variable, text.format(**fill))
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("HOME", str(place))
@@ -275,8 +473,8 @@ def test_every_bad_value_of_every_typed_flag_is_refused_naming_it(script, words,
     before = snapshot(place / "results")
     code = exit_code_of(script_main(script), args)
     err = capfd.readouterr().err.strip()
-    assert code != 0 and len(err.splitlines()) <= 2 and "Traceback" not in err, err
-    assert flag in err, err
+    assert code != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert name in err, err
     assert snapshot(place / "results") == before
 
 

@@ -2,6 +2,8 @@
 the summary, and the background Monitor starting and stopping."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -10,7 +12,7 @@ import pytest
 
 from hpml import monitor
 from hpml.errors import UsageError
-from tests.helpers import FAKE_PYNVML
+from tests.helpers import FAKE_PYNVML, REPO
 
 
 @pytest.fixture
@@ -239,3 +241,30 @@ def test_csv_path_checks(tmp_path):
         monitor.read_samples_csv(blocker)
     fresh = monitor.check_csv_path(tmp_path / "new" / "u.csv")
     assert fresh.exists() and fresh.read_text() == ""
+
+
+# Rows with a host named in French, written (appended, then replaced) and read back by a Python whose locale encodes
+# ASCII only (LC_ALL=C without Python's UTF-8 mode): every row back, the host as it was, the file UTF-8.
+ROUND_TRIP = """
+import sys
+from hpml import monitor
+monitor.socket.gethostname = lambda: "n\\u0153ud-\\u00e9t\\u00e9"
+with monitor.Sampler() as sampler:
+    rows = sampler.read()
+path = sys.argv[1]
+monitor.write_samples_csv(path, rows, append=True)
+monitor.write_samples_csv(path, rows, append=True)
+monitor.write_samples_csv(path + ".replaced", rows)
+back = monitor.read_samples_csv(path) + monitor.read_samples_csv(path + ".replaced")
+print(len(back) == 3 * len(rows), ascii(sorted({row["host"] for row in back})))
+"""
+
+
+def test_csv_is_utf8_whatever_the_locale(tmp_path):
+    path = tmp_path / "u.csv"
+    done = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(path)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    host = "n\u0153ud-\u00e9t\u00e9"
+    assert done.stdout.strip() == f"True {[host]!a}"
+    assert f",{host}," in path.read_text(encoding="utf-8")

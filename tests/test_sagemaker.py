@@ -7,6 +7,7 @@ job descriptions are checked on their own (test_job_bill_*).
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -24,8 +26,10 @@ import boto3
 import numpy as np
 import pytest
 
+import run_hpc
 import sagemaker_submission
-from hpml import cli, jobs, prices
+from hpml import cli, container, jobs, prices
+from hpml.config import parse_model_list
 from tests import helpers
 from tests.helpers import (
     REPO,
@@ -94,7 +98,7 @@ def decoded(hyperparameters: dict) -> dict:
 MAIN_JOB = "hpml-submit-test"
 MAIN_JOB_ARGS = ["--instance-count", "2", "--bucket", BUCKET, "--role", ROLE, "--spot", "--max-run", "3600",
                  "--max-wait", "5400", "--schedule", "cosine", "--subset", "500", "--dist-timeout", "120",
-                 "--scale-lr", "--job-name", MAIN_JOB]
+                 "--scale-lr", "--job-name", MAIN_JOB, "--tensorboard"]
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +110,36 @@ def cifar_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def moto_recorder(action: str) -> str:
+    """Start, stop or download moto's recording of the requests its server receives."""
+    url = f"{os.environ['AWS_ENDPOINT_URL']}/moto-api/recorder/{action}"
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=30) as response:
+        return response.read().decode()
+
+
+def sent_request(recording: str, operation: str) -> dict:
+    """The body of the one request for a SageMaker operation in moto's recording (bodies of bytes in base64)."""
+    (entry,) = [entry for entry in map(json.loads, recording.splitlines())
+                if {key.lower(): value for key, value in entry["headers"].items()}.get("x-amz-target")
+                == f"SageMaker.{operation}"]
+    return json.loads(base64.b64decode(entry["body"]) if entry["body_encoded"] else entry["body"])
+
+
 @pytest.fixture(scope="module")
-def main_job(moto_account, cifar_dir) -> dict:
-    """A job submitted with a local data folder, spot, two instances and a range of training flags."""
+def main_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    """A job submitted with a local data folder, spot, two instances, TensorBoard and a range of training flags, and
+    the CreateTrainingJob request moto received (its recorder writes into the working folder)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(tmp_path_factory.mktemp("recording"))
         monkeypatch.setattr(sys, "stdout", io.StringIO())
+        moto_recorder("start-recording")
         code = exit_code_of(sagemaker_submission.main, ["submit", *JOB_ARGS, "--region", REGION, "--data-dir",
                                                          str(cifar_dir), *MAIN_JOB_ARGS])
+        moto_recorder("stop-recording")
+        request = sent_request(moto_recorder("download-recording"), "CreateTrainingJob")
         output = sys.stdout.getvalue()
     assert code == 0, output
-    return {"output": output, "description": describe(moto_account, MAIN_JOB)}
+    return {"output": output, "description": describe(moto_account, MAIN_JOB), "request": request}
 
 
 def test_submit_prints_the_job_its_link_and_cost(main_job):
@@ -154,7 +178,7 @@ def test_submit_forwards_every_training_flag(main_job):
                 for text in (f"--{key}", value)]
     here = [*JOB_ARGS, *MAIN_JOB_ARGS[MAIN_JOB_ARGS.index("--schedule"):MAIN_JOB_ARGS.index("--job-name")]]
     in_job, locally = (cli.config_from_args(parser_of_run_distributed().parse_args(argv)) for argv in (job_argv, here))
-    assert in_job.as_dict() == locally.as_dict()
+    assert in_job.as_dict() == {**locally.as_dict(), "tensorboard": container.JOB_TENSORBOARD_DIR}
     assert in_job.schedule == "cosine" and in_job.subset == 500 and in_job.scale_lr is True
 
 
@@ -183,7 +207,8 @@ def test_submit_uploads_the_data_and_only_the_code(moto_account, main_job):
     assert not [name for name in names if "__pycache__" in name]
     assert [info.name for info in members if info.isfile() and not info.name.endswith(".py")] == ["requirements.txt"]
     assert not [info.name for info in members if not (info.isfile() or info.isdir())]  # no links
-    assert "tqdm" in requirements and not [line for line in requirements.splitlines()
+    assert "tqdm" in requirements and jobs.TENSORBOARD_REQUIREMENT in requirements  # the job writes TensorBoard
+    assert not [line for line in requirements.splitlines()
                                            if re.match(r"(torch|torchvision|numpy)\b", line)]
 
 
@@ -198,6 +223,46 @@ def test_second_submit_does_not_upload_the_same_data_again(moto_account, capsys,
              moto_account.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="hpml/data/")["Contents"]}
     assert after == before
     assert describe(moto_account, "hpml-second")["InputDataConfig"] == main_job["description"]["InputDataConfig"]
+
+
+def test_submit_sends_metric_definitions_and_has_sagemaker_upload_tensorboard(main_job, torchrun_job):
+    assert main_job["request"]["AlgorithmSpecification"]["MetricDefinitions"] == jobs.metric_definitions(["resnet18"])
+    tensorboard = {"S3OutputPath": f"s3://{BUCKET}/hpml/tensorboard/{MAIN_JOB}/",
+                   "LocalPath": container.JOB_TENSORBOARD_DIR}
+    assert main_job["request"]["TensorBoardOutputConfig"] == main_job["description"]["TensorBoardOutputConfig"] == \
+        tensorboard
+    assert decoded(main_job["description"]["HyperParameters"])["tensorboard"] == "/opt/ml/output/tensorboard"
+    assert "TensorBoardOutputConfig" not in torchrun_job and "tensorboard" not in torchrun_job["HyperParameters"]
+
+
+PRINTED = {"epoch_time_s": ".1f", "images_per_s": ".0f"}  # the other metrics with four decimals (train.format_epoch)
+
+
+def test_each_metric_definition_reads_its_models_values_from_what_a_quiet_job_prints(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "opt-ml"
+    for name, value in {"SAGEMAKER_BASE_DIR": base, "SM_TRAINING_ENV": "{}", "SM_MODEL_DIR": base / "model",
+                        "SM_OUTPUT_DATA_DIR": base / "output" / "data"}.items():
+        monkeypatch.setenv(name, str(value))
+    argv = ["--model", "shufflenet,mobilenet", "--data-dir", str(write_npz(tmp_path / "data", train=20, test=10)),
+            "--batch-size", "10", "--epochs", "2", "--workers", "0", "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    assert exit_code_of(run_hpc.main, argv) == 0
+    printed = capsys.readouterr().out
+    records = {record["model"]: record for record in results_in(base / "output" / "data" / "results")}
+    definitions = jobs.metric_definitions(list(records))
+    assert len(definitions) == 2 * len(jobs.METRICS)
+    for definition in definitions:
+        model, metric = definition["Name"].split(":")
+        assert [float(value) for value in re.findall(definition["Regex"], printed)] == [
+            float(format(epoch[metric], PRINTED.get(metric, ".4f"))) for epoch in records[model]["epochs"]], model
+
+
+def test_metric_definitions_of_every_model_fit_sagemakers_limits():
+    definitions = jobs.metric_definitions(parse_model_list("all"))
+    assert len(definitions) <= 40 and len({definition["Name"] for definition in definitions}) == len(definitions)
+    for definition in definitions:
+        assert len(definition["Name"]) <= 255 and len(definition["Regex"]) <= 500
+        assert re.compile(definition["Regex"]).groups == 1  # SageMaker takes the first group's match as the value
 
 
 @pytest.fixture(scope="module")
@@ -353,10 +418,21 @@ def test_dry_run_prints_what_submit_sends(moto_account, capsys, main_job, cifar_
     request = json.loads(out[out.index("{"):out.index("\nNotes:")])
     sent = main_job["description"]
     for field in ("HyperParameters", "ResourceConfig", "InputDataConfig", "OutputDataConfig", "StoppingCondition",
-                  "CheckpointConfig", "RoleArn", "EnableManagedSpotTraining"):
+                  "CheckpointConfig", "RoleArn", "EnableManagedSpotTraining", "TensorBoardOutputConfig"):
         assert sent[field] == request[field], field
     assert sent["AlgorithmSpecification"]["TrainingImage"] == request["AlgorithmSpecification"]["TrainingImage"]
+    assert main_job["request"]["AlgorithmSpecification"] == request["AlgorithmSpecification"]
     assert "data: 2 files" in out and "cost: at most $75.38" in out
+
+
+def test_dry_run_defines_each_models_metrics(capsys):
+    code, out, err = submit(capsys, "--model", "resnet18,vgg", "--dataset", "synthetic", "--dry-run")
+    assert code == 0, err
+    request = json.loads(out[out.index("{"):out.index("\nNotes:")])
+    assert [definition["Name"] for definition in request["AlgorithmSpecification"]["MetricDefinitions"]] == [
+        f"{model}:{metric}" for model in ("resnet18", "vgg16") for metric in jobs.METRICS]
+    assert "TensorBoardOutputConfig" not in request and "tensorboard" not in request["HyperParameters"]
+    assert "metrics: train_loss, train_acc, test_loss, test_acc, epoch_time_s, images_per_s of each model" in out
 
 
 # ---- collect and list ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ GPU table through a stand-in pynvml."""
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,20 @@ def with_fake_gpus(tmp_path):
     folder.mkdir()
     shutil.copy(FAKE_PYNVML, folder / "pynvml.py")
     return {"PYTHONPATH": str(folder)}
+
+
+def test_a_gpu_name_beyond_ascii_is_shown_and_written_as_utf8_under_a_c_locale(tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "pynvml.py").write_text(FAKE_PYNVML.read_text().replace('"Fake GPU 80GB"', '"Fake GPU 80GB \u00e9t\u00e9"'),
+                                    encoding="utf-8")
+    csv_path = tmp_path / "u.csv"
+    ascii_only = {"PYTHONPATH": str(fake), "LC_ALL": "C", "PYTHONUTF8": "0"}  # a locale that encodes ASCII only
+    done = run_script("utilization.py", "--once", "--csv", str(csv_path), env=ascii_only)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "Fake GPU 80GB \\xe9t\\xe9" in done.stdout  # what the terminal cannot show, escaped
+    assert ",Fake GPU 80GB \u00e9t\u00e9," in csv_path.read_text(encoding="utf-8")
+    assert monitor.read_samples_csv(csv_path)[0]["gpu_name"] == "Fake GPU 80GB \u00e9t\u00e9"
 
 
 def test_once_without_nvml_says_so_in_one_line_and_shows_cpu_and_ram(without_nvml):
@@ -152,6 +167,19 @@ def test_unwritable_csv_paths_fail_before_sampling(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert message in err and len(err.strip().splitlines()) == 1 and out == ""  # no table: nothing sampled
     assert blocker.read_text() == "notes\n"
+
+
+def test_a_file_size_limit_on_the_csv_is_one_line(tmp_path):
+    def limited() -> None:  # the header fits in part: the write fails half-way, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    csv_path = tmp_path / "u.csv"
+    done = subprocess.run([sys.executable, str(REPO / "utilization.py"), "--once", "--csv", str(csv_path)], cwd=REPO,
+                          capture_output=True, text=True, preexec_fn=limited, timeout=60)
+    line = done.stderr.strip().splitlines()[-1]  # after the line saying no GPU is readable, where none is
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert str(csv_path) in line and line.endswith(": File too large"), done.stderr
 
 
 def test_every_flag_has_help():
