@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hpml import checkpoint, cli, data, dist, files  # noqa: E402
-from hpml.config import MAX_REPEATS, TrainConfig, parse_model_list  # noqa: E402
+from hpml.config import CHECKPOINT_FILE, MAX_REPEATS, TrainConfig, parse_model_list  # noqa: E402
 from hpml.train import Trainer, synchronize  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def training_state(name: str, world: dist.World) -> dict:
 
 def measure(name: str, args: argparse.Namespace, world: dist.World, folder: Path) -> dict:
     device = world.device
-    state, path = training_state(name, world), folder / name / checkpoint.FILE_NAME
+    state, path = training_state(name, world), folder / name / CHECKPOINT_FILE
     waits: dict[str, list[float]] = {"blocking": [], "background": []}
     with checkpoint.BackgroundWriter() as writer:
         for _ in range(args.repeats):

@@ -29,7 +29,6 @@ from .dist import World
 from .errors import UsageError, one_line
 
 FORMAT_VERSION = 1
-FILE_NAME = "last.pt"
 FINISHED_FILE = "finished.json"  # beside last.pt once the run's results are written
 RESULTS_COPIES = "results"  # beside last.pt: copies of a finished run's results files
 # What must match for a checkpoint to continue this run; speed settings may differ.
@@ -40,17 +39,8 @@ OLDER_IDENTITY = {"drop_last": False}  # what checkpoints written before a field
 PARTIAL_FIELDS = ("steps", "loss_sum", "correct", "images", "epoch_time_s", "data_time_s")
 
 
-def default_root(cfg: TrainConfig) -> Path:
-    """--checkpoint-dir, else a SageMaker job's checkpoint folder (synced to S3), else <output-dir>/checkpoints."""
-    if cfg.checkpoint_dir:
-        return Path(cfg.checkpoint_dir)
-    if container.in_job():
-        return container.checkpoint_dir()
-    return Path(cfg.output_dir) / "checkpoints"
-
-
 def run_path(cfg: TrainConfig, model_name: str, world: World) -> Path:
-    return default_root(cfg) / f"{model_name}_{world.mode}_w{world.size}" / FILE_NAME
+    return cfg.checkpoint_path(model_name, world.mode, world.size)
 
 
 def identity(cfg: TrainConfig, model_name: str, world: World) -> dict:
@@ -346,7 +336,7 @@ def check_identity(state: dict, expected: dict, path: Path) -> None:
 
 def check_writable(cfg: TrainConfig) -> None:
     """Prove the checkpoint folder, and a SageMaker job's model folder, can be written before training starts."""
-    files.check_writable(default_root(cfg), "checkpoint folder")
+    files.check_writable(cfg.checkpoint_root, "checkpoint folder")
     if container.model_dir() is not None:
         files.check_writable(container.model_dir(), "model folder")
 

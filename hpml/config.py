@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import container
 from .errors import UsageError
@@ -19,6 +20,7 @@ BACKENDS = ("auto", "smddp", "nccl", "gloo")
 LOADERS = ("device", "torch")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GRAD_COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+CHECKPOINT_FILE = "last.pt"
 DDP_BUCKET_CAP_MB = 25.0  # DistributedDataParallel's own default
 MIN_SUBSET = 10  # one image per class
 # Upper bounds on the size flags: far above any sensible run, low enough that a typo fails at once instead of
@@ -164,6 +166,19 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """--checkpoint-dir, else a SageMaker job's checkpoint folder (synced to S3), else <output-dir>/checkpoints."""
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        if container.in_job():
+            return container.checkpoint_dir()
+        return Path(self.output_dir) / "checkpoints"
+
+    def checkpoint_path(self, model_name: str, mode: str, world_size: int) -> Path:
+        """The checkpoint file of a run of `model_name` in `mode` ("single" or "distributed") over `world_size`."""
+        return self.checkpoint_root / f"{model_name}_{mode}_w{world_size}" / CHECKPOINT_FILE
 
 
 def check_grad_compression(compression: str, backend: str | None) -> None:

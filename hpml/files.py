@@ -23,7 +23,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     With overwrite=False an existing `path` is left alone and FileExistsError raised.
     """
     path = Path(path)
-    prefix = f".{path.name[:40]}."  # a temp file's name stays short of NAME_MAX whenever `path`'s does
+    prefix = temp_prefix(path.name)
     try:
         _write_through_temp(path, prefix, write, overwrite)
     except OSError as error:
@@ -33,6 +33,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
         # name the file that was asked for, not its temp file; the errno keeps its subclass (FileExistsError...)
         raise OSError(error.errno, error.strerror, str(path)) from error
     return path
+
+
+def temp_prefix(name: str) -> str:
+    """The start of the name of write_atomic's temp file for `name`: short of NAME_MAX whenever `name` is."""
+    return f".{name[:40]}."
 
 
 def _write_through_temp(path: Path, prefix: str, write: Callable[[Path], None], overwrite: bool) -> None:
@@ -113,7 +118,7 @@ def check_name_fits(folder: str | Path, name: str, what: str) -> Path:
     path = Path(folder) / name
     existing = next(parent for parent in path.parents if parent.is_dir())
     name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
-    for candidate in (path, path.with_name(f".{name[:40]}.XXXXXXXX.tmp")):
+    for candidate in (path, path.with_name(f"{temp_prefix(name)}XXXXXXXX.tmp")):  # mkstemp adds 8 characters
         if len(os.fsencode(candidate)) >= path_max or any(len(os.fsencode(p)) > name_max for p in candidate.parts):
             text = shown(path)
             raise UsageError(f"{what} {text if len(text) <= 200 else text[:80] + '...' + text[-80:]} cannot be "

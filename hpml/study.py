@@ -165,12 +165,6 @@ def local_processor(device: str) -> str:
     return trained_on
 
 
-def checkpoint_of(cell: Cell, cfg: TrainConfig) -> Path:
-    """Where the cell's run keeps its checkpoint: hpml.checkpoint.run_path outside SageMaker (which imports torch)."""
-    root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(cfg.output_dir) / "checkpoints"
-    return root / f"{cell.model}_{cell.mode}_w{cell.world_size}" / "last.pt"
-
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KILL_AFTER_S = 60.0  # how long a cell stopped by a signal has to save its checkpoint and end before it is killed
 POLL_S = 0.2
@@ -236,7 +230,7 @@ class CellSignals:
         if code is None or code == 0:
             where = f"before {cell}" if code is None else f"after {cell} finished"
             return RunStopped(f"stopped by {name} {where}; rerun the same command to continue", 128 + self.signum)
-        checkpoint = checkpoint_of(cell, cfg)
+        checkpoint = cfg.checkpoint_path(cell.model, cell.mode, cell.world_size)
         killed = f", killed after {self.kill_reason}" if self.killed else ""
         saved = f"its checkpoint: {checkpoint}" if checkpoint.exists() else "it had saved no checkpoint yet"
         again = "rerun the same command" + ("" if cfg.resume else " with --resume")

@@ -21,7 +21,7 @@ import torch
 
 import run_hpc
 from hpml import checkpoint, dist, experiment, results
-from hpml.config import TrainConfig
+from hpml.config import CHECKPOINT_FILE, TrainConfig
 from hpml.dist import World, free_port
 from hpml.errors import UsageError
 from tests.helpers import REPO, exit_code_of, record, results_in, write_npz
@@ -196,7 +196,7 @@ def test_elastic_restart_resumes_and_completes(small_set, tmp_path):
 
 
 def test_a_finished_mark_keeps_the_results_files_and_is_cleared_for_a_fresh_start(tmp_path):
-    path = tmp_path / "resnet18_single_w1" / checkpoint.FILE_NAME
+    path = tmp_path / "resnet18_single_w1" / CHECKPOINT_FILE
     written = tmp_path / "results" / "run.json"
     written.parent.mkdir()
     written.write_text("{}")
@@ -212,7 +212,7 @@ def test_a_finished_mark_keeps_the_results_files_and_is_cleared_for_a_fresh_star
 
 
 def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path):
-    path = tmp_path / "run" / checkpoint.FILE_NAME
+    path = tmp_path / "run" / CHECKPOINT_FILE
     weights = torch.zeros(1000)
     with checkpoint.BackgroundWriter() as writer:
         writer.save(path, {"identity": {}, "weights": weights})
@@ -220,12 +220,12 @@ def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path):
         writer.save(path, {"identity": {}, "weights": weights})  # waits for the first write
         weights += 1
     assert torch.equal(checkpoint.load(path)["weights"], torch.ones(1000))
-    assert [p.name for p in path.parent.iterdir()] == [checkpoint.FILE_NAME]  # no temp file left
+    assert [p.name for p in path.parent.iterdir()] == [CHECKPOINT_FILE]  # no temp file left
 
 
 def test_a_failed_background_write_is_reported_with_the_path(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
-    path = tmp_path / "a-file" / "run" / checkpoint.FILE_NAME
+    path = tmp_path / "a-file" / "run" / CHECKPOINT_FILE
     writer = checkpoint.BackgroundWriter()
     writer.save(path, {"identity": {}})
     with pytest.raises(UsageError, match=f"cannot write checkpoint {path}"):
@@ -353,7 +353,7 @@ def test_resuming_a_finished_run_whose_files_are_cut_short_ends_as_finished(dama
         assert any("already finished" in line for line in lines), lines
     restored = results.load_results(results_file)
     assert restored["run_id"] == whole["run_id"] and restored["epochs"] == whole["epochs"]
-    checkpoint_path = out / "checkpoints" / "shufflenetv2_single_w1" / checkpoint.FILE_NAME
+    checkpoint_path = out / "checkpoints" / "shufflenetv2_single_w1" / CHECKPOINT_FILE
     assert checkpoint.finished_run(checkpoint_path)["run_id"] == whole["run_id"]
     kept = checkpoint_path.with_name(checkpoint.RESULTS_COPIES) / results_file.name
     assert results.load_results(kept)["run_id"] == whole["run_id"]
@@ -377,7 +377,7 @@ def test_a_resume_that_trains_beside_the_first_attempt_keeps_its_results(finishe
     experiment.run_models(one_epoch(out, resume=True), dist.single_process("cpu"), log=first_attempt_finishes)
     assert results_file.read_bytes() == first
     assert any("already finished" in line for line in lines), lines
-    assert checkpoint.finished_run(out / "checkpoints" / "shufflenetv2_single_w1" / checkpoint.FILE_NAME)
+    assert checkpoint.finished_run(out / "checkpoints" / "shufflenetv2_single_w1" / CHECKPOINT_FILE)
 
 
 def test_another_runs_record_is_never_taken_for_this_runs_results(tmp_path):
@@ -408,7 +408,7 @@ except Exception as error:
 
 
 def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_the_last_one_stays(tmp_path):
-    path = tmp_path / "run" / checkpoint.FILE_NAME
+    path = tmp_path / "run" / CHECKPOINT_FILE
     with checkpoint.BackgroundWriter() as writer:
         writer.save(path, {"identity": {}, "weights": torch.ones(10)})
     done = subprocess.run([sys.executable, "-c", SAVE_TOO_MUCH, str(path)], cwd=REPO, capture_output=True, text=True,
@@ -416,4 +416,4 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_the_last_one
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"UsageError: cannot write checkpoint {path}: File too large"
     assert torch.equal(checkpoint.load(path)["weights"], torch.ones(10))
-    assert [p.name for p in path.parent.iterdir()] == [checkpoint.FILE_NAME]  # no temp file left
+    assert [p.name for p in path.parent.iterdir()] == [CHECKPOINT_FILE]  # no temp file left
