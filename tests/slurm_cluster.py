@@ -1,16 +1,12 @@
 """A real SLURM cluster of a controller and two compute nodes on this machine, for tests: Debian's slurmctld, slurmd
 and munge, each host in namespaces of its own, all of it gone when the cluster stops.
 
-Topology. Every host (`ctl`, `node1`, `node2`) is a process holding new network, UTS, mount and PID namespaces
-(`unshare`, started through `setpriv --pdeathsig KILL` with `--kill-child`, so that the whole host dies with the
-test process even when that is killed): its own hostname, its own /proc, and a hosts file naming the three hosts
-bind-mounted on /etc/hosts inside its mount namespace only; a node's slurmd spool (Debian's /var/lib/slurm/slurmd)
-is a tmpfs of its own, mounted there too. The controller's network namespace holds the Linux
-bridge (10.231.0.1/24) and one end of a veth pair per node; the other end is the node's eth0 (10.231.0.11, .12).
-munged (a key and socket of its own) and slurmctld run in the controller's namespaces, a slurmd per node in the
-node's. No address, interface, mount or file outside the cluster's folder is made, and the cluster's traffic
-stays inside its namespaces; as nothing is shared but the file system, clusters of other test processes can run
-at the same time with the same addresses.
+Topology. Every host (`ctl`, `node1`, `node2`) is a host of tests/namespace_hosts.py: new network, UTS, mount and
+PID namespaces of its own, its own hostname and hosts file, an eth0 on a bridge (10.231.0.1 for the controller,
+.11 and .12 for the nodes), and it dies with the test process. A node's slurmd spool (Debian's /var/lib/slurm/slurmd)
+is a tmpfs of its own, mounted in its mount namespace. munged (a key and socket of its own) and slurmctld run in
+the controller's namespaces, a slurmd per node in the node's. No address, interface, mount or file outside the
+cluster's folder is made, and clusters of other test processes can run at the same time with the same addresses.
 
 Clients. The client commands run in the controller's network and UTS namespaces, as on a login node that is the
 controller: `cluster.run(["sbatch", ...])`, or the wrapper scripts in `cluster.bin_dir` (sbatch, srun, squeue,
@@ -28,15 +24,14 @@ know a job for MinJobAge (300 s) after it ends, and jobcomp/filetxt writes a lin
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
-import signal
 import stat
 import subprocess
 import time
 from pathlib import Path
+
+from tests import namespace_hosts
 
 PACKAGES = "slurmctld slurmd slurm-client munge"
 CLIENTS = ("sbatch", "srun", "salloc", "squeue", "sacct", "scontrol", "scancel", "sinfo")
@@ -49,16 +44,12 @@ ACTIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDE
                     "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"})
 
 
-class ClusterError(RuntimeError):
+class ClusterError(namespace_hosts.HostsError):
     """The cluster could not start, or a command on it failed."""
 
 
-def which(tool: str) -> str | None:
-    return shutil.which(tool, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/bin:/sbin:/bin")
-
-
 def sbin(tool: str) -> str:
-    found = which(tool)
+    found = namespace_hosts.which(tool)
     if not found:
         raise ClusterError(f"no {tool}: apt-get install {PACKAGES}")
     return found
@@ -66,18 +57,10 @@ def sbin(tool: str) -> str:
 
 def missing() -> str | None:
     """Why this machine cannot run a cluster, in words; None when it can."""
-    if os.geteuid() != 0:
-        return "not root (the cluster needs namespaces, a bridge and daemons running as root)"
-    tools = [tool for tool in ("unshare", "nsenter", "setpriv", "ip") if not which(tool)]
-    if tools:
-        return f"no {', '.join(tools)} (util-linux, iproute2)"
-    # New namespaces of every kind the hosts use, with a bridge and a veth pair in them.
-    probe = subprocess.run([sbin("unshare"), "--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "sh",
-                            "-c", "ip link add probe0 type bridge && ip link add probe1 type veth peer name probe2"],
-                           capture_output=True, text=True, timeout=30)
-    if probe.returncode:
-        return f"no namespaces, bridges or veth pairs here: {probe.stderr.strip() or probe.returncode}"
-    tools = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if not which(tool)]
+    why = namespace_hosts.missing()
+    if why:
+        return why
+    tools = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if not namespace_hosts.which(tool)]
     if tools:
         return f"no {', '.join(tools)}: apt-get install {PACKAGES}"
     return None
@@ -99,8 +82,10 @@ class SlurmCluster:
         self.munge_socket = self.folder / "munge" / "socket"
         self.addresses = {CONTROLLER: f"{SUBNET}.1",
                           **{node: f"{SUBNET}.{10 + index}" for index, node in enumerate(self.nodes, 1)}}
-        self.holders: dict[str, subprocess.Popen] = {}  # host: its `unshare`
-        self.pids: dict[str, int] = {}  # host: the first process of its namespaces, as this machine numbers it
+        # Each node's own spool, as short a path as slurmstepd's sockets in it need.
+        self.hosts = namespace_hosts.Hosts(
+            self.folder, self.addresses, start_timeout=start_timeout,
+            setup={node: f"mount -t tmpfs -o mode=755,size=64m {node}-spool {SPOOL}" for node in self.nodes})
         self.daemons: dict[str, subprocess.Popen] = {}  # name: its nsenter
         self.start_seconds = 0.0
 
@@ -171,12 +156,8 @@ class SlurmCluster:
         started = time.monotonic()
         try:
             self.write_files()
-            for host in self.addresses:  # all three at once: unshare, mount and hostname take a few ms each
-                self.holders[host] = self.hold_namespaces(host)
-            for host, holder in self.holders.items():
-                self.pids[host] = self.first_process(host, holder)
+            self.hosts.start()
             self.write_wrappers()
-            self.connect()
             munge = self.folder / "munge"
             self.daemon(CONTROLLER, "munged", sbin("munged"), "--foreground", "--force",
                         f"--socket={self.munge_socket}", f"--key-file={munge / 'key'}", f"--pid-file={munge / 'pid'}",
@@ -218,8 +199,6 @@ class SlurmCluster:
         key = self.folder / "munge" / "key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        (self.folder / "hosts").write_text("127.0.0.1 localhost\n"
-                                           + "".join(f"{address} {host}\n" for host, address in self.addresses.items()))
         nodes = f"node[1-{len(self.nodes)}]"
         gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         self.conf.write_text(f"""\
@@ -270,7 +249,7 @@ PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP
         """Scripts that run a client command in the controller's network and UTS namespaces when called from this
         machine's own network namespace, and the command itself anywhere else (in a job on a node)."""
         here = os.readlink("/proc/self/ns/net")
-        ctl = self.pids[CONTROLLER]
+        ctl = self.hosts.pids[CONTROLLER]
         ctl_net = os.readlink(f"/proc/{ctl}/ns/net")
         for client in CLIENTS:
             path = self.bin_dir / client
@@ -285,57 +264,9 @@ exec {sbin("nsenter")} --target {ctl} --net --uts -- {sbin(client)} "$@"
 """)
             path.chmod(0o755)
 
-    def hold_namespaces(self, host: str) -> subprocess.Popen:
-        """A process in new namespaces named `host`, which dies with this process (pdeathsig) and takes everything
-        in its namespaces with it (it is their PID 1)."""
-        setup = f"hostname {host} && mount --bind {self.folder / 'hosts'} /etc/hosts"
-        if host != CONTROLLER:  # the node's own spool, as short a path as slurmstepd's sockets in it need
-            setup += f" && mount -t tmpfs -o mode=755,size=64m {host}-spool {SPOOL}"
-        setup += " && exec sleep infinity"
-        with open(self.log_dir / f"{host}-namespaces.log", "w") as log:
-            return subprocess.Popen([sbin("setpriv"), "--pdeathsig", "KILL", sbin("unshare"), "--net", "--uts",
-                                     "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation",
-                                     "slave", "sh", "-c", setup],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-
-    def first_process(self, host: str, holder: subprocess.Popen) -> int:
-        """The PID of the process that holds `host`'s namespaces, once it is ready (it has become `sleep`)."""
-        children = Path(f"/proc/{holder.pid}/task/{holder.pid}/children")
-
-        def ready() -> bool:
-            if holder.poll() is not None:
-                raise ClusterError(f"SLURM cluster: unshare for {host} exited with {holder.returncode}: "
-                                   + (self.log_dir / f"{host}-namespaces.log").read_text().strip())
-            try:
-                pids = children.read_text().split()
-                return bool(pids) and Path(f"/proc/{pids[0]}/comm").read_text().strip() == "sleep"
-            except OSError:  # not there yet, or gone (then unshare exits, and the next look says so)
-                return False
-
-        self.wait_for(ready, f"{host}'s namespaces")
-        return int(children.read_text().split()[0])
-
-    def nsenter(self, host: str, *only: str) -> list[str]:
-        """The command line prefix that runs a command in `host`'s namespaces (all of them, or `only` these)."""
-        spaces = only or ("--net", "--uts", "--mount", "--pid")
-        return [sbin("nsenter"), "--target", str(self.pids[host]), *spaces, f"--wd={self.folder}", "--"]
-
-    def connect(self) -> None:
-        """The bridge with the controller's address in the controller's namespace, a veth pair per node."""
-        ctl = [f"ip link set lo up && ip link add br0 type bridge && ip link set br0 up"
-               f" && ip addr add {self.addresses[CONTROLLER]}/24 dev br0"]
-        ctl += [f"ip link add {node} type veth peer name eth0 netns {self.pids[node]}"
-                f" && ip link set {node} master br0 up" for node in self.nodes]
-        self.shell(CONTROLLER, " && ".join(ctl))
-        for node in self.nodes:
-            self.shell(node, f"ip link set lo up && ip addr add {self.addresses[node]}/24 dev eth0"
-                             " && ip link set eth0 up")
-
-    def shell(self, host: str, script: str) -> None:
-        done = subprocess.run([*self.nsenter(host, "--net"), "sh", "-ec", script], capture_output=True, text=True,
-                              timeout=30)
-        if done.returncode:
-            raise ClusterError(f"SLURM cluster: {script!r} in {host}'s network namespace: {done.stderr.strip()}")
+    def nsenter(self, host: str) -> list[str]:
+        """The command line prefix that runs a command in all the namespaces of `host`."""
+        return self.hosts.nsenter(host)
 
     def daemon(self, host: str, name: str, *argv: str) -> None:
         with open(self.log_dir / f"{name}.out", "w") as log:
@@ -344,17 +275,12 @@ exec {sbin("nsenter")} --target {ctl} --net --uts -- {sbin(client)} "$@"
                                                   env={**os.environ, "SLURM_CONF": str(self.conf)})
 
     def stop(self) -> None:
-        """Kill every process of the cluster (the first process of a PID namespace takes all the others with it),
-        which ends its namespaces, and with them the bridge, the veth pairs and the mounts."""
-        for host, pid in self.pids.items():
-            holder = self.holders[host]
-            if holder.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for process in [*self.holders.values(), *self.daemons.values()]:
-            if process.poll() is None:
-                process.kill()  # an unshare whose first process never came, or an nsenter left waiting
-            process.wait(timeout=30)
+        """Stop the hosts, and with them every process of the cluster."""
+        self.hosts.stop()
+        for daemon in self.daemons.values():
+            if daemon.poll() is None:
+                daemon.kill()  # an nsenter left waiting
+            daemon.wait(timeout=30)
         if self.bin_dir.exists():
             for wrapper in self.bin_dir.iterdir():
                 wrapper.unlink()

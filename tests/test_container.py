@@ -40,7 +40,7 @@ import psutil
 import pytest
 
 import sagemaker_submission
-from tests import helpers
+from tests import helpers, namespace_hosts
 from tests.helpers import exit_code_of, fake_images, results_in
 
 pytestmark = pytest.mark.skipif(
@@ -146,6 +146,10 @@ class Job:
     # SMDDP's preloaded library reads /opt/ml itself: the toolkit then runs with /opt/ml = base/ as in SageMaker.
     base_is_opt_ml: bool = False
     bin: Path = BIN  # the environment the container's Python, toolkit and launchers come from
+    # A job of several instances: every host's name, and the network their namespaces share (else one host, on this
+    # machine's network).
+    hosts: list[str] = field(default_factory=list)
+    network: namespace_hosts.Hosts | None = None
     output: list[str] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # when each line of output came, in seconds from the start
 
@@ -177,12 +181,13 @@ class Job:
                            **{key: json.dumps(value) for key, value in self.extra_hyperparameters.items()}}
         (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
         instance_type = self.description["ResourceConfig"]["InstanceType"]
+        hosts = self.hosts or [self.host]
         (config / "resourceconfig.json").write_text(json.dumps({
             "current_host": self.host, "current_instance_type": instance_type,
-            "current_group_name": "homogeneousCluster", "hosts": [self.host],
+            "current_group_name": "homogeneousCluster", "hosts": hosts,
             "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": instance_type,
-                                 "hosts": [self.host]}],
-            "network_interface_name": "lo"}))
+                                 "hosts": hosts}],
+            "network_interface_name": "eth0" if self.network else "lo"}))
         channels = {}
         s3 = boto3.Session().client("s3")
         for channel in self.description.get("InputDataConfig", []):
@@ -240,12 +245,15 @@ class Job:
             return train
         stubs = self.root / "stubs"
         (stubs / "opt" / "ml").mkdir(parents=True, exist_ok=True)
-        (stubs / "hosts").write_text(f"127.0.0.1 localhost {self.host}\n::1 localhost\n")
+        (stubs / "hosts").write_text(self.network.hosts_file.read_text() if self.network
+                                     else f"127.0.0.1 localhost {self.host}\n::1 localhost\n")
         opt_ml = self.base if self.base_is_opt_ml else self.trap
+        # On a host of a network: in its network namespace.
+        on_host = self.network.nsenter(self.host, "--net") if self.network else []
         # A PID namespace too, so that nothing the job started outlives it: `train` becomes its PID 1, as the
         # entry point is in a container, and when it ends every process in the namespace is killed.
-        return ["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--propagation", "private",
-                "bash", "-c", NAMESPACE_SCRIPT,
+        return [*on_host, "unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--propagation",
+                "private", "bash", "-c", NAMESPACE_SCRIPT,
                 "namespace", str(opt_ml), str(stubs), self.host, *train]
 
     def start(self) -> subprocess.Popen:
@@ -297,20 +305,24 @@ class Job:
             return 0
         return self.finish(process, timeout)
 
-    def upload(self) -> None:
-        """What SageMaker does when the container has exited: model/ -> model.tar.gz, output/data/ ->
-        output.tar.gz (the folders' contents at the archives' roots), and checkpoints/ synced to S3."""
+    def upload(self, *other_hosts: Job) -> None:
+        """What SageMaker does when the containers of every host have exited: model/ -> model.tar.gz, output/data/
+        -> output.tar.gz (the folders' contents at the archives' roots, every host's in one archive: their names
+        must not clash), and checkpoints/ synced to S3."""
         s3 = boto3.Session().client("s3")
         bucket, prefix = s3_parts(self.description["OutputDataConfig"]["S3OutputPath"])
-        for archive, folder in (("model.tar.gz", self.base / "model"),
-                                ("output.tar.gz", self.base / "output" / "data")):
+        for archive, folder in (("model.tar.gz", Path("model")), ("output.tar.gz", Path("output", "data"))):
             buffer = io.BytesIO()
             with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-                for path in sorted(folder.rglob("*")):
-                    tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+                for job in (self, *other_hosts):
+                    for path in sorted((job.base / folder).rglob("*")):
+                        name = str(path.relative_to(job.base / folder))
+                        assert path.is_dir() or name not in tar.getnames(), f"{name} from two hosts"
+                        tar.add(path, arcname=name, recursive=False)
             s3.put_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/{self.name}/output/{archive}",
                           Body=buffer.getvalue())
-        self.sync_checkpoints()
+        for job in (self, *other_hosts):
+            job.sync_checkpoints()
 
     def sync_checkpoints(self) -> None:
         """checkpoints/ to the job's checkpoint location, as SageMaker syncs it during the job."""
@@ -430,6 +442,56 @@ def test_torchrun_runs_two_cpu_processes(torchrun_job):
     assert len(record["epochs"]) == 2
     check_finite(record)
     print(f"torchrun job: {torchrun_job['seconds']:.1f}s in the toolkit")
+
+
+# ---- two instances -------------------------------------------------------------------------------------------------
+
+TWO_HOSTS = {"algo-1": "10.232.0.11", "algo-2": "10.232.0.12"}
+
+
+@pytest.fixture(scope="module")
+def two_host_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    """--instance-count 2 with torchrun: algo-1 and algo-2, each a host with a network namespace of its own on one
+    bridge, run SageMaker's toolkit at the same time; each starts one process (no GPUs), as torchrun's node 0 or 1
+    of a rendezvous at algo-1. S3 (the moto server) is reached from inside the hosts through a forwarded port."""
+    if not NAMESPACE or (why := namespace_hosts.missing()):
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(
+            f"two SageMaker hosts need network namespaces: {why if NAMESPACE else 'no private mount namespace'}")
+    description = submit("hpml-container-2hosts", "torchrun", "ml.g5.xlarge", [*DISTRIBUTED, "--instance-count", "2"],
+                         cifar_dir)
+    root = tmp_path_factory.mktemp("two-hosts")
+    moto_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1].strip("/"))
+    started = time.time()
+    with namespace_hosts.Hosts(root / "network", TWO_HOSTS) as network:
+        jobs = [Job(description=description, root=root / host, host=host, hosts=list(TWO_HOSTS), network=network)
+                for host in TWO_HOSTS]
+        for job in jobs:
+            network.forward_port(job.host, moto_port)
+            job.lay_out()
+        processes = [job.start() for job in jobs]
+        codes = [job.finish(process) for job, process in zip(jobs, processes, strict=True)]
+    seconds = time.time() - started
+    jobs[0].upload(*jobs[1:])
+    return {"jobs": jobs, "codes": codes, "seconds": seconds,
+            "collected": collect(jobs[0].name, root / "results")}
+
+
+def test_two_instances_train_one_run_of_two_ranks(two_host_job, torchrun_job):
+    """One results record, from algo-1's rank 0, of world size hosts × processes, equal (but for times) to the
+    run of two processes on one instance."""
+    jobs = two_host_job["jobs"]
+    for job, code in zip(jobs, two_host_job["codes"], strict=True):
+        assert code == 0, f"{job.host}:\n{job.log[-5000:]}"
+    assert "torchrun --nnodes 2 --nproc_per_node 1 --master_addr algo-1 --master_port 7777 --node_rank 0" in jobs[0].log
+    assert "--node_rank 1 run_distributed.py" in jobs[1].log
+    record = the_record(two_host_job["collected"])
+    assert (record["world_size"], record["nodes"], record["backend"], record["launcher"]) == (2, 2, "gloo", "torchrun")
+    assert record["sagemaker"]["current_host"] == "algo-1" and record["sagemaker"]["instance_count"] == 2
+    assert not list((jobs[1].base / "model").iterdir()) and not list((jobs[1].base / "output" / "data").rglob("*.json"))
+    one_instance = the_record(torchrun_job["collected"])
+    assert comparable(record) == comparable(one_instance)
+    assert record["final_test_acc"] == one_instance["final_test_acc"]
+    print(f"two-instance torchrun job: {two_host_job['seconds']:.1f}s in the toolkit")
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,8 @@ def test_the_addresses_and_hosts_file_exist_only_inside_the_clusters_namespaces(
 def traces(cluster: SlurmCluster) -> dict[str, list]:
     """What a running cluster has on this machine: its namespaces (net and mount, by inode), the processes in them,
     and the processes that started them (setpriv-unshare and nsenter), each with its command line."""
-    spaces = [os.readlink(f"/proc/{pid}/ns/{kind}") for pid in cluster.pids.values() for kind in ("net", "mnt")]
-    starters = [*cluster.holders.values(), *cluster.daemons.values()]
+    spaces = [os.readlink(f"/proc/{pid}/ns/{kind}") for pid in cluster.hosts.pids.values() for kind in ("net", "mnt")]
+    starters = [*cluster.hosts.holders.values(), *cluster.daemons.values()]
     return {"spaces": spaces, "processes": in_namespaces(spaces),
             "starters": [(process.pid, command_line(process.pid)) for process in starters]}
 
