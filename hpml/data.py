@@ -7,6 +7,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def load_cifar10(folder: Path) -> ImageSet:
     layout = cifar10_layout(folder)
     if layout is None:
         _download(folder)
-        layout = ("batches", folder / BATCHES_FOLDER)
+        layout = ("npz", folder)
     kind, files_folder = layout
     return _load_npz(files_folder) if kind == "npz" else _load_batches(files_folder)
 
@@ -108,7 +109,7 @@ def _load_npz(folder: Path) -> ImageSet:
             raise UsageError(f"{path} is missing: the npz layout needs both train.npz and test.npz")
         try:
             with np.load(path) as npz:
-                arrays[split] = _checked(npz["images"], npz["labels"], path)
+                arrays[split] = checked(npz["images"], npz["labels"], path)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise UsageError(
                 f"cannot read {path}: {one_line(error)} (expected arrays 'images' and 'labels')"
@@ -125,14 +126,14 @@ def _load_batches(folder: Path) -> ImageSet:
         for name in names:
             path = folder / name
             try:
-                batch = load_batch(path)
-                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                labels.append(np.asarray(batch[b"labels"]))
+                batch_images, batch_labels = batch_arrays(load_batch(path))
+                images.append(batch_images)
+                labels.append(batch_labels)
             except FileNotFoundError:
                 raise UsageError(f"{path} is missing: {BATCHES_FOLDER} needs data_batch_1..5 and test_batch") from None
             except Exception as error:  # a corrupt pickle can raise nearly anything
                 raise UsageError(f"cannot read {path}: {one_line(error)}") from None
-        return _checked(np.concatenate(images), np.concatenate(labels), folder)
+        return checked(np.concatenate(images), np.concatenate(labels), folder)
 
     train = read(list(TRAIN_BATCHES))
     test = read(list(TEST_BATCHES))
@@ -150,17 +151,29 @@ class _BatchUnpickler(pickle.Unpickler):
 def load_batch(path: Path) -> object:
     """One of torchvision's pickled batches, unpickled without calling anything but numpy's array reconstruction."""
     with open(path, "rb") as file:
-        return _BatchUnpickler(file, encoding="bytes").load()
+        return unpickle_batch(file)
+
+
+def unpickle_batch(file: BinaryIO) -> object:
+    """A pickled CIFAR-10 batch from an open file, unpickled without calling anything but numpy's array
+    reconstruction."""
+    return _BatchUnpickler(file, encoding="bytes").load()
+
+
+def batch_arrays(batch: object) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR-10 batch's images as uint8 (N, 32, 32, 3) HWC and its labels."""
+    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(batch[b"labels"])
 
 
 def _download(folder: Path) -> None:
-    """Download CIFAR-10 with torchvision; a failed download leaves behind no folder it made."""
-    from torchvision.datasets import CIFAR10
+    """Download CIFAR-10 into the npz layout; a failed download leaves behind no folder it made."""
+    from .cifar10_download import download_cifar10  # it reads batches with this module
 
     made = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
-        CIFAR10(str(folder), train=True, download=True)
-    except Exception as error:
+        download_cifar10(folder)
+    except (UsageError, OSError) as error:
         for parent in made:  # deepest first; only folders the download left empty
             with contextlib.suppress(OSError):
                 parent.rmdir()
@@ -170,7 +183,7 @@ def _download(folder: Path) -> None:
         ) from None
 
 
-def _checked(images: np.ndarray, labels: np.ndarray, source: Path) -> tuple[np.ndarray, np.ndarray]:
+def checked(images: np.ndarray, labels: np.ndarray, source: Path) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise UsageError(f"{source}: images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
     if len(images) == 0:

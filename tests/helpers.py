@@ -45,13 +45,18 @@ class NoTorch:
 
 sys.meta_path.insert(0, NoTorch())
 sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+if sys.argv[0].endswith(".py"):
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
 def run_without_torch(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts in a Python where `import torch` (or torchvision) fails."""
-    return subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO / script), *args], cwd=REPO,
+    """Run one of the repository's scripts (a .py file) or modules (python -m NAME) in a Python where
+    `import torch` (or torchvision) fails."""
+    target = str(REPO / script) if script.endswith(".py") else script
+    return subprocess.run([sys.executable, "-c", NO_TORCH, target, *args], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -2,9 +2,8 @@ import pickle
 
 import numpy as np
 import pytest
-from torchvision.datasets import CIFAR10
 
-from hpml import data
+from hpml import cifar10_download, data
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
 
@@ -81,8 +80,8 @@ def test_missing_half_of_npz_layout(npz_dir):
 
 
 def test_missing_data_and_failed_download_is_one_clear_error(tmp_path, monkeypatch):
-    # Point torchvision's download at a closed local port so the test never reaches the internet.
-    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    # Point the download at a closed local port so the test never reaches the internet.
+    monkeypatch.setattr(cifar10_download, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(UsageError, match="no CIFAR-10 in .*downloading it failed"):
         data.load_cifar10(tmp_path / "missing" / "cifar10")
     assert list(tmp_path.iterdir()) == []  # a bad --data-dir makes no folders
