@@ -11,6 +11,7 @@ imports this module, so the training scripts never load the SDK.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gzip
 import hashlib
 import json
@@ -29,9 +30,11 @@ from typing import IO, TYPE_CHECKING
 
 import boto3
 import boto3.exceptions
+import botocore.awsrequest
 import botocore.client
 import botocore.credentials
 import botocore.exceptions
+import botocore.model
 import botocore.session
 from tqdm import tqdm
 
@@ -401,10 +404,11 @@ def _offline_session(region: str, profile: str | None) -> boto3.Session:
 
 
 def sagemaker_session(boto: boto3.Session, bucket: str,
-                      session_class: type | None = None) -> sagemaker.session.Session:
-    """An SDK session with telemetry off and `bucket` as its default bucket."""
-    session_class = session_class or sdk().session.Session
-    return session_class(boto_session=boto, default_bucket=bucket, sagemaker_config=TELEMETRY_OFF)
+                      sagemaker_client: botocore.client.BaseClient | None = None) -> sagemaker.session.Session:
+    """An SDK session with telemetry off and `bucket` as its default bucket (and `sagemaker_client` as its client,
+    where given)."""
+    return sdk().session.Session(boto_session=boto, default_bucket=bucket, sagemaker_config=TELEMETRY_OFF,
+                                 sagemaker_client=sagemaker_client)
 
 
 def ensure_bucket(boto: boto3.Session, bucket: str | None) -> str:
@@ -546,23 +550,29 @@ def _inputs(spec: JobSpec) -> dict[str, str] | None:
 def dry_run_request(spec: JobSpec, profile: str | None) -> dict:
     """The CreateTrainingJob request that submit would send, built by the SDK itself, with nothing sent.
 
-    The SDK builds the request in Session.train and hands it to Session._intercept_create_request, the hook its
-    pipeline sessions override to capture requests; here it is kept instead of sent. The source folder is given
+    botocore's event hooks on the session's SageMaker client keep the call's parameters as the SDK passes them
+    (before-parameter-build) and answer the call in place of SageMaker (before-call). The source folder is given
     as the S3 location where submit uploads it, so the SDK does not upload it.
     """
-
-    class DryRunSession(sdk().session.Session):
-        request: dict | None = None
-
-        def _intercept_create_request(self, request, create, func_name=None):
-            self.request = request
-
+    boto = _offline_session(spec.region, profile)
+    client = boto.client("sagemaker")
+    request: dict = {}
+    client.meta.events.register("before-parameter-build.sagemaker.CreateTrainingJob",
+                                lambda params, **_: request.update(copy.deepcopy(params)))
+    client.meta.events.register("before-call.sagemaker.CreateTrainingJob", _answer_create_training_job)
     bucket = spec.shown_bucket
-    session = sagemaker_session(_offline_session(spec.region, profile), bucket, DryRunSession)
+    session = sagemaker_session(boto, bucket, client)
     source = f"{s3_locations(bucket, spec.job_name)['code']}/{spec.job_name}/source/sourcedir.tar.gz"
     with _quiet_sdk_errors():
         estimator(spec, session, bucket, source).fit(_inputs(spec), wait=False, job_name=spec.job_name)
-    return session.request
+    return request
+
+
+def _answer_create_training_job(params: dict, model: botocore.model.OperationModel,
+                                **_) -> tuple[botocore.awsrequest.AWSResponse, dict]:
+    """SageMaker's answer to CreateTrainingJob, made up here: the call goes nowhere."""
+    arn = f"arn:aws:sagemaker:::training-job/{json.loads(params['body'])['TrainingJobName']}"
+    return botocore.awsrequest.AWSResponse(params["url"], 200, {}, None), {"TrainingJobArn": arn}
 
 
 def submit(spec: JobSpec, session: sagemaker.session.Session) -> None:

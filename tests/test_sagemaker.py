@@ -648,6 +648,24 @@ def test_the_sdk_checks_each_config_against_its_schema_once():
         validate({"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": "maybe"}}}})
 
 
+def test_the_sdk_still_checks_its_config_through_the_function_checked_once(capsys, monkeypatch):
+    """jobs._validate_each_config_once replaces sagemaker.utils.validate_sagemaker_config, the SDK's one internal
+    that the client patches (no option turns its repeated checks off). The day the SDK checks its config some other
+    way, this fails: the patch does nothing any more and should go."""
+    utils = jobs.sdk().utils
+    patched, seen = utils.validate_sagemaker_config, []
+
+    def counting(config: dict) -> None:
+        seen.append(config)
+        patched(config)
+
+    counting.accepted = patched.accepted  # so that jobs.sdk() keeps it as the patched check
+    monkeypatch.setattr(utils, "validate_sagemaker_config", counting)
+    code, _, err = submit(capsys, "--dataset", "synthetic", "--dry-run")
+    assert code == 0, err
+    assert len(seen) >= 5 and all(config == jobs.TELEMETRY_OFF for config in seen)
+
+
 def test_only_the_submission_script_loads_the_sdk():
     """The training and plotting scripts never import the SageMaker SDK or boto3; the submission script imports
     the SDK only when a command needs it."""
