@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING
 import boto3
 import boto3.exceptions
 import botocore.client
+import botocore.config
 import botocore.credentials
 import botocore.exceptions
 import botocore.session
@@ -117,6 +118,7 @@ class JobSpec:
     spot: bool
     max_run: int
     max_wait: int | None
+    keep_alive: int | None = None  # seconds SageMaker keeps the instances warm for a next job of the same setup
 
     @property
     def requirements(self) -> tuple[str, ...]:
@@ -407,6 +409,19 @@ def sagemaker_session(boto: boto3.Session, bucket: str,
     return session_class(boto_session=boto, default_bucket=bucket, sagemaker_config=TELEMETRY_OFF)
 
 
+def account_quotas(boto: boto3.Session) -> tuple[dict[str, float] | None, str]:
+    """The account's SageMaker quotas in this region by name, and a note saying where they came from; None (and why)
+    when the Service Quotas API does not answer (no permission for it, or no such API where these calls go)."""
+    client = boto.client("service-quotas", config=botocore.config.Config(retries={"max_attempts": 1}))
+    quotas: dict[str, float] = {}
+    try:
+        for page in client.get_paginator("list_service_quotas").paginate(ServiceCode="sagemaker"):
+            quotas.update({quota["QuotaName"]: quota["Value"] for quota in page.get("Quotas", [])})
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        return None, f"Service Quotas did not answer ({one_line(error)})"
+    return quotas, f"the account's SageMaker quotas in {boto.region_name}"
+
+
 def ensure_bucket(boto: boto3.Session, bucket: str | None) -> str:
     """--bucket if it exists and is reachable; else the account's sagemaker-<region>-<account> bucket, created
     when missing, and refused when someone else owns that name (as the SDK's default_bucket does)."""
@@ -531,6 +546,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
             use_spot_instances=spec.spot,
             max_run=spec.max_run,
             max_wait=spec.max_wait if spec.spot else None,
+            keep_alive_period_in_seconds=spec.keep_alive,
             tags=[SUITE_TAG],
             # SageMaker Debugger and Profiler hooks would run inside the timed training loop: keep them out.
             debugger_hook_config=False,
@@ -767,8 +783,10 @@ def _job_records(found: dict[str, bytes], description: dict, output_dir: Path) -
     fields = job_fields(description, runs=len(records))
     shares, job_cost = cost_shares(list(records.values())), fields["job_cost_usd"]
     for (filename, record), share in zip(records.items(), shares, strict=True):
+        billable = fields["billable_time_s"]
         record["sagemaker"] = {**(record.get("sagemaker") or {}), **fields, "cost_share": share,
-                               "cost_usd": None if job_cost is None else job_cost * share}
+                               "cost_usd": None if job_cost is None else job_cost * share,
+                               "billable_time_share_s": None if billable is None else billable * share}
         _checked(record, f"{name}: results/{filename}")
     return records
 

@@ -1,0 +1,41 @@
+"""What the account's SageMaker quotas allow a study: how many of its jobs may run at once, and whether their
+instances may be kept warm for the next job (SageMaker managed warm pools).
+
+Service Quotas names SageMaker's training quotas "<instance type> for training job usage" (instances running training
+jobs at once) and "<instance type> for training warm pool usage" (instances kept warm; 0 unless the account asked for
+more); jobs.account_quotas reads them. Warm pools are for on-demand jobs: managed spot training cannot keep its
+instances. No AWS calls here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+TRAINING, WARM_POOL = "{} for training job usage", "{} for training warm pool usage"
+
+
+def jobs_allowed(quotas: dict[str, float] | None, setups: Iterable[tuple[str, int]]) -> int | None:
+    """How many jobs of these (instance type, count) setups may run at once: the fewest any one setup's quota allows
+    (at least 1); None when a quota is not known."""
+    allowed = []
+    for instance_type, count in setups:
+        value = (quotas or {}).get(TRAINING.format(instance_type))
+        if value is None:
+            return None
+        allowed.append(int(value // count))
+    return max(1, min(allowed)) if allowed else None
+
+
+def warm_pool_refusal(spot: bool, keep_alive: int, quotas: dict[str, float] | None,
+                      setup: tuple[str, int]) -> str | None:
+    """Why the jobs of this setup cannot keep their instances warm, or None when they can (as far as is known)."""
+    instance_type, count = setup
+    if spot:
+        return "managed spot training cannot keep instances warm"
+    if not keep_alive:
+        return "--keep-alive 0"
+    allowed = (quotas or {}).get(WARM_POOL.format(instance_type))
+    if allowed is not None and allowed < count:
+        return (f"the account's quota '{WARM_POOL.format(instance_type)}' is {allowed:g}, fewer than {count}; ask "
+                "for more in the Service Quotas console")
+    return None
