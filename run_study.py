@@ -157,7 +157,8 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     if args.dry_run:
         steps = sagemaker_plan.next_steps(planned, collected_attempts(records), records, args.force)
         print(f"Dry run: nothing was sent to AWS. The study's {cli.count(len(planned), 'job')}:")
-        print_plan(args, steps, assumptions, records, None, "a dry run asks AWS for no quota")
+        print_plan(steps, assumptions, records, allowance(args, steps, None, "a dry run asks AWS for no quota"),
+                   args.keep_alive)
         if data_note:
             print(f"data: {data_note}")
         return 0
@@ -170,12 +171,12 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     known = {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)}
     records = collect_ended_attempts(boto, planned, known, output_dir) or records
     steps = sagemaker_plan.next_steps(planned, known, records, args.force)
-    quotas, quota_note = jobs.account_quotas(boto)
+    allowed = allowance(args, steps, *jobs.account_quotas(boto))
     print(f"The study's {cli.count(len(planned), 'job')} ({sum(bool(step.latest) for step in steps)} submitted "
           "before):")
-    max_jobs, warm_setups = print_plan(args, steps, assumptions, records, quotas, quota_note)
+    print_plan(steps, assumptions, records, allowed, args.keep_alive)
     new_jobs = [step.job for step in steps if step.submit]
-    keeps_warm = sagemaker_plan.warm_successors(new_jobs, warm_setups)
+    keeps_warm = sagemaker_plan.warm_successors(new_jobs, allowed.warm_setups)
     new = [dataclasses.replace(specs[job.base_name], job_name=jobs.check_job_name(job.job_name),
                                hyperparameters={**specs[job.base_name].hyperparameters, "model": ",".join(job.models)},
                                keep_alive=args.keep_alive if job.job_name in keeps_warm else None)
@@ -187,8 +188,15 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
         prepare_submission(boto, new, role, upload, first.s3_data)
     session = jobs.sagemaker_session(boto, new[0].bucket) if new else None
     earlier = [(step.job.job_name, step.job.setup) for step in steps if not step.submit]
-    ended = wait_for_jobs(boto, new, earlier, max_jobs, warm_setups, session)
+    ended = wait_for_jobs(boto, new, earlier, allowed.max_jobs, allowed.warm_setups, session)
     return collect_and_draw(boto, ended, planned, output_dir, figures_dir)
+
+
+def allowance(args: argparse.Namespace, steps: list[sagemaker_plan.Step], quotas: dict[str, float] | None,
+              quota_note: str) -> sagemaker_quotas.Allowance:
+    """Jobs at once and warm pools for the jobs to submit, from the flags and the account's quotas."""
+    setups = list(dict.fromkeys(step.job.setup for step in steps if step.submit))
+    return sagemaker_quotas.Allowance.of(setups, args.max_jobs, args.spot, args.keep_alive, quotas, quota_note)
 
 
 def collected_attempts(records: list[dict]) -> dict[str, dict]:
@@ -215,41 +223,24 @@ def collect_ended_attempts(boto: boto3.Session, planned: list[sagemaker_plan.Pla
     return results.load_all(output_dir)[0]
 
 
-def print_plan(args: argparse.Namespace, steps: list[sagemaker_plan.Step], assumptions: study_estimate.Assumptions,
-               records: list[dict], quotas: dict[str, float] | None,
-               quota_note: str) -> tuple[int, set[tuple[str, int]]]:
-    """Print every job with its estimate, then the study's, and the assumptions beside them; the jobs allowed at
-    once and the instance setups whose jobs keep their instances warm for the next."""
-
+def print_plan(steps: list[sagemaker_plan.Step], assumptions: study_estimate.Assumptions, records: list[dict],
+               allowance: sagemaker_quotas.Allowance, keep_alive: int) -> None:
+    """Print every job with its estimate, then the study's, and the assumptions beside them."""
     new = [step.job for step in steps if step.submit]
-    setups = list(dict.fromkeys(job.setup for job in new))
-    refusals = {setup: sagemaker_quotas.warm_pool_refusal(args.spot, args.keep_alive, quotas, setup)
-                for setup in setups}
-    warm_setups = {setup for setup, refusal in refusals.items() if refusal is None}
-    allowed = sagemaker_quotas.jobs_allowed(quotas, setups)
-    max_jobs = args.max_jobs or allowed or 1
-    keeps_warm = sagemaker_plan.warm_successors(new, warm_setups)
+    keeps_warm = sagemaker_plan.warm_successors(new, allowance.warm_setups)
     warmed_by = {later: earlier for earlier, later in keeps_warm.items()}
-    estimates = [study_estimate.estimate_job(job, assumptions, records) for job in new]
+    estimates = {job.job_name: study_estimate.estimate_job(job, assumptions, records) for job in new}
     for step in steps:
-        estimate = estimates[new.index(step.job)] if step.submit else None
-        print("\n".join(study_estimate.job_lines(step, estimate, assumptions, warmed_by.get(step.job.job_name),
-                                                 keeps_warm.get(step.job.job_name), args.keep_alive)))
+        name = step.job.job_name
+        print("\n".join(study_estimate.job_lines(step, estimates.get(name), assumptions, warmed_by.get(name),
+                                                 keeps_warm.get(name), keep_alive)))
     if not new:
         print("nothing to submit")
-        return max_jobs, warm_setups
-    warm_note = "; ".join(f"{kind} × {count}: {refusal}" for (kind, count), refusal in refusals.items() if refusal)
-    if quotas is None and warm_setups:
-        warm_note = "; ".join(filter(None, [warm_note, f"whether the account allows them is not known ({quota_note}):"
-                                            " SageMaker keeps instances warm only within its quota '<instance type> "
-                                            "for training warm pool usage', 0 unless raised"]))
-    print("\n".join(study_estimate.study_lines(new, estimates, assumptions, max_jobs, warm_setups, warm_note)))
-    print(f"  jobs at once: {max_jobs}, " + (
-        "--max-jobs" if args.max_jobs else f"as {quota_note} allow" if allowed else
-        f"as no quota is known ({quota_note}{'' if quotas is None else ' name none of these instance types'}): "
-        "set --max-jobs to what the account allows"))
+        return
+    print("\n".join(study_estimate.study_lines(new, list(estimates.values()), assumptions, allowance.max_jobs,
+                                               allowance.warm_setups, allowance.warm_note)))
+    print(f"  jobs at once: {allowance.max_jobs}, {allowance.max_jobs_note}")
     print("\n".join(["  assumptions:", *(f"    {line}" for line in assumptions.lines())]))
-    return max_jobs, warm_setups
 
 
 def collect_and_draw(boto: boto3.Session, ended: list[dict], planned: list[sagemaker_plan.PlannedJob],

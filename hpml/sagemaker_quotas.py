@@ -10,6 +10,7 @@ instances. No AWS calls here.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 TRAINING, WARM_POOL = "{} for training job usage", "{} for training warm pool usage"
 
@@ -39,3 +40,35 @@ def warm_pool_refusal(spot: bool, keep_alive: int, quotas: dict[str, float] | No
         return (f"the account's quota '{WARM_POOL.format(instance_type)}' is {allowed:g}, fewer than {count}; ask "
                 "for more in the Service Quotas console")
     return None
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What a study's new jobs may do: how many run at once, and which instance setups keep instances warm for the
+    next job; each with a line saying why."""
+
+    max_jobs: int
+    max_jobs_note: str
+    warm_setups: set[tuple[str, int]]
+    warm_note: str | None
+
+    @classmethod
+    def of(cls, setups: list[tuple[str, int]], max_jobs: int | None, spot: bool, keep_alive: int,
+           quotas: dict[str, float] | None, quota_note: str) -> Allowance:
+        """From --max-jobs (None: the quotas decide), --spot, --keep-alive and the account's quotas (None: not known,
+        `quota_note` says why)."""
+        allowed = jobs_allowed(quotas, setups)
+        if max_jobs:
+            max_jobs_note = "--max-jobs"
+        elif allowed:
+            max_jobs_note = f"as {quota_note} allow"
+        else:
+            unnamed = "" if quotas is None else " name none of these instance types"
+            max_jobs_note = f"as no quota is known ({quota_note}{unnamed}): set --max-jobs to what the account allows"
+        refusals = {setup: warm_pool_refusal(spot, keep_alive, quotas, setup) for setup in setups}
+        warm_setups = {setup for setup, refusal in refusals.items() if refusal is None}
+        notes = [f"{kind} × {count}: {refusal}" for (kind, count), refusal in refusals.items() if refusal]
+        if quotas is None and warm_setups:
+            notes.append(f"whether the account allows them is not known ({quota_note}): SageMaker keeps instances "
+                         f"warm only within its quota '{WARM_POOL.format('<instance type>')}', 0 unless raised")
+        return cls(max_jobs or allowed or 1, max_jobs_note, warm_setups, "; ".join(notes) or None)

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import cli, prices
 from .config import TrainConfig
 from .data import CIFAR10_TRAIN_SIZE
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .sagemaker_plan import PlannedJob, Step, warm_successors
 from .study import duration
 
@@ -46,7 +46,7 @@ class Throughput:
             device = str(report["device"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UsageError(f"--throughput {path}: not a bench/throughput.py --json file ({type(error).__name__}: "
-                             f"{error})") from None
+                             f"{one_line(error)})") from None
         if not all(0 < rate < float("inf") for rate in images_per_s.values()):
             raise UsageError(f"--throughput {path}: images per second must be positive numbers")
         return cls(path, device, images_per_s, efficiency)
@@ -168,7 +168,7 @@ def wall_seconds(jobs: list[tuple[Hashable, float]], max_jobs: int, cold_s: floa
     return max([ended, *(end for end, _ in running)])
 
 
-def job_lines(step: Step, estimate: JobEstimate, assumptions: Assumptions, warm_from: str | None,
+def job_lines(step: Step, estimate: JobEstimate | None, assumptions: Assumptions, warm_from: str | None,
               keeps_warm_for: str | None, keep_alive: int) -> list[str]:
     """A job of the plan: its name and state, instances, models, and the estimate of its time and cost."""
     job = step.job

@@ -23,7 +23,7 @@ from moto.servicequotas.responses import ServiceQuotasResponse
 from hpml import jobs, sagemaker_plan, study_estimate
 from hpml.config import MAX_REPEATS
 from hpml.study import Cell
-from tests.helpers import exit_code_of, moto_account, no_aws_config, record, results_in, script_main
+from tests.helpers import exit_code_of, moto_account, no_aws_config, record, refusal, results_in, script_main
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-study"
@@ -137,6 +137,14 @@ def test_the_plans_arithmetic_on_a_stated_throughput(tmp_path, monkeypatch, caps
     assert "~38 min 00 s with warm pools, ~43 min 00 s without" in out
     assert "~$4.97 on demand without warm pools, ~$5.44 with them (1 hand-over); ~$1.49 on spot" in out
     assert "start-up: 6 min per job on new instances, 1 min on warm ones (not measured" in out
+
+
+def test_a_throughput_file_that_is_not_one_is_refused_in_one_line(tmp_path, capsys):
+    path = tmp_path / "throughput.json"
+    path.write_text('{"device": "GPU", "models": {"shufflenetv2": {"fast_images_per_s": -5}}}')
+    err = refusal(script_main("run_study.py"), [*SAGEMAKER, "--throughput", str(path), "--output-dir", str(tmp_path),
+                                                "--dry-run"], capsys)
+    assert f"--throughput {path}: images per second must be positive numbers" in err
 
 
 def test_a_job_on_warm_instances_waits_for_the_one_before_and_starts_sooner():
