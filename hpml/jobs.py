@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from . import container, data, files, prices, results
 from .errors import UsageError, one_line
+from .sagemaker_plan import ENDED
 
 if TYPE_CHECKING:  # imported on first use at run time (see above)
     import sagemaker.debugger
@@ -60,7 +61,6 @@ TENSORBOARD_REQUIREMENT = "tensorboard>=2.14"  # added for a job that writes Ten
 S3_PREFIX = "hpml"
 SUITE_TAG = {"Key": "hpml-suite", "Value": "hpml"}  # `list` and `collect --all` find this suite's jobs by it
 LOG_POLL_S = 10  # seconds between looks at a job's logs and status while `--wait` streams them
-ENDED = ("Completed", "Stopped", "Failed")  # training job statuses after which SageMaker has uploaded the output
 
 DISTRIBUTIONS = {
     "smddp": {"smdistributed": {"dataparallel": {"enabled": True}}},

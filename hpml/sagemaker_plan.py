@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from .config import TrainConfig
 from .errors import UsageError
 from .study import Cell, settings_id
 
 DATA_PARALLEL = ("smddp", "torchrun")
-ENDED = ("Completed", "Stopped", "Failed")  # after these, a job's models without results are trained again
+# Training job statuses after which SageMaker has uploaded the output; a job's models without results are trained
+# again after them.
+ENDED = ("Completed", "Stopped", "Failed")
 REASON_CHARS = 150  # of a failed job's FailureReason, in the plan
 
 
@@ -133,6 +136,17 @@ def check_same_gpu(baseline_type: str, instance_type: str) -> None:
                      f"{' or '.join([*same, instance_type])}")
 
 
+class JobKey(NamedTuple):
+    """What makes cells one job: its distribution, instances, world size and repeat (and model, one job per model)."""
+
+    distribution: str
+    instance_type: str
+    instance_count: int
+    world_size: int
+    repeat: int
+    model: str  # "" when the job trains every model
+
+
 def plan_jobs(cells: list[Cell], cfg: TrainConfig, instance_type: str, baseline_type: str,
               per_model: bool = False) -> list[PlannedJob]:
     """Every job of the study: one per distribution, instance setup and repeat, training its models in turn (with
@@ -141,21 +155,25 @@ def plan_jobs(cells: list[Cell], cfg: TrainConfig, instance_type: str, baseline_
     that does not fill whole instances."""
     check_same_gpu(baseline_type, instance_type)
     gpus, _ = INSTANCE_GPUS[instance_type]
-    groups: dict[tuple, list[Cell]] = {}
+    groups: dict[JobKey, list[Cell]] = {}
     for cell in cells:
         if cell.world_size > 1 and cell.world_size % gpus:
             raise UsageError(f"--world-sizes {cell.world_size} does not fill whole {instance_type} instances of "
                              f"{gpus} GPUs; use 1 or a multiple of {gpus}")
         placements = [("none", baseline_type, 1)] if cell.world_size == 1 else [
             (distribution, instance_type, cell.world_size // gpus) for distribution in DATA_PARALLEL]
-        for distribution, kind, count in placements:
-            key = (distribution, kind, count, cell.world_size, cell.repeat, cell.model if per_model else "")
+        for placement in placements:
+            key = JobKey(*placement, cell.world_size, cell.repeat, cell.model if per_model else "")
             groups.setdefault(key, []).append(cell)
-    setups = list(dict.fromkeys((kind, count) for _, kind, count, *_ in groups))
-    order = sorted(groups, key=lambda key: (setups.index(key[1:3]), key[3], key[4]))
-    return [PlannedJob(tuple(groups[key]), key[0], key[1], key[2],
-                       settings_id(cfg, groups[key][0], key[1], *([] if per_model else [c.model for c in groups[key]])),
-                       per_model) for key in order]
+    setups = list(dict.fromkeys((key.instance_type, key.instance_count) for key in groups))
+    order = sorted(groups, key=lambda key: (setups.index((key.instance_type, key.instance_count)), key.world_size,
+                                            key.repeat))
+    planned = []
+    for key in order:
+        models = [] if per_model else [cell.model for cell in groups[key]]
+        planned.append(PlannedJob(tuple(groups[key]), key.distribution, key.instance_type, key.instance_count,
+                                  settings_id(cfg, groups[key][0], key.instance_type, *models), per_model))
+    return planned
 
 
 def attempt_of(job: PlannedJob, name: str) -> int | None:
