@@ -67,7 +67,11 @@ class Allowance:
             max_jobs_note = f"as no quota is known ({quota_note}{unnamed}): set --max-jobs to what the account allows"
         refusals = {setup: warm_pool_refusal(spot, keep_alive, quotas, setup) for setup in setups}
         warm_setups = {setup for setup, refusal in refusals.items() if refusal is None}
-        notes = [f"{kind} × {count}: {refusal}" for (kind, count), refusal in refusals.items() if refusal]
+        refused: dict[str, list[str]] = {}
+        for (kind, count), refusal in refusals.items():
+            if refusal:
+                refused.setdefault(refusal, []).append(f"{kind} × {count}")
+        notes = [f"{', '.join(names)}: {refusal}" for refusal, names in refused.items()]
         if quotas is None and warm_setups:
             notes.append(f"whether the account allows them is not known ({quota_note}): SageMaker keeps instances "
                          f"warm only within its quota '{WARM_POOL.format('<instance type>')}', 0 unless raised")

@@ -233,7 +233,8 @@ def test_one_job_per_instance_setup_carries_every_model_and_keeps_warm_for_the_n
         assert keep_alive == {"hpml-none-w1": None, "hpml-smddp-w8": 600 if warm else None, "hpml-torchrun-w8": None}
         assert ("keeps its instances warm up to 600 s for hpml-torchrun-w8-r1-" in out) == warm
         if setup == "spot":
-            assert "warm pools: ml.p3.2xlarge × 1: managed spot training cannot keep instances warm" in out
+            assert ("warm pools: ml.p3.2xlarge × 1, ml.p3.16xlarge × 1: managed spot training cannot keep instances "
+                    "warm\n") in out
         if setup == "no warm pool quota":
             assert ("ml.p3.16xlarge × 1: the account's quota 'ml.p3.16xlarge for training warm pool usage' is 0" in out
                     and "jobs at once: 2, as the account's SageMaker quotas in us-east-1 allow" in out)
