@@ -446,9 +446,9 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
                             "on the same instance type and count (a managed warm pool, billed while kept; the last "
                             "job of a setup keeps none); within the account's warm pool quota; 0: off; at most "
                             f"{WARM_POOL_MAX_S} (default: %(default)s)")
-    cloud.add_argument("--epoch-seconds", type=float, metavar="SECONDS", help="the time per epoch to estimate "
-                       "time and cost from when neither a collected job of the same model and instances nor "
-                       "--throughput gives one (default: none)")
+    cloud.add_argument("--epoch-seconds", type=float, metavar="SECONDS", help="the time per epoch, of every model "
+                       "and world size, to estimate time and cost from when neither a collected job of the same model "
+                       "and instances nor --throughput gives one (default: none)")
     cloud.add_argument("--throughput", type=cli.path_flag, metavar="FILE", help="a bench/throughput.py --json "
                        "file: one GPU's images/s per model (and its DDP scaling, where measured) to estimate times "
                        "per epoch from (default: none)")
