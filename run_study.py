@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import cli, files, results, sagemaker_plan, slurm, study
+from hpml import cli, files, results, sagemaker_plan, sagemaker_quotas, slurm, study, study_estimate
 from hpml.config import MAX_JOBS, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
 from hpml.errors import UsageError
 
@@ -31,15 +31,15 @@ if TYPE_CHECKING:
     from hpml import jobs
 
 POLL_S = 60  # seconds between looks at running SageMaker jobs
+# How long a job keeps its instances warm for the next of its setup: that one is submitted within a look (POLL_S)
+# of its end, and a run interrupted between them leaves the instances billed this long at most.
+KEEP_ALIVE_S = 600
+WARM_POOL_MAX_S = 3600  # the longest KeepAlivePeriodInSeconds SageMaker's warm pool documentation allows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.require_positive(args, "repeats", "max_jobs", "max_run")
-    if args.epoch_seconds is not None and not args.epoch_seconds > 0:
-        raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
-    cli.require_at_most(args, repeats=MAX_REPEATS, max_jobs=MAX_JOBS, max_run=SAGEMAKER_MAX_RUN_S,
-                        epoch_seconds=SAGEMAKER_MAX_RUN_S)
+    check_sagemaker_numbers(args)
     options = slurm_options(args)
     slurm.check_counts(options)
     args.model = args.models
@@ -75,6 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cell in study.run_cells(to_run, cfg):
         print(f"failed: {cell}")
     return draw_finished(cells, cfg, output_dir, figures_dir, trained_on)
+
+
+def check_sagemaker_numbers(args: argparse.Namespace) -> None:
+    """The study's counts and the SageMaker plan's numbers, each checked before anything else happens."""
+    cli.require_positive(args, "repeats", "max_run")
+    if args.max_jobs is not None:
+        cli.require_positive(args, "max_jobs")
+    if args.epoch_seconds is not None and not args.epoch_seconds > 0:
+        raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
+    for name in ("startup_minutes", "warm_startup_minutes"):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more minutes, got {getattr(args, name)}")
+    if not 0 <= args.spot_savings < 100:
+        raise UsageError(f"--spot-savings must be a percentage from 0 to below 100, got {args.spot_savings}")
+    if args.keep_alive < 0:
+        raise UsageError(f"--keep-alive must be 0 (off) or a number of seconds, got {args.keep_alive}")
+    cli.require_at_most(args, repeats=MAX_REPEATS, max_jobs=MAX_JOBS, max_run=SAGEMAKER_MAX_RUN_S,
+                        epoch_seconds=SAGEMAKER_MAX_RUN_S, keep_alive=WARM_POOL_MAX_S,
+                        startup_minutes=SAGEMAKER_MAX_RUN_S / 60, warm_startup_minutes=SAGEMAKER_MAX_RUN_S / 60)
 
 
 def slurm_options(args: argparse.Namespace) -> slurm.JobOptions:
@@ -115,27 +134,31 @@ def submit_to_slurm(args: argparse.Namespace, options: slurm.JobOptions, cfg: Tr
 
 
 def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[study.Cell]) -> int:
-    """Plan the jobs and print them with their GPUs and cost; unless --dry-run, submit the new ones (--yes or a
-    prompt) at most --max-jobs at a time, wait for them, collect and draw. Jobs submitted before are picked up, not
-    paid for again: their names are fixed by model, world size, repeat and settings. One whose latest attempt failed
-    or was stopped, or every one with --force, is submitted again as its next attempt (-t2, -t3, ...)."""
+    """Plan the jobs and print them with their models, GPUs, estimated time and cost; unless --dry-run, submit the new
+    ones (--yes or a prompt) at most --max-jobs at a time, wait for them, collect and draw. Jobs submitted before are
+    picked up, not paid for again: their names are fixed by distribution, world size, repeat, models and settings.
+    One whose latest attempt ended with models that brought back no results submits a next attempt (-t2, -t3, ...)
+    with just those models; with --force, every job submits one with all of its models."""
     import sagemaker_submission  # here: a local or SLURM study loads neither boto3 nor the SDK
     from hpml import jobs
 
     args.framework_version = args.framework_version or jobs.DEFAULT_FRAMEWORK_VERSION
     args.py_version = args.py_version or jobs.DEFAULT_PY_VERSION
-    planned = sagemaker_plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type)
+    planned = sagemaker_plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type,
+                                       args.job_per_model)
     specs = {job.base_name: job_spec(args, job) for job in planned}
     first = specs[planned[0].base_name]
     upload, data_note = sagemaker_submission.data_source(args, cfg, first)
     output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
+    throughput = study_estimate.Throughput.load(Path(args.throughput)) if args.throughput else None
+    assumptions = study_estimate.Assumptions.of(cfg, args.epoch_seconds, throughput, args.startup_minutes,
+                                                args.warm_startup_minutes, args.spot_savings, args.max_run, POLL_S)
     records, _ = results.load_all(output_dir)
-    costs = {job.base_name: sagemaker_plan.cost_line(job, cfg.epochs, args.epoch_seconds, records, args.max_run)
-             for job in planned}
     if args.dry_run:
+        steps = sagemaker_plan.next_steps(planned, collected_attempts(records), records, args.force)
         print(f"Dry run: nothing was sent to AWS. The study's {cli.count(len(planned), 'job')}:")
-        print("\n".join(sagemaker_plan.plan_table(sagemaker_plan.next_steps(planned, {}, args.force), costs,
-                                                  args.max_run)))
+        print_plan(steps, assumptions, records, allowance(args, steps, None, "a dry run asks AWS for no quota"),
+                   args.keep_alive)
         if data_note:
             print(f"data: {data_note}")
         return 0
@@ -145,40 +168,102 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
                          "HPML_SAGEMAKER_ROLE")
     jobs.check_role(role)
     boto = jobs.aws_session(args.region, args.profile)
-    steps = sagemaker_plan.next_steps(planned, {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)},
-                                      args.force)
+    known = {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)}
+    records = collect_ended_attempts(boto, planned, known, output_dir) or records
+    steps = sagemaker_plan.next_steps(planned, known, records, args.force)
+    allowed = allowance(args, steps, *jobs.account_quotas(boto))
     print(f"The study's {cli.count(len(planned), 'job')} ({sum(bool(step.latest) for step in steps)} submitted "
           "before):")
-    print("\n".join(sagemaker_plan.plan_table(steps, costs, args.max_run)))
-    new = [dataclasses.replace(specs[step.job.base_name], job_name=jobs.check_job_name(step.job.job_name))
-           for step in steps if step.submit]
+    print_plan(steps, assumptions, records, allowed, args.keep_alive)
+    new_jobs = [step.job for step in steps if step.submit]
+    keeps_warm = sagemaker_plan.warm_successors(new_jobs, allowed.warm_setups)
+    new = [dataclasses.replace(specs[job.base_name], job_name=jobs.check_job_name(job.job_name),
+                               hyperparameters={**specs[job.base_name].hyperparameters, "model": ",".join(job.models)},
+                               keep_alive=args.keep_alive if job.job_name in keeps_warm else None)
+           for job in new_jobs]
     if new and not args.yes and not confirmed(f"submit {cli.count(len(new), 'new job')}? [y/N] "):
         print("nothing submitted")
         return 1
     if new:
         prepare_submission(boto, new, role, upload, first.s3_data)
     session = jobs.sagemaker_session(boto, new[0].bucket) if new else None
-    ended = wait_for_jobs(boto, new, [step.job.job_name for step in steps if not step.submit], args.max_jobs,
-                          session)
-    return collect_and_draw(boto, ended, len(planned), output_dir, figures_dir)
+    earlier = [(step.job.job_name, step.job.setup) for step in steps if not step.submit]
+    ended = wait_for_jobs(boto, new, earlier, allowed.max_jobs, allowed.warm_setups, session)
+    return collect_and_draw(boto, ended, planned, output_dir, figures_dir)
 
 
-def collect_and_draw(boto: boto3.Session, ended: list[dict], planned_jobs: int, output_dir: Path,
-                     figures_dir: Path) -> int:
+def allowance(args: argparse.Namespace, steps: list[sagemaker_plan.Step], quotas: dict[str, float] | None,
+              quota_note: str) -> sagemaker_quotas.Allowance:
+    """Jobs at once and warm pools for the jobs to submit, from the flags and the account's quotas."""
+    setups = list(dict.fromkeys(step.job.setup for step in steps if step.submit))
+    return sagemaker_quotas.Allowance.of(setups, args.max_jobs, args.spot, args.keep_alive, quotas, quota_note)
+
+
+def collected_attempts(records: list[dict]) -> dict[str, dict]:
+    """The jobs whose results were collected into `records`, as far as the records tell: a dry run's stand-in for
+    what SageMaker knows."""
+    return {record["sagemaker"]["job_name"]: {"TrainingJobStatus": record["sagemaker"].get("status") or "Completed"}
+            for record in records if (record.get("sagemaker") or {}).get("job_name")}
+
+
+def collect_ended_attempts(boto: boto3.Session, planned: list[sagemaker_plan.PlannedJob], known: dict[str, dict],
+                           output_dir: Path) -> list[dict]:
+    """Collect every ended attempt at a planned job not collected before, so that the plan knows which models
+    brought back results; the output folder's records afterwards ([] when nothing was collected)."""
+    import sagemaker_submission
+    from hpml import jobs
+
+    done = jobs.collected_jobs(output_dir)
+    ended = [description for name, description in known.items()
+             if description["TrainingJobStatus"] in jobs.ENDED and name not in done
+             and any(sagemaker_plan.attempt_of(job, name) for job in planned)]
+    if not ended:
+        return []
+    sagemaker_submission.collect(boto, ended, output_dir)
+    return results.load_all(output_dir)[0]
+
+
+def print_plan(steps: list[sagemaker_plan.Step], assumptions: study_estimate.Assumptions, records: list[dict],
+               allowance: sagemaker_quotas.Allowance, keep_alive: int) -> None:
+    """Print every job with its estimate, then the study's, and the assumptions beside them."""
+    new = [step.job for step in steps if step.submit]
+    keeps_warm = sagemaker_plan.warm_successors(new, allowance.warm_setups)
+    warmed_by = {later: earlier for earlier, later in keeps_warm.items()}
+    estimates = {job.job_name: study_estimate.estimate_job(job, assumptions, records) for job in new}
+    for step in steps:
+        name = step.job.job_name
+        print("\n".join(study_estimate.job_lines(step, estimates.get(name), assumptions, warmed_by.get(name),
+                                                 keeps_warm.get(name), keep_alive)))
+    if not new:
+        print("nothing to submit")
+        return
+    print("\n".join(study_estimate.study_lines(new, list(estimates.values()), assumptions, allowance.max_jobs,
+                                               allowance.warm_setups, allowance.warm_note)))
+    print(f"  jobs at once: {allowance.max_jobs}, {allowance.max_jobs_note}")
+    print("\n".join(["  assumptions:", *(f"    {line}" for line in assumptions.lines())]))
+
+
+def collect_and_draw(boto: boto3.Session, ended: list[dict], planned: list[sagemaker_plan.PlannedJob],
+                     output_dir: Path, figures_dir: Path) -> int:
     """Collect the ended jobs (the latest attempt of each planned job) not collected before, and draw; exit code 0
-    only when every one completed and its outputs could be collected."""
+    only when every one completed and every model of the study brought back its results."""
     import sagemaker_submission
     from hpml import jobs
 
     done = jobs.collected_jobs(output_dir)
     _, uncollected = sagemaker_submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done],
                                                   output_dir)
-    draw(output_dir, figures_dir)
+    records = draw(output_dir, figures_dir)
     failed = [job["TrainingJobName"] for job in ended if job["TrainingJobStatus"] != "Completed"]
-    print(f"{len(ended) - len(failed)} of {cli.count(planned_jobs, 'job')} completed"
+    missing = [f"{job.base_name} ({', '.join(models)})" for job in planned
+               if (models := [model for model in job.models
+                              if model not in sagemaker_plan.models_with_results(job, records)])]
+    print(f"{len(ended) - len(failed)} of {cli.count(len(planned), 'job')} completed"
           + (f"; not completed: {', '.join(failed)}" if failed else "")
-          + (f"; {cli.count(uncollected, 'job')} whose outputs could not be collected" if uncollected else ""))
-    return 1 if failed or uncollected else 0
+          + (f"; {cli.count(uncollected, 'job')} whose outputs could not be collected" if uncollected else "")
+          + (f"; no results yet for {'; '.join(missing)}: run the same command to train them again" if missing
+             else ""))
+    return 1 if failed or uncollected or missing else 0
 
 
 def confirmed(question: str) -> bool:
@@ -197,7 +282,7 @@ def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.J
     baseline = job.distribution == "none"  # one process: the data-parallel flags mean nothing there
     data_parallel_defaults = {name: getattr(cli.DEFAULTS, name)
                               for name in (*study.DATA_PARALLEL_FIELDS, "dist_timeout")} if baseline else {}
-    flags = argparse.Namespace(**{**vars(args), "model": job.cell.model, "distribution": job.distribution,
+    flags = argparse.Namespace(**{**vars(args), "model": ",".join(job.models), "distribution": job.distribution,
                                   **data_parallel_defaults})
     cfg, hyperparameters = sagemaker_submission.training_hyperparameters(flags)
     region = jobs.resolve_region(args.region, args.profile) or "us-east-1"
@@ -225,23 +310,30 @@ def prepare_submission(boto: boto3.Session, specs: list[jobs.JobSpec], role: str
         spec.role, spec.bucket, spec.s3_data = role, bucket, s3_data
 
 
-def wait_for_jobs(boto: boto3.Session, new: list[jobs.JobSpec], earlier: list[str], max_jobs: int,
+def wait_for_jobs(boto: boto3.Session, new: list[jobs.JobSpec], earlier: list[tuple[str, tuple[str, int]]],
+                  max_jobs: int, warm_setups: set[tuple[str, int]],
                   session: sagemaker.session.Session | None) -> list[dict]:
-    """Submit the new jobs, at most `max_jobs` running at a time (the earlier ones count), and wait until every job
-    has ended; their final descriptions."""
+    """Submit the new jobs in order, at most `max_jobs` running at a time (the earlier ones, by (name, instance
+    setup), count), and wait until every job has ended; their final descriptions. A job on a setup of `warm_setups`
+    waits while another job of its setup runs, so that it starts on that job's warm instances."""
     from hpml import jobs
 
-    pending, active, ended = list(new), list(earlier), []
+    pending, active, ended = list(new), dict(earlier), []
     while pending or active:
-        while pending and len(active) < max_jobs:
-            spec = pending.pop(0)
+        for spec in list(pending):
+            setup = (spec.instance_type, spec.instance_count)
+            if len(active) >= max_jobs:
+                break
+            if setup in warm_setups and setup in active.values():
+                continue
             jobs.submit(spec, session)
             print(f"submitted {spec.job_name} ({jobs.console_url(spec.region, spec.job_name)})")
-            active.append(spec.job_name)
+            pending.remove(spec)
+            active[spec.job_name] = setup
         finished = [description for description in (jobs.describe(boto, name) for name in active)
                     if description["TrainingJobStatus"] in jobs.ENDED]
         for description in finished:
-            active.remove(description["TrainingJobName"])
+            del active[description["TrainingJobName"]]
             print(f"{description['TrainingJobName']}: {description['TrainingJobStatus']}")
         ended += finished
         if active and not finished:
@@ -321,8 +413,9 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
     cloud = parser.add_argument_group(
         "SageMaker (--where sagemaker)",
         "  The data comes from --s3-data or --data-dir. --dry-run prints every job with its instances, GPU model and\n"
-        "  estimated cost, and sends nothing. A re-run picks up the jobs submitted before; one whose latest attempt\n"
-        "  failed or was stopped is submitted again as <name>-t2, -t3, ..., and with --force every job is.")
+        "  estimated time and cost, and sends nothing. A job trains every model in turn (--job-per-model: one\n"
+        "  each). A re-run picks up the jobs submitted before; one whose latest attempt ended without results for\n"
+        "  some models is submitted again as <name>-t2, -t3, ... with just those, and with --force every job is.")
     gpus = ", ".join(f"{name} ({count} × {gpu})" for name, (count, gpu) in sagemaker_plan.INSTANCE_GPUS.items())
     cloud.add_argument("--instance-type", default="ml.p3.16xlarge", help="instance type of the SMDDP and "
                        "torchrun jobs; a world size must fill whole instances; SMDDP runs on ml.p3.16xlarge, "
@@ -343,11 +436,28 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
     cli.add_switch(cloud, "--spot", "managed spot training (cheaper, may be interrupted and resumed)")
     cloud.add_argument("--max-run", type=int, default=7200, metavar="SECONDS", help="stop each job after this much "
                        "training time; also the bound of the cost estimate (default: %(default)s)")
-    cloud.add_argument("--max-jobs", type=int, default=4, help="jobs running at once, those of an earlier run still "
-                       "running included (default: %(default)s)")
-    cloud.add_argument("--epoch-seconds", type=float, metavar="SECONDS", help="the time per epoch to estimate "
-                       "costs from when no collected job of the same model and instances measured one "
-                       "(default: none, only the --max-run bound)")
+    cloud.add_argument("--max-jobs", type=int, help="jobs running at once, those of an earlier run still running "
+                       "included (default: what the account's SageMaker quota '<instance type> for training job "
+                       "usage' allows the study's jobs, read from Service Quotas; 1 where it does not answer)")
+    cli.add_switch(cloud, "--job-per-model", "a job for each model, as before packed jobs, instead of one job per "
+                                             "distribution and instance setup that trains every model in turn")
+    cloud.add_argument("--keep-alive", type=int, default=KEEP_ALIVE_S, metavar="SECONDS",
+                       help="on-demand jobs ask SageMaker to keep their instances warm this long for the next job "
+                            "on the same instance type and count (a managed warm pool, billed while kept; the last "
+                            "job of a setup keeps none); within the account's warm pool quota; 0: off; at most "
+                            f"{WARM_POOL_MAX_S} (default: %(default)s)")
+    cloud.add_argument("--epoch-seconds", type=float, metavar="SECONDS", help="the time per epoch, of every model "
+                       "and world size, to estimate time and cost from when neither a collected job of the same model "
+                       "and instances nor --throughput gives one (default: none)")
+    cloud.add_argument("--throughput", type=cli.path_flag, metavar="FILE", help="a bench/throughput.py --json "
+                       "file: one GPU's images/s per model (and its DDP scaling, where measured) to estimate times "
+                       "per epoch from (default: none)")
+    cloud.add_argument("--startup-minutes", type=float, default=6.0, help="the start-up the plan assumes for a job on "
+                       "new instances: provisioning, container image and data (default: %(default)s)")
+    cloud.add_argument("--warm-startup-minutes", type=float, default=1.0, help="the start-up the plan assumes for a "
+                       "job on the warm instances of the job before it (default: %(default)s)")
+    cloud.add_argument("--spot-savings", type=float, default=70.0, metavar="PERCENT", help="how much below on-demand "
+                       "prices the plan assumes spot training bills, in percent (default: %(default)s)")
     cli.add_switch(cloud, "--yes", "submit without asking")
     cli.add_aws_flags(cloud)
 

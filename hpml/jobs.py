@@ -32,6 +32,7 @@ import boto3
 import boto3.exceptions
 import botocore.awsrequest
 import botocore.client
+import botocore.config
 import botocore.credentials
 import botocore.exceptions
 import botocore.model
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from . import container, data, files, prices, results
 from .errors import UsageError, one_line
+from .sagemaker_plan import ENDED
 
 if TYPE_CHECKING:  # imported on first use at run time (see above)
     import sagemaker.debugger
@@ -62,7 +64,6 @@ TENSORBOARD_REQUIREMENT = "tensorboard>=2.14"  # added for a job that writes Ten
 S3_PREFIX = "hpml"
 SUITE_TAG = {"Key": "hpml-suite", "Value": "hpml"}  # `list` and `collect --all` find this suite's jobs by it
 LOG_POLL_S = 10  # seconds between looks at a job's logs and status while `--wait` streams them
-ENDED = ("Completed", "Stopped", "Failed")  # training job statuses after which SageMaker has uploaded the output
 
 DISTRIBUTIONS = {
     "smddp": {"smdistributed": {"dataparallel": {"enabled": True}}},
@@ -120,6 +121,7 @@ class JobSpec:
     spot: bool
     max_run: int
     max_wait: int | None
+    keep_alive: int | None = None  # seconds SageMaker keeps the instances warm for a next job of the same setup
 
     @property
     def requirements(self) -> tuple[str, ...]:
@@ -411,6 +413,19 @@ def sagemaker_session(boto: boto3.Session, bucket: str,
                                  sagemaker_client=sagemaker_client)
 
 
+def account_quotas(boto: boto3.Session) -> tuple[dict[str, float] | None, str]:
+    """The account's SageMaker quotas in this region by name, and a note saying where they came from; None (and why)
+    when the Service Quotas API does not answer (no permission for it, or no such API where these calls go)."""
+    client = boto.client("service-quotas", config=botocore.config.Config(retries={"max_attempts": 1}))
+    quotas: dict[str, float] = {}
+    try:
+        for page in client.get_paginator("list_service_quotas").paginate(ServiceCode="sagemaker"):
+            quotas.update({quota["QuotaName"]: quota["Value"] for quota in page.get("Quotas", [])})
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        return None, f"Service Quotas did not answer ({one_line(error)})"
+    return quotas, f"the account's SageMaker quotas in {boto.region_name}"
+
+
 def ensure_bucket(boto: boto3.Session, bucket: str | None) -> str:
     """--bucket if it exists and is reachable; else the account's sagemaker-<region>-<account> bucket, created
     when missing, and refused when someone else owns that name (as the SDK's default_bucket does)."""
@@ -535,6 +550,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
             use_spot_instances=spec.spot,
             max_run=spec.max_run,
             max_wait=spec.max_wait if spec.spot else None,
+            keep_alive_period_in_seconds=spec.keep_alive,
             tags=[SUITE_TAG],
             # SageMaker Debugger and Profiler hooks would run inside the timed training loop: keep them out.
             debugger_hook_config=False,
@@ -777,8 +793,10 @@ def _job_records(found: dict[str, bytes], description: dict, output_dir: Path) -
     fields = job_fields(description, runs=len(records))
     shares, job_cost = cost_shares(list(records.values())), fields["job_cost_usd"]
     for (filename, record), share in zip(records.items(), shares, strict=True):
+        billable = fields["billable_time_s"]
         record["sagemaker"] = {**(record.get("sagemaker") or {}), **fields, "cost_share": share,
-                               "cost_usd": None if job_cost is None else job_cost * share}
+                               "cost_usd": None if job_cost is None else job_cost * share,
+                               "billable_time_share_s": None if billable is None else billable * share}
         _checked(record, f"{name}: results/{filename}")
     return records
 

@@ -104,7 +104,8 @@ RECORD_FIELDS: dict[str, Check] = {
     "environment.torch": TEXT.or_null(), "environment.gpu_capability": TEXT.or_null(),
     "environment.gpu_count": SIZE.or_null(), "environment.cpu_count": SIZE.or_null(),
     "sagemaker": OBJECT.or_null(), "sagemaker.job_name": TEXT.or_null(), "sagemaker.instance_type": TEXT.or_null(),
-    "sagemaker.cost_usd": AMOUNT.or_null(),
+    "sagemaker.cost_usd": AMOUNT.or_null(), "sagemaker.status": TEXT.or_null(),
+    "sagemaker.billable_time_share_s": AMOUNT.or_null(),
     "utilization": OBJECT.or_null(), "utilization.samples_csv": STRING.or_null(),
 }
 REQUIRED = frozenset({*REQUIRED_FIELDS, *(f"epochs[].{name}" for name in EPOCH_FIELDS)})

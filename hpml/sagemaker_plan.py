@@ -1,5 +1,4 @@
-"""A study's cells as SageMaker training jobs, what they will cost, and which of them a re-run submits: no AWS
-calls, no torch.
+"""A study's cells as SageMaker training jobs, and which of them a re-run submits: no AWS calls, no torch.
 
 World size 1 is the single-GPU baseline (--distribution none: run_hpc.py on one GPU); a larger world size is two
 jobs on the same whole instances, SMDDP and torchrun-NCCL, so that both are compared on the same hardware. The
@@ -8,24 +7,28 @@ default one GPU of ml.p3.2xlarge against the eight of ml.p3.16xlarge (NVIDIA V10
 also take one GPU of a multi-GPU instance, e.g. of the data-parallel instance type itself; it is billed for the
 whole instance.
 
-Job names are fixed by the cell and its settings, so a re-run finds the jobs it already submitted. SageMaker never
+A job trains every model of the study in turn (the training scripts take --model a,b,...), so the study pays each
+job's start-up once per instance setup, not once per model; --job-per-model makes a job of each model instead.
+
+Job names are fixed by the cells and their settings, so a re-run finds the jobs it already submitted. SageMaker never
 takes a job name twice, so a job is tried again under its name with -t2, -t3, ... appended: the latest attempt
-decides whether a job is done, running, or to be submitted again.
-"""
+decides whether a job is running or ended, and the results collected from its attempts which models a next attempt
+still has to train."""
 
 from __future__ import annotations
 
 import re
-import statistics
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
-from . import prices
 from .config import TrainConfig
 from .errors import UsageError
 from .study import Cell, settings_id
 
 DATA_PARALLEL = ("smddp", "torchrun")
-RETRIED = ("Failed", "Stopped")  # a job that ended so is submitted again; Completed, InProgress and Stopping are not
+# Training job statuses after which SageMaker has uploaded the output; a job's models without results are trained
+# again after them.
+ENDED = ("Completed", "Stopped", "Failed")
 REASON_CHARS = 150  # of a failed job's FailureReason, in the plan
 
 
@@ -58,19 +61,35 @@ INSTANCE_GPUS = {
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """One attempt at one SageMaker training job of the study."""
+    """One attempt at one SageMaker training job of the study: the cells it trains one after another (one world
+    size and repeat, one model each), on one setup of instances."""
 
-    cell: Cell
+    cells: tuple[Cell, ...]
     distribution: str  # none (the baseline), smddp or torchrun
     instance_type: str
     instance_count: int
-    settings: str  # a short hash of the cell's defining settings: part of the job name
+    settings: str  # a short hash of the cells' defining settings (and models): part of the job name
+    per_model: bool = False  # --job-per-model: one model, named in the job name
     attempt: int = 1
+
+    @property
+    def models(self) -> list[str]:
+        return [cell.model for cell in self.cells]
+
+    @property
+    def world_size(self) -> int:
+        return self.cells[0].world_size
+
+    @property
+    def setup(self) -> tuple[str, int]:
+        """What a warm pool must match: the instance type and count."""
+        return self.instance_type, self.instance_count
 
     @property
     def base_name(self) -> str:
         """The job's name at its first attempt."""
-        return (f"hpml-{self.cell.model}-{self.distribution}-w{self.cell.world_size}-r{self.cell.repeat + 1}"
+        model = f"{self.cells[0].model}-" if self.per_model else ""
+        return (f"hpml-{model}{self.distribution}-w{self.world_size}-r{self.cells[0].repeat + 1}"
                 f"-{self.settings}")
 
     @property
@@ -81,10 +100,9 @@ class PlannedJob:
     def hardware(self) -> str:
         """Instances and the GPUs the job uses, e.g. 'ml.p3.16xlarge × 2, 16 × NVIDIA V100 (16 GB)'."""
         gpus, gpu = INSTANCE_GPUS[self.instance_type]
-        used = self.cell.world_size
-        if used < gpus:
+        if self.world_size < gpus:
             return f"{self.instance_type} × 1, 1 of its {gpus} {gpu} GPUs (the whole instance is billed)"
-        return f"{self.instance_type} × {self.instance_count}, {used} × {gpu}"
+        return f"{self.instance_type} × {self.instance_count}, {self.world_size} × {gpu}"
 
 
 @dataclass(frozen=True)
@@ -118,21 +136,43 @@ def check_same_gpu(baseline_type: str, instance_type: str) -> None:
                      f"{' or '.join([*same, instance_type])}")
 
 
-def plan_jobs(cells: list[Cell], cfg: TrainConfig, instance_type: str, baseline_type: str) -> list[PlannedJob]:
-    """Every job of the study; UsageError naming a GPU model mismatch or a world size that does not fill whole
-    instances."""
+class JobKey(NamedTuple):
+    """What makes cells one job: its distribution, instances, world size and repeat (and model, one job per model)."""
+
+    distribution: str
+    instance_type: str
+    instance_count: int
+    world_size: int
+    repeat: int
+    model: str  # "" when the job trains every model
+
+
+def plan_jobs(cells: list[Cell], cfg: TrainConfig, instance_type: str, baseline_type: str,
+              per_model: bool = False) -> list[PlannedJob]:
+    """Every job of the study: one per distribution, instance setup and repeat, training its models in turn (with
+    `per_model`, one per model as well), ordered so that jobs on the same instance setup follow one another (a job
+    can then start on the warm instances of the one before). UsageError naming a GPU model mismatch or a world size
+    that does not fill whole instances."""
     check_same_gpu(baseline_type, instance_type)
     gpus, _ = INSTANCE_GPUS[instance_type]
-    planned = []
+    groups: dict[JobKey, list[Cell]] = {}
     for cell in cells:
-        if cell.world_size == 1:
-            planned.append(PlannedJob(cell, "none", baseline_type, 1, settings_id(cfg, cell, baseline_type)))
-            continue
-        if cell.world_size % gpus:
+        if cell.world_size > 1 and cell.world_size % gpus:
             raise UsageError(f"--world-sizes {cell.world_size} does not fill whole {instance_type} instances of "
                              f"{gpus} GPUs; use 1 or a multiple of {gpus}")
-        planned += [PlannedJob(cell, distribution, instance_type, cell.world_size // gpus,
-                               settings_id(cfg, cell, instance_type)) for distribution in DATA_PARALLEL]
+        placements = [("none", baseline_type, 1)] if cell.world_size == 1 else [
+            (distribution, instance_type, cell.world_size // gpus) for distribution in DATA_PARALLEL]
+        for placement in placements:
+            key = JobKey(*placement, cell.world_size, cell.repeat, cell.model if per_model else "")
+            groups.setdefault(key, []).append(cell)
+    setups = list(dict.fromkeys((key.instance_type, key.instance_count) for key in groups))
+    order = sorted(groups, key=lambda key: (setups.index((key.instance_type, key.instance_count)), key.world_size,
+                                            key.repeat))
+    planned = []
+    for key in order:
+        models = [] if per_model else [cell.model for cell in groups[key]]
+        planned.append(PlannedJob(tuple(groups[key]), key.distribution, key.instance_type, key.instance_count,
+                                  settings_id(cfg, groups[key][0], key.instance_type, *models), per_model))
     return planned
 
 
@@ -144,25 +184,38 @@ def attempt_of(job: PlannedJob, name: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def next_step(job: PlannedJob, known: dict[str, dict], force: bool) -> Step:
-    """The latest attempt SageMaker knows (`known`: descriptions by job name) decides: completed or still running,
-    it is picked up; failed or stopped, or any with `force`, the next attempt is submitted."""
+def models_with_results(job: PlannedJob, records: list[dict]) -> set[str]:
+    """The job's models whose results some attempt at it brought back (collected into `records`)."""
+    return {record["model"] for record in records
+            if (name := (record.get("sagemaker") or {}).get("job_name")) and attempt_of(job, name)}
+
+
+def next_step(job: PlannedJob, known: dict[str, dict], done: set[str], force: bool) -> Step:
+    """The latest attempt SageMaker knows (`known`: descriptions by job name) decides: still running, it is picked
+    up; ended, with results for every model (`done`), it is too; ended with models missing (failed, stopped, cut by
+    --max-run), the next attempt trains just those; with `force`, the next attempt trains every model."""
     attempts = {number: description for name, description in known.items() if (number := attempt_of(job, name))}
+    missing = tuple(cell for cell in job.cells if cell.model not in done)
     if not attempts:
-        return Step(job, True, "new", None)
+        return Step(replace(job, cells=missing or job.cells), True, "new", None)
     latest, description = max(attempts.items())
-    status, again = description["TrainingJobStatus"], replace(job, attempt=latest + 1)
-    latest_name = replace(job, attempt=latest).job_name
+    status, latest_name = description["TrainingJobStatus"], replace(job, attempt=latest).job_name
     if force:
+        again = replace(job, attempt=latest + 1)
         return Step(again, True, f"{status} before, --force: submitting again as {again.job_name}", latest_name)
-    if status in RETRIED:
+    if status not in ENDED or not missing:
+        return Step(replace(job, attempt=latest), False, status, latest_name)
+    again = replace(job, cells=missing, attempt=latest + 1)
+    if len(missing) == len(job.cells):
         return Step(again, True, f"{status} before{failure_reason(description)}, submitting again as "
                                  f"{again.job_name}", latest_name)
-    return Step(replace(job, attempt=latest), False, status, latest_name)
+    return Step(again, True, f"{status} before{failure_reason(description)} with no results for "
+                             f"{', '.join(again.models)} ({len(missing)} of {len(job.cells)} models): submitting "
+                             f"{'it' if len(missing) == 1 else 'them'} alone as {again.job_name}", latest_name)
 
 
-def next_steps(planned: list[PlannedJob], known: dict[str, dict], force: bool) -> list[Step]:
-    return [next_step(job, known, force) for job in planned]
+def next_steps(planned: list[PlannedJob], known: dict[str, dict], records: list[dict], force: bool) -> list[Step]:
+    return [next_step(job, known, models_with_results(job, records), force) for job in planned]
 
 
 def failure_reason(description: dict) -> str:
@@ -173,37 +226,12 @@ def failure_reason(description: dict) -> str:
     return f" ({text})" if text else ""
 
 
-def measured_epoch_seconds(job: PlannedJob, records: list[dict]) -> float | None:
-    """The median time per epoch of collected SageMaker runs of the same model, world size and instance type."""
-    times = [record["median_epoch_time_s"] for record in records
-             if record["model"] == job.cell.model and int(record["world_size"]) == job.cell.world_size
-             and (record.get("sagemaker") or {}).get("instance_type") == job.instance_type
-             and "median_epoch_time_s" in record]
-    return statistics.median(times) if times else None
-
-
-def cost_line(job: PlannedJob, epochs: int, stated_epoch_s: float | None, records: list[dict], max_run: int) -> str:
-    """The job's estimated cost, saying where the time per epoch came from: measured, stated, or only the bound."""
-    price = prices.hourly_price(job.instance_type)
-    if price is None:
-        return f"no price for {job.instance_type} in hpml/prices.py"
-    measured = measured_epoch_seconds(job, records)
-    bound = f"at most ${prices.cost_usd(max_run, job.instance_count, price):,.2f} (--max-run {max_run} s)"
-    epoch_s, source = (measured, "measured") if measured else (stated_epoch_s, "stated by --epoch-seconds")
-    if epoch_s is None:
-        return f"{bound}; no measured or stated time per epoch (--epoch-seconds) to estimate from"
-    seconds = min(epochs * epoch_s, max_run)
-    return (f"~${prices.cost_usd(seconds, job.instance_count, price):,.2f} for {epochs} × {epoch_s:.1f} s per "
-            f"epoch ({source}; set-up time not included), {bound}")
-
-
-def plan_table(steps: list[Step], costs: dict[str, str], max_run: int) -> list[str]:
-    """A line per job (name, what happens to it, instances and GPUs, distribution, cost by base name), then the
-    bound on the cost of the jobs to submit."""
-    new = [step.job for step in steps if step.submit]
-    bound = sum(prices.cost_usd(max_run, job.instance_count, prices.hourly_price(job.instance_type) or 0.0)
-                for job in new)
-    return [*(f"{step.latest or step.job.job_name}: {step.status}; {step.job.hardware}, {step.job.distribution}; "
-              f"{costs[step.job.base_name]}" for step in steps),
-            f"jobs to submit: {len(new)}, at most ${bound:,.2f} in all on demand (us-east-1 prices from "
-            "hpml/prices.py, which may be out of date)"]
+def warm_successors(jobs: list[PlannedJob], warm_setups: set[tuple[str, int]]) -> dict[str, str]:
+    """For each job (by name) on a setup in `warm_setups` that a later job of the list shares, that next job's name:
+    the one it keeps its instances warm for. The last job of a setup keeps none, and pays for no idle instances."""
+    following: dict[str, str] = {}
+    for index, job in enumerate(jobs):
+        later = next((other for other in jobs[index + 1:] if other.setup == job.setup), None)
+        if later and job.setup in warm_setups:
+            following[job.job_name] = later.job_name
+    return following
