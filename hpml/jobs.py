@@ -86,7 +86,7 @@ EPOCH_LINE = (r"{model} epoch [0-9]+/[0-9]+: train loss {train_loss} acc {train_
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
 
 NO_CREDENTIALS = ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN "
-                  "for temporary keys), run `aws configure` or `aws sso login`, choose a profile with --profile or "
+                  "for temporary keys), run `aws configure` or `aws sso login`, choose a profile with --aws-profile or "
                   "AWS_PROFILE, or run where an IAM role provides them (EC2, a SageMaker notebook)")
 NO_REGION = "no AWS region: pass --region (e.g. us-east-1), set AWS_REGION, or run `aws configure`"
 
@@ -371,7 +371,7 @@ def boto_session(region: str | None, profile: str | None) -> boto3.Session:
     try:
         return boto3.Session(profile_name=profile, region_name=region)
     except botocore.exceptions.ProfileNotFound as error:
-        raise UsageError(f"{error} (see ~/.aws/config; pass --profile NAME or unset AWS_PROFILE)") from None
+        raise UsageError(f"{error} (see ~/.aws/config; pass --aws-profile NAME or unset AWS_PROFILE)") from None
 
 
 def resolve_region(region: str | None, profile: str | None) -> str | None:
@@ -761,7 +761,7 @@ def _job_records(found: dict[str, bytes], description: dict, output_dir: Path) -
     file that is not a valid record with a run_id that names a file in `output_dir`."""
     name = description["TrainingJobName"]
     records = {filename: _as_record(content, f"{name}: results/{filename}", output_dir)
-               for filename, content in sorted(found.items()) if filename.endswith(".json")}
+               for filename, content in sorted(found.items()) if results.is_record_file(filename)}
     if not records:
         return {}
     fields = job_fields(description, runs=len(records))

@@ -333,7 +333,7 @@ def test_a_single_gpu_baseline_job_runs_the_single_device_script(moto_account, c
      "--grad-compression applies to data-parallel runs; --distribution none runs run_hpc.py"),
     (["--grad-compression", "powersgd"], "--grad-compression powersgd is not available with the smddp backend"),
     (["--data-dir", "/nonexistent/cifar"], "no CIFAR-10 folder at /nonexistent/cifar"),
-    (["--profile", "nosuchprofile"], "nosuchprofile"),
+    (["--aws-profile", "nosuchprofile"], "nosuchprofile"),
 ])
 def test_bad_input_is_one_line_and_sends_nothing(moto_account, capsys, flags, expected):
     before = everything_in(moto_account)
@@ -362,7 +362,7 @@ def test_no_credentials_is_one_line_and_sends_nothing(moto_account, capsys, monk
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     code, _, err = submit(capsys, "--dataset", "synthetic", "--bucket", BUCKET, "--role", ROLE)
     assert code == 2 and err.count("\n") == 1
-    assert "no AWS credentials found" in err and "aws configure" in err and "--profile" in err
+    assert "no AWS credentials found" in err and "aws configure" in err and "--aws-profile" in err
     monkeypatch.undo()
     assert everything_in(moto_account) == before
 
