@@ -637,9 +637,10 @@ class CollectError(Exception):
 
 def collect_job(boto: boto3.Session, description: dict, output_dir: Path,
                 log: Callable[[str], None] = print) -> list[Path]:
-    """Bring a finished job's results JSON files (and their monitor files) into `output_dir`, with the job's time
-    and cost added to each record, and the run's share of that cost; files already there are left alone. The new
-    files; CollectError when its output archive is too large or corrupt or holds a record that is not valid."""
+    """Bring a finished job's results JSON files (and their monitor files and --profile traces) into `output_dir`,
+    with the job's time and cost added to each record, and the run's share of that cost; files already there are
+    left alone. The new files; CollectError when its output archive is too large or corrupt or holds a record that
+    is not valid."""
     name, status = description["TrainingJobName"], description["TrainingJobStatus"]
     if status not in ENDED:
         log(f"{name}: {status}, not finished yet; collect it when it has ended")
@@ -793,7 +794,8 @@ def _checked(record: object, what: str) -> dict:
 
 def _companions(found: dict[str, bytes], run_id: str, records: dict[str, dict], output_dir: Path,
                 name: str) -> list[tuple[Path, bytes]]:
-    """The files of a run beside its record (its monitor samples), each with the path it is written to."""
+    """The files of a run beside its record (its monitor samples, its --profile traces), each with the path it is
+    written to."""
     return [(_inside(output_dir, companion, f"{name}: results/{companion}"), content)
             for companion, content in found.items() if companion.startswith(f"{run_id}.") and companion not in records]
 

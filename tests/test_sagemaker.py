@@ -469,6 +469,7 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     put_job_output(moto_account, BUCKET, MAIN_JOB, {
         f"results/{run_id}.json": json.dumps(record).encode(),
         f"results/{run_id}.utilization.csv": monitor,
+        f"results/{run_id}.rank0.trace.json": b'{"traceEvents": []}',  # --profile's: JSON, but no record
         "results/notes.txt": b"not a result",
         "model/ignored.json": b"{}",
     })
@@ -476,7 +477,8 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     code, out, err = run(capsys, "collect", MAIN_JOB, "--output-dir", str(out_dir))
     assert code == 0, err
     assert "results/notes.txt skipped" in out
-    assert sorted(path.name for path in out_dir.iterdir()) == [f"{run_id}.json", f"{run_id}.utilization.csv"]
+    assert sorted(path.name for path in out_dir.iterdir()) == [f"{run_id}.json", f"{run_id}.rank0.trace.json",
+                                                                f"{run_id}.utilization.csv"]
     assert (out_dir / f"{run_id}.utilization.csv").read_bytes() == monitor
     collected = json.loads((out_dir / f"{run_id}.json").read_text())
     assert collected["epochs"] == run_record["epochs"] and collected["run_id"] == run_id
