@@ -271,8 +271,9 @@ def breakdown_figure(groups: list[Group]) -> Figure:
                       "Where a training step's time goes (--profile)", profiled, [
         "Bars: the mean profiled step of a run, median over the runs with --profile: forward + backward, "
         "optimizer, waiting for data, and gradient communication not hidden behind computation (exposed). "
-        "◆: all gradient communication, most of it overlapped with the backward pass. Above: the exposed share "
-        "of the step. Profiled steps run after the timed epochs, under the profiler, and are a little slower."])
+        "◆: all gradient communication; what of it the exposed segment leaves out ran while computation went on. "
+        "Above: the exposed share of the step. Profiled steps run after the timed epochs, under the profiler, and "
+        "are a little slower."])
     axes = body.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels, strict=True):
         bottom = [0.0] * len(panel)
