@@ -91,9 +91,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="with --ddp on GPUs: a comma list of off and on, CUDA graphs in the measured steps "
                              "(default: %(default)s, as under DDP in training)")
     parser.add_argument("--profile", action="store_true",
-                        help="with --ddp: after the timed rounds, record --steps more steps of the same trainer "
+                        help="with --ddp: after each timed round, record --steps more steps of the same trainer "
                              "under torch.profiler as run_distributed.py --profile does, and report the exposed "
-                             "share read from the trace beside the measured one (default: off)")
+                             "share read from the traces (median over the rounds) beside the measured one "
+                             "(default: off)")
     parser.add_argument("--json", type=cli.path_flag, default=None,
                         help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
