@@ -167,7 +167,7 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
         raise UsageError("no IAM role for the jobs: pass --role arn:aws:iam::ACCOUNT_ID:role/NAME or set "
                          "HPML_SAGEMAKER_ROLE")
     jobs.check_role(role)
-    boto = jobs.aws_session(args.region, args.profile)
+    boto = jobs.aws_session(args.region, args.aws_profile)
     known = {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)}
     records = collect_ended_attempts(boto, planned, known, output_dir) or records
     steps = sagemaker_plan.next_steps(planned, known, records, args.force)
@@ -285,7 +285,7 @@ def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.J
     flags = argparse.Namespace(**{**vars(args), "model": ",".join(job.models), "distribution": job.distribution,
                                   **data_parallel_defaults})
     cfg, hyperparameters = sagemaker_submission.training_hyperparameters(flags)
-    region = jobs.resolve_region(args.region, args.profile) or "us-east-1"
+    region = jobs.resolve_region(args.region, args.aws_profile) or "us-east-1"
     jobs.check_distribution(job.distribution, job.instance_type, job.instance_count, args.framework_version,
                             args.py_version, cfg.backend, cfg.device, region)
     return jobs.JobSpec(job_name=jobs.check_job_name(job.job_name), instance_type=job.instance_type,

@@ -8,7 +8,7 @@ or run_hpc.py on one GPU (--distribution none, the single-device baseline).
     python sagemaker_submission.py collect --all
 
 `<command> --help` explains every flag. AWS credentials come only from the standard boto3 chain (environment,
-~/.aws, --profile, an IAM role).
+~/.aws, --aws-profile, an IAM role).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
 def run_submit(args: argparse.Namespace) -> int:
     cfg, hyperparameters = training_hyperparameters(args)
     check_job_limits(args)
-    region = jobs.resolve_region(args.region, args.profile)
+    region = jobs.resolve_region(args.region, args.aws_profile)
     if not region and not args.dry_run:
         raise UsageError(jobs.NO_REGION)
     jobs.check_distribution(args.distribution, args.instance_type, args.instance_count, args.framework_version,
@@ -206,9 +206,9 @@ def run_submit(args: argparse.Namespace) -> int:
         max_wait=(args.max_wait or 2 * args.max_run) if args.spot else None)
     upload, data_note = data_source(args, cfg, spec)
     if args.dry_run:
-        print_dry_run(spec, upload, args.profile, region is not None, data_note)
+        print_dry_run(spec, upload, args.aws_profile, region is not None, data_note)
         return 0
-    boto = jobs.aws_session(region, args.profile)
+    boto = jobs.aws_session(region, args.aws_profile)
     spec.bucket = jobs.ensure_bucket(boto, spec.bucket)
     if upload:
         spec.s3_data = jobs.upload_data(boto, spec.bucket, upload)
@@ -324,7 +324,7 @@ def print_submitted(spec: jobs.JobSpec, args: argparse.Namespace) -> None:
     print(f"  console: {jobs.console_url(spec.region, spec.job_name)}")
     print(f"  cost: {cost_estimate(spec)}")
     if not args.wait:
-        where = ["--region", spec.region, *(["--profile", args.profile] if args.profile else [])]
+        where = ["--region", spec.region, *(["--aws-profile", args.aws_profile] if args.aws_profile else [])]
         print(f"  when it has finished: {collect_command(spec.job_name, *where)}")
 
 
@@ -356,7 +356,7 @@ def run_collect(args: argparse.Namespace) -> int:
     for name in args.jobs:
         jobs.check_job_name(name)
     output_dir = results.check_writable(args.output_dir)
-    boto = jobs.aws_session(args.region, args.profile)
+    boto = jobs.aws_session(args.region, args.aws_profile)
     if args.all:
         done = jobs.collected_jobs(output_dir)
         descriptions = [job for job in jobs.suite_jobs(boto) if job["TrainingJobName"] not in done]
@@ -399,7 +399,7 @@ def run_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError(f"--limit must be 1 or more, got {args.limit}")
     cli.require_at_most(args, limit=MAX_JOBS)
-    boto = jobs.aws_session(args.region, args.profile)
+    boto = jobs.aws_session(args.region, args.aws_profile)
     now = datetime.now(timezone.utc)
     rows = [job_row(job, now) for job in jobs.suite_jobs(boto, args.limit)]
     if args.json:

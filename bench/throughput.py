@@ -6,6 +6,7 @@
     python bench/throughput.py --ablate             # also the fast defaults with one setting changed at a time
     torchrun --nproc_per_node 2 bench/throughput.py --ddp --grad-compression none,fp16   # exposed communication
     torchrun --nproc_per_node 2 bench/throughput.py --ddp --model resnet18 --cuda-graphs off,on  # GPUs: overlap kept?
+    torchrun --nproc_per_node 2 bench/throughput.py --ddp --profile   # the same against run_distributed.py --profile
 
 Reference: DataLoader with --workers 2 and torchvision transforms, fp32, eager (no CUDA graphs), NCHW. Fast:
 the defaults of run_hpc.py on this device. Both train the same model with the same code (hpml.train.Trainer) on
@@ -15,9 +16,10 @@ warm-up, and the figure is the median images/s over --repeats epochs.
 With --ddp, under torchrun, it measures instead how much of a data-parallel step is communication that the
 backward pass does not hide: the fast defaults' step time with DDP's gradient synchronisation, against the same
 step under DDP's no_sync() (same per-rank batch, no all-reduce), per model, --grad-compression choice and
---cuda-graphs choice. CUDA graphs are off under DDP by default because a graphed backward is one autograd node, so
-no gradient bucket's all-reduce could start before it ended: `--cuda-graphs off,on` on GPUs measures what that
-costs in exposed communication.
+--cuda-graphs choice; with --profile also the exposed share that --profile reads from a trace of the same
+trainer's next --steps steps. CUDA graphs are off under DDP by default because a graphed backward is one autograd
+node, so no gradient bucket's all-reduce could start before it ended: `--cuda-graphs off,on` on GPUs measures what
+that costs in exposed communication.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hpml import cli, data, dist, files, results, speed  # noqa: E402
+from hpml import cli, data, dist, files, profiling, results, speed  # noqa: E402
 from hpml.config import (  # noqa: E402
     GRAD_COMPRESSIONS,
     MAX_BATCH_SIZE,
@@ -88,6 +90,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--cuda-graphs", default="off",
                         help="with --ddp on GPUs: a comma list of off and on, CUDA graphs in the measured steps "
                              "(default: %(default)s, as under DDP in training)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --ddp: after each timed round, record --steps more steps of the same trainer "
+                             "under torch.profiler as run_distributed.py --profile does, and report the exposed "
+                             "share read from the traces (median over the rounds) beside the measured one "
+                             "(default: off)")
     parser.add_argument("--json", type=cli.path_flag, default=None,
                         help="write the figures to this JSON file (default: not written)")
     args = parser.parse_args(argv)
@@ -107,6 +114,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         if choice not in GRAD_COMPRESSIONS:
             raise UsageError(f"--grad-compression takes a comma list of {', '.join(GRAD_COMPRESSIONS)}, "
                              f"got {choice!r}")
+    if args.profile and not args.ddp:
+        raise UsageError("--profile compares with --ddp's measurement; add --ddp (under torchrun)")
     if args.ddp and (args.nproc or args.ablate):
         raise UsageError("--ddp measures one world under torchrun; run --nproc and --ablate without it")
     if args.ddp and dist.launcher_from_env() != "torchrun":
@@ -166,22 +175,33 @@ def measure_ddp(name: str, args: argparse.Namespace, nproc: int) -> float:
 
 def measure_exposed_communication(name: str, compression: str, cuda_graphs: bool, args: argparse.Namespace,
                                   world: dist.World, images: data.ImageSet) -> dict:
-    """Median step times (slowest rank) with DDP's synchronisation and under no_sync(), alternating epochs."""
-    cfg = TrainConfig(models=[name], batch_size=args.batch_size, device=args.device, grad_compression=compression,
-                      cuda_graphs=cuda_graphs, quiet=True).validate()
-    trainer = Trainer(cfg, name, world, images)
-    ddp = getattr(trainer.train_model, "_orig_mod", trainer.train_model)  # under --compile, the module it wraps
-    step_ms: dict[str, list[float]] = {"synced": [], "no_sync": []}
-    for epoch in range(1, args.repeats + 2):
-        for setup in ("synced", "no_sync") if epoch % 2 else ("no_sync", "synced"):
-            with ddp.no_sync() if setup == "no_sync" else contextlib.nullcontext():
-                stats = trainer.train_epoch(epoch, tqdm(disable=True))
-            (slowest,) = world.all_reduce([stats["epoch_time_s"] / stats["steps"]], op="max")
-            if epoch > 1:
-                step_ms[setup].append(slowest * 1e3)
+    """Median step times (slowest rank) with DDP's synchronisation and under no_sync(), alternating epochs; with
+    --profile, after each round's two epochs, the breakdown --profile reads from a trace of the next steps."""
+    with tempfile.TemporaryDirectory() as traces:
+        cfg = TrainConfig(models=[name], batch_size=args.batch_size, device=args.device, grad_compression=compression,
+                          cuda_graphs=cuda_graphs, quiet=True, output_dir=traces, profile_steps=args.steps).validate()
+        trainer = Trainer(cfg, name, world, images)
+        ddp = getattr(trainer.train_model, "_orig_mod", trainer.train_model)  # under --compile, the module it wraps
+        step_ms: dict[str, list[float]] = {"synced": [], "no_sync": []}
+        profiles = []
+        for epoch in range(1, args.repeats + 2):
+            for setup in ("synced", "no_sync") if epoch % 2 else ("no_sync", "synced"):
+                with ddp.no_sync() if setup == "no_sync" else contextlib.nullcontext():
+                    stats = trainer.train_epoch(epoch, tqdm(disable=True))
+                (slowest,) = world.all_reduce([stats["epoch_time_s"] / stats["steps"]], op="max")
+                if epoch > 1:
+                    step_ms[setup].append(slowest * 1e3)
+            if args.profile and epoch > 1:
+                profiles.append(profiling.profile_window(trainer, f"bench_{name}"))
     synced, alone = (statistics.median(step_ms[setup]) for setup in ("synced", "no_sync"))
-    return {"step_ms": synced, "no_sync_step_ms": alone, "exposed_ms": synced - alone,
-            "exposed_fraction": (synced - alone) / synced, "repeats_step_ms": step_ms}
+    figures = {"step_ms": synced, "no_sync_step_ms": alone, "exposed_ms": synced - alone,
+               "exposed_fraction": (synced - alone) / synced, "repeats_step_ms": step_ms}
+    if profiles:
+        figures["profile"] = {"exposed_communication_share": statistics.median(
+                                  profile["exposed_communication_share"] for profile in profiles),
+                              "step_ms": statistics.median(profile["step_ms"] for profile in profiles),
+                              "repeats": [{k: v for k, v in profile.items() if k != "traces"} for profile in profiles]}
+    return figures
 
 
 def main_ddp(args: argparse.Namespace, names: list[str]) -> int:
@@ -194,7 +214,8 @@ def main_ddp(args: argparse.Namespace, names: list[str]) -> int:
         if world.is_main:
             print(f"{world.size} ranks, {world.backend}, {report['device']}: step time with and without DDP's "
                   "gradient synchronisation")
-            print(f"{'model':<14}{'compression':<13}{'step ms':>9}{'no_sync ms':>12}{'exposed ms':>12}{'exposed':>9}")
+            print(f"{'model':<14}{'compression':<13}{'step ms':>9}{'no_sync ms':>12}{'exposed ms':>12}{'exposed':>9}"
+                  + (f"{'trace step ms':>15}{'trace exposed':>15}" if args.profile else ""))
         for name in names:
             report["models"][name] = {}
             for compression in args.grad_compression:
@@ -205,13 +226,20 @@ def main_ddp(args: argparse.Namespace, names: list[str]) -> int:
                     if world.is_main:
                         print(f"{name:<14}{setup:<13}{figures['step_ms']:>9.1f}"
                               f"{figures['no_sync_step_ms']:>12.1f}{figures['exposed_ms']:>12.1f}"
-                              f"{figures['exposed_fraction']:>8.0%}", flush=True)
+                              f"{figures['exposed_fraction']:>8.0%}" + profile_columns(figures.get("profile")),
+                              flush=True)
         if world.is_main and args.json:
             results.write_json_atomic(args.json, report)
             print(f"wrote {args.json}")
     finally:
         dist.teardown()
     return 0
+
+
+def profile_columns(profile: dict | None) -> str:
+    if profile is None:
+        return ""
+    return f"{profile['step_ms']:>15.1f}{profile['exposed_communication_share']:>14.0%}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from .config import (
     DEVICES,
     GRAD_COMPRESSIONS,
     LOADERS,
+    MAX_PROFILE_STEPS,
     MAX_SAMPLE_INTERVAL,
     MIN_SAMPLE_INTERVAL,
     OPTIMIZERS,
@@ -160,6 +161,16 @@ def add_training_args(parser: argparse.ArgumentParser, only: Collection[str] | N
                             f"output folder (now {default_tensorboard_dir()}) (default: off)")
     group.add_argument("--tensorboard-every", type=int, default=DEFAULTS.tensorboard_every, metavar="STEPS",
                        help="steps between the per-step --tensorboard scalars (default: %(default)s)")
+    add_switch(group, "--profile", "after the last epoch, train 1 + --profile-steps more steps under torch.profiler "
+                                   "on every rank (the first warms the profiler up): each rank writes a Chrome trace "
+                                   "<run_id>.rank<N>.trace.json beside the results (open it in ui.perfetto.dev or "
+                                   "TensorBoard), and the results gain the mean step's breakdown: forward+backward, "
+                                   "optimizer, data, and gradient communication in total and exposed (not hidden "
+                                   "behind computation). The extra steps come after the timed epochs and their "
+                                   "evaluation, so epoch times, images/s and accuracies leave the profiler's slowdown "
+                                   "out, and they change no saved weights")
+    group.add_argument("--profile-steps", type=int, default=DEFAULTS.profile_steps, metavar="STEPS",
+                       help=f"steps --profile records, at most {MAX_PROFILE_STEPS} (default: %(default)s)")
     group.add_argument("--checkpoint-dir", type=path_flag, default=None,
                        help="folder for checkpoints, one sub-folder per run, written every epoch and on "
                             "Ctrl-C/SIGTERM (default: <output-dir>/checkpoints; /opt/ml/checkpoints in SageMaker)")
@@ -208,8 +219,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
 
 def add_aws_flags(group: argparse._ActionsContainer) -> None:
     """Where AWS calls go: sagemaker_submission.py's commands and run_study.py --where sagemaker."""
-    group.add_argument("--region", help="AWS region (default: AWS_REGION, or the profile's region)")
-    group.add_argument("--profile", help="AWS profile from ~/.aws/config (default: AWS_PROFILE, or the default one)")
+    group.add_argument("--region", help="AWS region (default: AWS_REGION, or the AWS profile's region)")
+    group.add_argument("--aws-profile", help="AWS profile from ~/.aws/config (default: AWS_PROFILE, or the default "
+                                             "one)")
 
 
 def flag_values(cfg: TrainConfig, distributed: bool) -> dict[str, str]:

@@ -36,6 +36,8 @@ MAX_DIST_TIMEOUT = 7 * 24 * 3_600  # a week
 MAX_REPEATS = 1_000  # run_study.py and bench/ --repeats
 MAX_STEPS = 100_000  # bench/ --steps, --iters, --warmup; --tensorboard-every
 TENSORBOARD_EVERY = 20  # steps between the per-step TensorBoard scalars (--tensorboard-every)
+PROFILE_STEPS = 5  # steps --profile records (--profile-steps)
+MAX_PROFILE_STEPS = 100  # a trace of more steps grows to gigabytes and opens in no viewer
 MAX_PROCESSES = 256  # processes or GPUs of one node: bench/throughput.py --nproc, run_study.py --gpus-per-node
 MAX_INSTANCE_COUNT = 1_000  # SageMaker instances of one job
 MAX_WORLD_SIZE = MAX_PROCESSES * MAX_INSTANCE_COUNT  # processes of one data-parallel run (run_study.py)
@@ -104,6 +106,8 @@ class TrainConfig:
     target_acc: float | None = None  # test accuracy (0-1) whose first epoch reaching it is recorded
     tensorboard: str | None = None  # folder of TensorBoard event files, one sub-folder per run; None: off
     tensorboard_every: int = TENSORBOARD_EVERY
+    profile: bool = False  # torch.profiler over --profile-steps extra steps after training: a trace per rank
+    profile_steps: int = PROFILE_STEPS
     loader: str = "device"
     precision: str = "auto"
     channels_last: bool | None = None  # None: chosen per device
@@ -127,6 +131,8 @@ class TrainConfig:
         _require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
         _require(self.tensorboard_every >= 1,
                  f"--tensorboard-every must be a positive number of steps, got {self.tensorboard_every}")
+        _require(self.profile_steps >= 1,
+                 f"--profile-steps must be a positive number of steps, got {self.profile_steps}")
         _require(self.subset is None or self.subset >= MIN_SUBSET,
                  f"--subset must be at least {MIN_SUBSET} (one image per class), got {self.subset}")
         _require(math.isfinite(self.sample_interval) and self.sample_interval > 0,
@@ -149,6 +155,7 @@ class TrainConfig:
             ("--sample-interval", self.sample_interval, MAX_SAMPLE_INTERVAL),
             ("--dist-timeout", self.dist_timeout, MAX_DIST_TIMEOUT),
             ("--tensorboard-every", self.tensorboard_every, MAX_STEPS),
+            ("--profile-steps", self.profile_steps, MAX_PROFILE_STEPS),
         ]:
             _require(value <= most, f"{flag} must be at most {most}, got {value}")
         for name, value, allowed in [

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import checkpoint, data, files, monitor, results, speed, tensorboard_log, train
+from . import checkpoint, data, files, monitor, profiling, results, speed, tensorboard_log, train
 from .config import TrainConfig, check_grad_compression
 from .dist import World
 from .errors import one_line
@@ -37,14 +37,16 @@ def run_models(cfg: TrainConfig, world: World, log: Callable[[str], None] = prin
 
 def check_paths(cfg: TrainConfig, world: World) -> None:
     """Refuse before training a folder that cannot be written (or --tensorboard without its package), or a file the
-    file system cannot name: a run's id is as long as results.new_run_id makes it."""
+    file system cannot name (the longest the run writes): a run's id is as long as results.new_run_id makes it."""
     if cfg.tensorboard:
         tensorboard_log.check(cfg.tensorboard)
     results.check_writable(cfg.output_dir)
     checkpoint.check_writable(cfg)
     for name in cfg.models:
         run_id = results.new_run_id(name, world.mode, world.size)
-        longest = f"{run_id}.utilization.csv" if cfg.utilization else f"{run_id}.json"
+        written = [f"{run_id}.json", *[f"{run_id}.utilization.csv"] * cfg.utilization,
+                   *[profiling.trace_name(run_id, world.size - 1)] * cfg.profile]
+        longest = max(written, key=len)
         files.check_name_fits(cfg.output_dir, longest, "results file")
         checkpoint.check_names_fit(cfg, name, world, run_id, longest)
 

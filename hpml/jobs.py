@@ -90,7 +90,7 @@ EPOCH_LINE = (r"{model} epoch [0-9]+/[0-9]+: train loss {train_loss} acc {train_
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
 
 NO_CREDENTIALS = ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN "
-                  "for temporary keys), run `aws configure` or `aws sso login`, choose a profile with --profile or "
+                  "for temporary keys), run `aws configure` or `aws sso login`, choose a profile with --aws-profile or "
                   "AWS_PROFILE, or run where an IAM role provides them (EC2, a SageMaker notebook)")
 NO_REGION = "no AWS region: pass --region (e.g. us-east-1), set AWS_REGION, or run `aws configure`"
 
@@ -376,7 +376,7 @@ def boto_session(region: str | None, profile: str | None) -> boto3.Session:
     try:
         return boto3.Session(profile_name=profile, region_name=region)
     except botocore.exceptions.ProfileNotFound as error:
-        raise UsageError(f"{error} (see ~/.aws/config; pass --profile NAME or unset AWS_PROFILE)") from None
+        raise UsageError(f"{error} (see ~/.aws/config; pass --aws-profile NAME or unset AWS_PROFILE)") from None
 
 
 def resolve_region(region: str | None, profile: str | None) -> str | None:
@@ -663,9 +663,10 @@ class CollectError(Exception):
 
 def collect_job(boto: boto3.Session, description: dict, output_dir: Path,
                 log: Callable[[str], None] = print) -> list[Path]:
-    """Bring a finished job's results JSON files (and their monitor files) into `output_dir`, with the job's time
-    and cost added to each record, and the run's share of that cost; files already there are left alone. The new
-    files; CollectError when its output archive is too large or corrupt or holds a record that is not valid."""
+    """Bring a finished job's results JSON files (and their monitor files and --profile traces) into `output_dir`,
+    with the job's time and cost added to each record, and the run's share of that cost; files already there are
+    left alone. The new files; CollectError when its output archive is too large or corrupt or holds a record that
+    is not valid."""
     name, status = description["TrainingJobName"], description["TrainingJobStatus"]
     if status not in ENDED:
         log(f"{name}: {status}, not finished yet; collect it when it has ended")
@@ -787,7 +788,7 @@ def _job_records(found: dict[str, bytes], description: dict, output_dir: Path) -
     file that is not a valid record with a run_id that names a file in `output_dir`."""
     name = description["TrainingJobName"]
     records = {filename: _as_record(content, f"{name}: results/{filename}", output_dir)
-               for filename, content in sorted(found.items()) if filename.endswith(".json")}
+               for filename, content in sorted(found.items()) if results.is_record_file(filename)}
     if not records:
         return {}
     fields = job_fields(description, runs=len(records))
@@ -821,7 +822,8 @@ def _checked(record: object, what: str) -> dict:
 
 def _companions(found: dict[str, bytes], run_id: str, records: dict[str, dict], output_dir: Path,
                 name: str) -> list[tuple[Path, bytes]]:
-    """The files of a run beside its record (its monitor samples), each with the path it is written to."""
+    """The files of a run beside its record (its monitor samples, its --profile traces), each with the path it is
+    written to."""
     return [(_inside(output_dir, companion, f"{name}: results/{companion}"), content)
             for companion, content in found.items() if companion.startswith(f"{run_id}.") and companion not in records]
 

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure, SubFigure
 from . import cli, files, monitor, results
 from .errors import UsageError
 from .summary import (
+    STEP_PARTS,
     Group,
     Spread,
     by_setup,
@@ -258,6 +259,48 @@ def curves_figure(groups: list[Group]) -> Figure:
     return body.figure
 
 
+PART_LABELS = ("forward + backward", "optimizer", "data", "exposed communication")  # of STEP_PARTS, in order
+
+
+def breakdown_figure(groups: list[Group]) -> Figure:
+    """Per setup, a stacked bar per model and world size: the mean profiled step's parts (medians over the runs
+    with --profile), its total gradient communication as a marker, and the exposed share above it."""
+    profiled = [group for group in groups if group.profiled("step_ms") is not None]
+    panels = by_setup(profiled)
+    body = new_figure(max(7.5, 1.5 + 1.3 * max(map(len, panels))), 2.4 + 3.6 * len(panels),
+                      "Where a training step's time goes (--profile)", profiled, [
+        "Bars: the mean profiled step of a run, median over the runs with --profile: forward + backward, "
+        "optimizer, waiting for data, and gradient communication not hidden behind computation (exposed). "
+        "◆: all gradient communication; what of it the exposed segment leaves out ran while computation went on. "
+        "Above: the exposed share of the step. Profiled steps run after the timed epochs, under the profiler, and "
+        "are a little slower."])
+    axes = body.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels, strict=True):
+        bottom = [0.0] * len(panel)
+        for index, (part, name) in enumerate(zip(STEP_PARTS, PART_LABELS, strict=True)):
+            heights = [group.profiled(part).median for group in panel]
+            ax.bar(range(len(panel)), heights, 0.6, bottom=bottom, color=OKABE_ITO[index], label=name,
+                   edgecolor="white")
+            bottom = [low + height for low, height in zip(bottom, heights, strict=True)]
+        ax.plot(range(len(panel)), [group.profiled("communication_ms").median for group in panel], marker="D",
+                color="black", linestyle="none", markersize=5, label="all communication")
+        for x, (group, top) in enumerate(zip(panel, bottom, strict=True)):
+            share = group.profiled("exposed_communication_share").median
+            ax.annotate(f"{share:.0%} exposed", (x, top), xytext=(0, 4), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7.5)
+        ax.set_xticks(range(len(panel)), [f"{group.model}\n{textwrap.fill(label(group), 22)}" for group in panel],
+                      fontsize=7.5)
+        ax.set_xlim(-0.7, len(panel) - 0.3)
+        ax.set_ylim(0, max(bottom) * 1.25)
+        ax.set_ylabel("time per step (ms)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        if len(panels) > 1:
+            ax.set_title(title_tag(panel), fontsize=9)
+    add_legend(body, len(STEP_PARTS) + 1)
+    return body.figure
+
+
 # ---- utilization -------------------------------------------------------------------------------
 
 def sample_lines(samples: list[dict]) -> tuple[str, Lines]:
@@ -375,6 +418,10 @@ def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
     groups = group_runs(records, warn)
     log(f"{cli.count(len(records), 'run')} in {cli.count(len(groups), 'group')} from {files.shown(source)}")
     written = [save_figure(draw(groups), target / name, dpi) for name, draw in FIGURES.items()]
+    if any(group.profiled("step_ms") is not None for group in groups):
+        written.append(save_figure(breakdown_figure(groups), target / "Breakdown.png", dpi))
+    else:
+        log("Breakdown.png not made: no run has a --profile breakdown")
     found = representative_samples(groups, source, warn)
     if found:
         written.append(save_figure(utilization_figure(found), target / "Utilization.png", dpi))

@@ -32,6 +32,7 @@ REQUIRED_FIELDS = ("schema_version", "run_id", "model", "mode", "world_size", "d
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "data_time_s",
                 "images_per_s")
 RUN_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,199}", re.ASCII)  # <run_id>.json and <run_id>.utilization.csv are files
+TRACE_SUFFIX = ".trace.json"  # --profile's traces beside the records (hpml.profiling): JSON, but no record
 UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control characters, and what UTF-8 cannot write
 LIMIT = 10**15  # above any real count, size, time or price; far below where arithmetic on it overflows
 
@@ -107,6 +108,9 @@ RECORD_FIELDS: dict[str, Check] = {
     "sagemaker.cost_usd": AMOUNT.or_null(), "sagemaker.status": TEXT.or_null(),
     "sagemaker.billable_time_share_s": AMOUNT.or_null(),
     "utilization": OBJECT.or_null(), "utilization.samples_csv": STRING.or_null(),
+    "profile": OBJECT.or_null(), "profile.step_ms": POSITIVE, "profile.compute_ms": AMOUNT,
+    "profile.optimizer_ms": AMOUNT, "profile.data_ms": AMOUNT, "profile.communication_ms": AMOUNT,
+    "profile.exposed_communication_ms": AMOUNT, "profile.exposed_communication_share": FRACTION,
 }
 REQUIRED = frozenset({*REQUIRED_FIELDS, *(f"epochs[].{name}" for name in EPOCH_FIELDS)})
 
@@ -279,6 +283,12 @@ def _found(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
+def is_record_file(path: str | Path) -> bool:
+    """Whether a file's name is that of a results record: <run_id>.json, not a trace."""
+    name = Path(path).name
+    return name.endswith(".json") and not name.endswith(TRACE_SUFFIX)
+
+
 def load_results(path: str | Path) -> dict:
     """One results file; ValueError naming the file when it is not valid JSON or not of this schema."""
     try:
@@ -290,7 +300,7 @@ def load_results(path: str | Path) -> dict:
 def load_all(folder: str | Path) -> tuple[list[dict], list[str]]:
     """Every valid record under `folder` (sorted by start time) and a message per file skipped."""
     records, skipped, seen = [], [], {}
-    for path in sorted(Path(folder).glob("*.json")):
+    for path in sorted(filter(is_record_file, Path(folder).glob("*.json"))):
         try:
             record = load_results(path)
         except ValueError as error:

@@ -37,11 +37,15 @@ def fit_link(rows: list[dict], ranks: int, source: str, points: int = 3) -> Link
     return Link(latency, bandwidth, source)
 
 
+def exposed_s(compute_s: float, communication_s: float, overlap: bool) -> float:
+    """The communication a step waits for: all of it, or with overlap what outlasts the backward pass."""
+    hidden = BACKWARD_SHARE * compute_s if overlap else 0.0
+    return max(0.0, communication_s - hidden)
+
+
 def step_s(compute_s: float, gradient_bytes: float, ranks: int, link: Link, overlap: bool) -> float:
     """Predicted time of one step on each of `ranks` ranks."""
-    communication = link.allreduce_s(gradient_bytes, ranks)
-    hidden = BACKWARD_SHARE * compute_s if overlap else 0.0
-    return compute_s + max(0.0, communication - hidden)
+    return compute_s + exposed_s(compute_s, link.allreduce_s(gradient_bytes, ranks), overlap)
 
 
 def speedup(compute_s: float, gradient_bytes: float, ranks: int, link: Link, overlap: bool) -> float:

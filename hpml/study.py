@@ -97,14 +97,16 @@ def settings_id(cfg: TrainConfig, cell: Cell, *more: str) -> str:
 
 def is_run_of(record: dict, cell: Cell, cfg: TrainConfig, trained_on: str | None = None) -> bool:
     """Whether a results record is a local run of this cell's model, world size and settings, of the same CIFAR-10
-    folder (and, when given, on this GPU or CPU model, in hardware.of_record's words). A job's name (settings_id)
-    leaves the folder out: a SageMaker job reads its data from S3, and a re-run from another folder must find it."""
+    folder (and, when given, on this GPU or CPU model, in hardware.of_record's words), with a --profile breakdown
+    when the study profiles. A job's name (settings_id) leaves the folder out: a SageMaker job reads its data from
+    S3, and a re-run from another folder must find it."""
     return (record["model"] == cell.model and int(record["world_size"]) == cell.world_size
             and record["mode"] == cell.mode and not record.get("sagemaker")
             and (trained_on is None or hardware.of_record(record) == trained_on)
             and defining_settings(record["config"], cell.world_size) == defining_settings(cfg.as_dict(),
                                                                                            cell.world_size)
-            and (cfg.dataset != "cifar10" or record["config"].get("data_dir") == cfg.data_dir))
+            and (cfg.dataset != "cifar10" or record["config"].get("data_dir") == cfg.data_dir)
+            and (not cfg.profile or "profile" in record))
 
 
 def cells_to_run(cells: list[Cell], records: list[dict], cfg: TrainConfig, force: bool = False,

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import models
 
-from . import cli, files, hardware, results
+from . import cli, files, hardware, results, scaling
 from .config import DDP_BUCKET_CAP_MB
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "synthetic": "synthetic data (not CIFAR-10)"}
+# A --profile breakdown's parts that add up to its step (step_ms); communication_ms overlaps them.
+STEP_PARTS = ("compute_ms", "optimizer_ms", "data_ms", "exposed_communication_ms")
+PROFILE_FIELDS = (*STEP_PARTS, "step_ms", "communication_ms", "exposed_communication_share")
 # Config values that should be equal within a group; a mix is reported, since the median would blur it.
 CHECKED_SETTINGS = ("batch_size", "lr", "optimizer", "schedule")
 
@@ -139,6 +142,29 @@ class Group:
     @property
     def epochs(self) -> int:
         return len(self.runs[0]["epochs"])
+
+    def profiled(self, part: str) -> Spread | None:
+        """A part of the --profile step breakdown over the runs that have one (None when none has)."""
+        values = [profile[part] for profile in map(profile_of, self.runs) if profile]
+        return Spread.of(values) if values else None
+
+    @property
+    def predicted_exposed_share(self) -> float | None:
+        """The scaling model's share of the profiled step spent waiting for communication: what of the measured
+        communication outlasts the backward pass of the rest of the step (hpml.scaling.exposed_s)."""
+        step, exposed, sent = (self.profiled(part) for part in ("step_ms", "exposed_communication_ms",
+                                                                  "communication_ms"))
+        if step is None or self.world_size == 1:
+            return None
+        busy = step.median - exposed.median
+        predicted = scaling.exposed_s(busy, sent.median, overlap=True)
+        return predicted / (busy + predicted)
+
+
+def profile_of(run: dict) -> dict | None:
+    """A run's --profile breakdown when it has every part a reader uses."""
+    profile = run.get("profile") or {}
+    return profile if all(part in profile for part in PROFILE_FIELDS) else None
 
 
 def steady_epoch_time(run: dict) -> float:
@@ -315,7 +341,8 @@ def short_setup(group: Group) -> str:
 
 SUMMARY_COLUMNS = ("model", "mode", "backend", "world size", "device", "runs", "epoch time (s)", "images/s",
                    "speedup", "efficiency", "total time (s)", "speedup incl. warm-up", "final acc (%)",
-                   "best acc (%)", "time to best (s)", "time to target (s)", "speedup to target", "cost ($)")
+                   "best acc (%)", "time to best (s)", "time to target (s)", "speedup to target",
+                   "exposed comm. (scaling model)", "cost ($)")
 
 
 def speedup_cell(group: Group, value: float | None) -> str:
@@ -341,7 +368,15 @@ def summary_row(group: Group) -> tuple[str, ...]:
             group.spread("best_test_acc").scaled(100).text(".1f"), group.spread("time_to_best_s").text(".1f"),
             "—" if target is None else f"{to_target.text('.1f')} to {target:.0%}" if to_target else "not reached",
             "baseline" if group.compared and to_target else "—" if target_speedup is None else f"{target_speedup:.2f}×",
-            "—" if group.cost is None else group.cost.text(".2f"))
+            exposed_cell(group), "—" if group.cost is None else group.cost.text(".2f"))
+
+
+def exposed_cell(group: Group) -> str:
+    """'12% (model 0%)': the profiled step's share spent waiting for communication, and the scaling model's."""
+    exposed = group.profiled("exposed_communication_share")
+    if exposed is None or group.world_size == 1:
+        return "—"
+    return f"{exposed.scaled(100).text('.0f')}% (model {group.predicted_exposed_share:.0%})"
 
 
 def summary_markdown(groups: list[Group], results_dir: Path) -> str:
@@ -358,6 +393,12 @@ def summary_markdown(groups: list[Group], results_dir: Path) -> str:
              "time excludes evaluation; images/s is the median over the epochs after the first.",
              "- **Time to target** (--target-acc): training time until the test accuracy first reached the target, "
              "and the speedup in it, the fair measure when a larger global batch learns more slowly.",
+             "- **Exposed comm.** (runs with --profile): the share of a profiled step that waited for gradient "
+             "communication not hidden behind computation, from the runs' traces; in brackets the scaling model's "
+             "share (hpml/scaling.py: the measured communication less the backward pass, two thirds of the rest of "
+             "the step, that hides it). Where the measured share is higher, communication is not hidden as the "
+             "model assumes; where both are near zero, efficiency falls for other reasons (shared CPU cores, memory "
+             "bandwidth).",
              "- **Cost**: each run's share of its SageMaker job's bill (a job's runs add up to its bill)."]
     for panel in by_setup(groups):
         lines += ["", f"## {title_tag(panel)}", "", *(f"- {line}" for line in setup_lines(panel)), "",

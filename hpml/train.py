@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import models
 
-from . import checkpoint, container, dist, results, speed, tensorboard_log
+from . import checkpoint, container, dist, profiling, results, speed, tensorboard_log
 from .config import TrainConfig
 from .data import ImageSet
 from .dist import World
@@ -294,6 +294,8 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
                                   str(saved.path))
     if world.is_main:
         checkpoint.save_final_weights(trainer.model.state_dict(), record["run_id"])
+    if cfg.profile:  # after every figure above is taken and the weights are saved: its steps change neither
+        record["profile"] = profiling.profile_window(trainer, record["run_id"])
     return record
 
 

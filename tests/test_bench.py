@@ -163,7 +163,7 @@ def test_ddp_measures_the_step_with_and_without_gradient_synchronisation(tmp_pat
     out = tmp_path / "ddp.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "bench" / "throughput.py"), *THROUGHPUT, "--ddp", "--grad-compression",
-                           "none,fp16", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "none,fp16", "--profile", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "2 ranks, gloo" in done.stdout
     report = json.loads(out.read_text())
@@ -174,6 +174,8 @@ def test_ddp_measures_the_step_with_and_without_gradient_synchronisation(tmp_pat
         assert figures["exposed_ms"] == pytest.approx(figures["step_ms"] - figures["no_sync_step_ms"])
         assert {setup: len(times) for setup, times in figures["repeats_step_ms"].items()} == {"synced": 1,
                                                                                              "no_sync": 1}
+        (profiled,) = figures["profile"]["repeats"]  # --profile: the trace's breakdown after the round
+        assert figures["profile"]["exposed_communication_share"] == profiled["exposed_communication_share"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -183,6 +185,7 @@ def test_ddp_measures_the_step_with_and_without_gradient_synchronisation(tmp_pat
                                          "got 'zip'"),
     (["--cuda-graphs", "off,maybe"], "--cuda-graphs takes a comma list of off and on, got 'off,maybe'"),
     (["--cuda-graphs", "on"], "--cuda-graphs on is for --ddp"),
+    (["--profile"], "--profile compares with --ddp's measurement; add --ddp"),
 ])
 def test_throughput_refuses_bad_ddp_flags_in_one_line(argv, message, capsys):
     assert message in refusal(script_main("bench/throughput.py"), argv, capsys)

@@ -333,7 +333,7 @@ def test_a_single_gpu_baseline_job_runs_the_single_device_script(moto_account, c
      "--grad-compression applies to data-parallel runs; --distribution none runs run_hpc.py"),
     (["--grad-compression", "powersgd"], "--grad-compression powersgd is not available with the smddp backend"),
     (["--data-dir", "/nonexistent/cifar"], "no CIFAR-10 folder at /nonexistent/cifar"),
-    (["--profile", "nosuchprofile"], "nosuchprofile"),
+    (["--aws-profile", "nosuchprofile"], "nosuchprofile"),
 ])
 def test_bad_input_is_one_line_and_sends_nothing(moto_account, capsys, flags, expected):
     before = everything_in(moto_account)
@@ -362,7 +362,7 @@ def test_no_credentials_is_one_line_and_sends_nothing(moto_account, capsys, monk
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     code, _, err = submit(capsys, "--dataset", "synthetic", "--bucket", BUCKET, "--role", ROLE)
     assert code == 2 and err.count("\n") == 1
-    assert "no AWS credentials found" in err and "aws configure" in err and "--profile" in err
+    assert "no AWS credentials found" in err and "aws configure" in err and "--aws-profile" in err
     monkeypatch.undo()
     assert everything_in(moto_account) == before
 
@@ -469,6 +469,7 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     put_job_output(moto_account, BUCKET, MAIN_JOB, {
         f"results/{run_id}.json": json.dumps(record).encode(),
         f"results/{run_id}.utilization.csv": monitor,
+        f"results/{run_id}.rank0.trace.json": b'{"traceEvents": []}',  # --profile's: JSON, but no record
         "results/notes.txt": b"not a result",
         "model/ignored.json": b"{}",
     })
@@ -476,7 +477,8 @@ def test_collect_brings_results_home_once(moto_account, capsys, main_job, torchr
     code, out, err = run(capsys, "collect", MAIN_JOB, "--output-dir", str(out_dir))
     assert code == 0, err
     assert "results/notes.txt skipped" in out
-    assert sorted(path.name for path in out_dir.iterdir()) == [f"{run_id}.json", f"{run_id}.utilization.csv"]
+    assert sorted(path.name for path in out_dir.iterdir()) == [f"{run_id}.json", f"{run_id}.rank0.trace.json",
+                                                                f"{run_id}.utilization.csv"]
     assert (out_dir / f"{run_id}.utilization.csv").read_bytes() == monitor
     collected = json.loads((out_dir / f"{run_id}.json").read_text())
     assert collected["epochs"] == run_record["epochs"] and collected["run_id"] == run_id

@@ -90,10 +90,11 @@ def test_speedup_in_time_to_target_where_both_runs_reached_it():
                                 warn=pytest.fail)
     assert groups[1].speedup == pytest.approx(2.0) and groups[1].target_speedup == pytest.approx(1.5)
     rows = summary.summary_markdown(groups, Path("results")).splitlines()
-    assert rows[-2].endswith("| 6.0 to 50% | baseline | — |") and rows[-1].endswith("| 4.0 to 50% | 1.50× | — |")
+    assert rows[-2].endswith("| 6.0 to 50% | baseline | — | — |")
+    assert rows[-1].endswith("| 4.0 to 50% | 1.50× | — | — |")
     never = summary.group_runs([run("s", 1, 6.0), run("d", 2, None)], warn=pytest.fail)
     assert never[1].target_speedup is None
-    assert summary.summary_markdown(never, Path("results")).splitlines()[-1].endswith("| not reached | — | — |")
+    assert summary.summary_markdown(never, Path("results")).splitlines()[-1].endswith("| not reached | — | — | — |")
     other_target = summary.group_runs([run("s", 1, 6.0), run("d", 2, 3.0, target=0.4)], warn=pytest.fail)
     assert other_target[1].target_speedup is None
     assert summary.summary_markdown(summary.group_runs([record()], warn=pytest.fail), Path("r")).endswith(

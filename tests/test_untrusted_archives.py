@@ -241,9 +241,9 @@ def test_the_printed_collect_command_quotes_every_value(capsys):
                         hyperparameters={}, region="us-east-1", role=ROLE, bucket=BUCKET, s3_data=None, spot=False,
                         max_run=3600, max_wait=None)
     profile = "my profile; rm -rf ~"
-    sagemaker_submission.print_submitted(spec, argparse.Namespace(wait=False, profile=profile))
+    sagemaker_submission.print_submitted(spec, argparse.Namespace(wait=False, aws_profile=profile))
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "when it has finished:" in line]
     argv = shlex.split(line.split("when it has finished: ", 1)[1])
     assert argv == ["python", "sagemaker_submission.py", "collect", "hpml-quoted", "--region", "us-east-1",
-                    "--profile", profile]
-    assert sagemaker_submission.build_parser().parse_args(argv[2:]).profile == profile
+                    "--aws-profile", profile]
+    assert sagemaker_submission.build_parser().parse_args(argv[2:]).aws_profile == profile

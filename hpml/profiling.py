@@ -1,0 +1,87 @@
+"""--profile: torch.profiler over a window of extra training steps after the last epoch, a trace per rank.
+
+The window trains 1 + --profile-steps steps with the run's own loop, model, optimizer and batches (an epoch beyond
+the last): the first warms the profiler up, the others are recorded. It runs after the timed epochs, their
+evaluation and the final weights, so the profiler's slowdown enters no epoch time, images/s or accuracy. Each rank
+writes <run_id>.rank<N>.trace.json beside the results; the record gets the mean step's breakdown over ranks
+(hpml.trace_breakdown) under "profile".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from . import files, results, speed, trace_breakdown
+from .loaders import TrainBatches
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+PROFILER_WARMUP_STEPS = 1
+
+
+def trace_name(run_id: str, rank: int) -> str:
+    return f"{run_id}.rank{rank}{results.TRACE_SUFFIX}"
+
+
+def window_batches(batches: TrainBatches, first_epoch: int, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """`steps` batches from epoch `first_epoch` on, each wait for one inside a DATA_SPAN."""
+    epoch, taken = first_epoch, 0
+    while True:
+        batches.set_epoch(epoch)
+        shard = iter(batches)
+        while True:
+            with torch.profiler.record_function(trace_breakdown.DATA_SPAN):
+                batch = next(shard, None)
+            if batch is None:
+                break
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
+        epoch += 1
+
+
+def activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    cuda = [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    return [torch.profiler.ProfilerActivity.CPU, *cuda]
+
+
+def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
+    """Train the window's steps under the profiler and write its trace to `path` (through a temp file)."""
+    from .train import synchronize, train_one_epoch  # here: train imports this module
+
+    device = trainer.world.device
+
+    def export(profiler: torch.profiler.profile) -> None:
+        files.write_atomic(path, lambda tmp: profiler.export_chrome_trace(str(tmp)))
+
+    def step_done(*_: object) -> None:
+        synchronize(device)  # a step's device work inside its ProfilerStep span
+        profiler.step()
+
+    schedule = torch.profiler.schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
+    with torch.profiler.profile(activities=activities(device), schedule=schedule, on_trace_ready=export) as profiler:
+        batches = window_batches(trainer.train_batches, trainer.cfg.epochs + 1, PROFILER_WARMUP_STEPS + steps)
+        train_one_epoch(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
+                        speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
+
+
+def profile_window(trainer: Trainer, run_id: str) -> dict:
+    """Record the window on every rank; the "profile" part of the results record (means over ranks)."""
+    world, steps = trainer.world, trainer.cfg.profile_steps
+    run_id = world.gather_lists([run_id])[0]  # rank 0's: every rank names its trace after the record
+    path = Path(trainer.cfg.output_dir) / trace_name(run_id, world.rank)
+    record_steps(trainer, steps, path)
+    breakdown = trace_breakdown.step_breakdown(json.loads(path.read_text()), gpu=world.device.type == "cuda")
+    means = {name: total / world.size for name, total in zip(
+        breakdown, world.all_reduce(list(breakdown.values())), strict=True)}
+    return {"steps": steps, "traces": [trace_name(run_id, rank) for rank in range(world.size)], **means,
+            "exposed_communication_share": trace_breakdown.exposed_share(means)}
