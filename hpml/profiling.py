@@ -10,6 +10,7 @@ writes <run_id>.rank<N>.trace.json beside the results; the record gets the mean 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,8 @@ def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
     from .train import synchronize, train_one_epoch  # here: train imports this module
 
     device = trainer.world.device
+    if device.type != "cuda":  # Kineto's own lines (ERROR: gpuGetDeviceCount failed) are noise without a GPU
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     def export(profiler: torch.profiler.profile) -> None:
         files.write_atomic(path, lambda tmp: profiler.export_chrome_trace(str(tmp)))

@@ -28,6 +28,7 @@ def profiled_run(tmp_path_factory):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
+    assert "ERROR" not in done.stderr and "profiler_st" not in done.stderr  # no profiler noise on a CPU run
     (run,), skipped = results.load_all(out)
     assert skipped == []  # the traces beside the record are not taken for records
     return out, run
