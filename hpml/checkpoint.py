@@ -37,6 +37,19 @@ IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed"
 OLDER_IDENTITY = {"drop_last": False}  # what checkpoints written before a field existed were made with
 # A stopped epoch's position and running sums, enough to finish it exactly.
 PARTIAL_FIELDS = ("steps", "loss_sum", "correct", "images", "epoch_time_s", "data_time_s")
+# What a checkpoint holds, each part and each field of its progress ("run") with what it must be: what resuming reads
+# before the trainer's state is loaded (whose own misfits load_trainer_state reports). The progress is checked after
+# the identity, so that a checkpoint of other settings is named as such.
+CONTENTS: dict[str, Callable[[object], bool]] = {
+    "identity": lambda v: isinstance(v, dict), "run": lambda v: isinstance(v, dict),
+    "trainer": lambda v: isinstance(v, dict) and isinstance(v.get("model"), dict)}
+PROGRESS: dict[str, Callable[[object], bool]] = {
+    "run_id": lambda v: isinstance(v, str), "started_at": lambda v: isinstance(v, str),
+    "epochs": lambda v: isinstance(v, list) and all(isinstance(epoch, dict) for epoch in v),
+    "partial": lambda v: v is None or (isinstance(v, dict) and all(
+        results.AMOUNT.accepts(v.get(name)) for name in PARTIAL_FIELDS)),
+    "resumes": results.SIZE.accepts, "wall_time_s": results.AMOUNT.accepts, "setup_time_s": results.AMOUNT.accepts,
+    "checkpoint_time_s": results.AMOUNT.accepts}
 
 
 def run_path(cfg: TrainConfig, model_name: str, world: World) -> Path:
@@ -71,6 +84,8 @@ class RunCheckpoint:
         if resume and self.path.exists():
             state = load(self.path)
             check_identity(state, self.identity, self.path)
+            refuse_misfit(self.path, next((f"run.{name}" for name, fits in PROGRESS.items()
+                                           if not fits(state["run"].get(name))), ""))
             self.trainer_state = state["trainer"]
             self.progress = {**self.progress, **state["run"], "resumes": state["run"]["resumes"] + 1}
             named(cfg.output_dir, self.progress["run_id"], "run id", self.path.parent)
@@ -221,14 +236,21 @@ def save_tensors(state: dict, path: Path) -> None:
 def load(path: Path) -> dict:
     """A checkpoint's contents; UsageError naming the file when it is corrupt, truncated or foreign."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with files.open_regular(path) as file:
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise UsageError(f"checkpoint {path} is corrupt or truncated ({one_line(error, 200)}); delete it to start "
                          "afresh") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "identity" not in state:
-        raise UsageError(f"checkpoint {path} is not an hpml checkpoint of format {FORMAT_VERSION}; "
-                         "delete it or use another --checkpoint-dir")
+    misfit = "" if isinstance(state, dict) and state.get("format_version") == FORMAT_VERSION else "format_version"
+    refuse_misfit(path, misfit or next((name for name, fits in CONTENTS.items() if not fits(state.get(name))), ""))
     return state
+
+
+def refuse_misfit(path: Path, misfit: str) -> None:
+    """UsageError naming the part of checkpoint `path` that is missing or malformed, if any (`misfit`)."""
+    if misfit:
+        raise UsageError(f"checkpoint {path} is not an hpml checkpoint of format {FORMAT_VERSION} (its {misfit} is "
+                         "missing or malformed); delete it or use another --checkpoint-dir")
 
 
 def mark_finished(path: Path, run_id: str, written: list[Path]) -> None:
@@ -246,7 +268,8 @@ def finished_run(path: Path) -> dict | None:
     """What finished.json says of the run whose checkpoint is `path` (run_id, results_file, files); None when it is
     missing or cut."""
     try:
-        finished = json.loads(path.with_name(FINISHED_FILE).read_text())
+        with files.open_regular(path.with_name(FINISHED_FILE)) as file:
+            finished = json.loads(file.read())
     except (OSError, ValueError):
         return None
     whole = (isinstance(finished, dict) and "results_file" in finished and isinstance(finished.get("run_id"), str)
@@ -259,7 +282,8 @@ def own_record(path: Path, run_id: str) -> dict | None:
     this run's record short of fields). A file holding no record of this run is refused in one line: it is never
     replaced."""
     try:
-        record = json.loads(path.read_bytes())
+        with files.open_regular(path) as file:
+            record = json.loads(file.read())
     except FileNotFoundError:
         return None
     except OSError as error:

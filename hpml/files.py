@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import UsageError, one_line
 
@@ -78,6 +80,22 @@ def inside(folder: str | Path, name: object, what: str) -> Path:
     return path
 
 
+def open_regular(path: str | Path) -> BinaryIO:
+    """`path` opened to read, if it is a regular file: a FIFO would block the read for ever and a device (a link to
+    /dev/zero) never end it; OSError naming `path` otherwise, as open's own errors do."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO without O_NONBLOCK waits for a writer
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise (IsADirectoryError(errno.EISDIR, "Is a directory", os.fspath(path)) if stat.S_ISDIR(mode) else
+                   OSError(errno.EINVAL, "not a regular file (a FIFO, a socket or a device)", os.fspath(path)))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def copy_atomic(source: str | Path, path: str | Path) -> Path:
     """Copy `source` to `path` through a temp file and a rename (see write_atomic)."""
     return write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
@@ -132,6 +150,8 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{flag} {path} is not a regular file (a FIFO, a socket or a device); give a file name")
     blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"{flag} {path} cannot be written: {blocker} is a file, not a folder")

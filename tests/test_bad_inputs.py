@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import os
 import signal
@@ -18,14 +19,15 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hpml import checkpoint, cli, data, dist, plots, results, study
-from hpml.config import TrainConfig
+from hpml import checkpoint, cli, data, dist, monitor, plots, results, study
+from hpml.config import MAX_EPOCHS, TrainConfig
 from hpml.errors import UsageError
 from tests.helpers import REPO, exit_code_of, record, run_script, script_main
 
@@ -39,7 +41,7 @@ def place(tmp_path_factory) -> Path:
     results.write_results(record("existing-run"), root / "results")
     (root / "a-file").write_text("not a folder")
     rng = np.random.default_rng(0)
-    for name in ("corrupt", "shape", "tiny"):
+    for name in ("corrupt", "shape", "tiny", "huge-labels", "huge-claim", "fifo"):
         (root / name).mkdir()
         for split in ("train", "test"):
             np.savez(root / name / f"{split}.npz", images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
@@ -58,6 +60,15 @@ def place(tmp_path_factory) -> Path:
                  labels=np.arange(30) % 10)
         np.savez(root / name / f"{split}.npz", images=images, labels=labels)
     np.savez(root / "shape" / "test.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.uint8))
+    np.savez(root / "huge-labels" / "train.npz", images=np.zeros((4, 32, 32, 3), np.uint8),
+             labels=np.full(4, 2**63, np.uint64))  # cast to int64, 2**63 would wrap to a negative label
+    with zipfile.ZipFile(root / "huge-claim" / "train.npz", "w") as npz:  # a header claiming 10^14 images
+        for name, array in (("images", np.zeros((4, 32, 32, 3), np.uint8)), ("labels", np.zeros(4, np.uint8))):
+            saved = io.BytesIO()
+            np.save(saved, array)
+            npz.writestr(f"{name}.npy", saved.getvalue().replace(b"(4, 32, 32, 3)", b"(99999999999999, 32, 32, 3)"))
+    (root / "fifo" / "train.npz").unlink()
+    os.mkfifo(root / "fifo" / "train.npz")  # opened as a plain file, it waits for a writer for ever
     truncated = root / "truncated" / "resnet18_single_w1" / "last.pt"
     truncated.parent.mkdir(parents=True)
     truncated.write_bytes(b"PK\x03\x04")
@@ -65,11 +76,17 @@ def place(tmp_path_factory) -> Path:
     identity = {"model": "resnet18", "world_size": 1, "batch_size": 64, "lr": 0.1, "optimizer": "adadelta",
                 "schedule": "none", "epochs": 1, "seed": 0, "dataset": "synthetic", "subset": 20, "scale_lr": False}
     misfit = root / "misfit" / "resnet18_single_w1" / "last.pt"
-    progress = {"epochs": [], "partial": None, "resumes": 0}
+    progress = {"run_id": "resnet18_single_w1_x", "started_at": "", "epochs": [], "partial": None, "resumes": 0,
+                "wall_time_s": 0.0, "setup_time_s": 0.0, "checkpoint_time_s": 0.0}
+    fitting = {**identity, "batch_size": 10, "drop_last": True}
     with checkpoint.BackgroundWriter() as writer:
         writer.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
-        writer.save(misfit, {"identity": {**identity, "batch_size": 10, "drop_last": True}, "run": progress,
-                             "trainer": {"model": {"w": torch.zeros(1)}}})
+        writer.save(misfit, {"identity": fitting, "run": progress, "trainer": {"model": {"w": torch.zeros(1)}}})
+        for name, run, trainer in (("no-progress", {}, {"model": {}}), ("no-weights", progress, [])):
+            writer.save(root / name / "resnet18_single_w1" / "last.pt", {"identity": fitting, "run": run,
+                                                                          "trainer": trainer})
+    (root / "fifo" / "resnet18_single_w1").mkdir()
+    os.mkfifo(root / "fifo" / "resnet18_single_w1" / "last.pt")
     return root
 
 
@@ -116,6 +133,18 @@ CASES = [
     ("run_hpc.py", ["--checkpoint-dir", "{root}/other", "--resume"], "was made with batch_size 64, this run has 10"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/misfit", "--resume"],
      "checkpoint {root}/misfit/resnet18_single_w1/last.pt does not fit resnet18 (Error(s) in loading state_dict"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/no-progress", "--resume"],
+     "checkpoint {root}/no-progress/resnet18_single_w1/last.pt is not an hpml checkpoint of format 1 (its run.run_id "
+     "is missing or malformed)"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/no-weights", "--resume"], "(its trainer is missing or malformed)"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/fifo", "--resume"],
+     "checkpoint {root}/fifo/resnet18_single_w1/last.pt is corrupt or truncated ([Errno 22] not a regular file"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/fifo"],
+     "cannot read {root}/fifo/train.npz: [Errno 22] not a regular file (a FIFO, a socket or a device)"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/huge-claim"],
+     "cannot read {root}/huge-claim/train.npz: Unable to allocate"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/huge-labels"],
+     "labels must lie in 0..9, got 9223372036854775808..9223372036854775808"),
     ("run_hpc.py", ["--output-dir", ""], "argument --output-dir: expected a file or folder name, got ''"),
     ("run_hpc.py", ["--data-dir", " "], "argument --data-dir: expected a file or folder name, got ' '"),
     ("run_hpc.py", ["--dataset", "cifar10", "--data-dir=~/tiny", "--subset", "500"],
@@ -181,7 +210,7 @@ def assert_refused(code: int, err: str, message: str, place: Path, before: dict)
 
 
 @pytest.mark.parametrize("script, args, message", cases(in_a_subprocess=False))
-def test_bad_input(script, args, message, place, capfd, monkeypatch):
+def test_bad_input(script, args, message, place, capfd, monkeypatch, bounded):
     args = full_args(script, args, place)
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])  # the one line starts with the script's name
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -474,8 +503,8 @@ def test_every_bad_value_of_every_variable_is_refused_naming_it(name, value, scr
 
 # The record sweep: every field of the results schema (results.RECORD_FIELDS: what summary, plots, study and collect
 # read) set to every value its check must refuse, or left out where it is required, in a results file beside a valid
-# one: plot_hpml.py skips that file with one warning naming it and the field, and goes on with the valid one. The
-# figures are left out (FIGURES emptied), as they would be drawn from the valid record alone every time.
+# one: plot_hpml.py skips that file with one warning naming it and the field, and goes on with the valid one. So too
+# a results file that is a FIFO, which a plain read would wait on for ever.
 MISSING = object()
 BAD_RECORD_VALUES = {
     results.SCHEMA: [2, "1", True, 1.5],
@@ -491,7 +520,7 @@ BAD_RECORD_VALUES = {
     results.TARGET: [0, 1.5, float("nan"), "0.5"],
     results.SWITCH: ["yes", 1, 0],
     results.OBJECT: [[1], "x", 3, True],
-    results.EPOCH_LIST: [[], [1], "epochs", {}],
+    results.EPOCH_LIST: [[], [1], "epochs", {}, [{}] * (MAX_EPOCHS + 1)],
 }
 
 
@@ -526,13 +555,36 @@ RECORD_SWEEP = [(path, value) for path, check in results.RECORD_FIELDS.items() f
 @pytest.mark.parametrize("path, value", RECORD_SWEEP,
                          ids=[f"{p}={'missing' if v is MISSING else repr(v)[:24]}" for p, v in RECORD_SWEEP])
 def test_every_bad_value_of_every_record_field_is_skipped_naming_it(path, value, tmp_path, capsys, monkeypatch):
-    runs, img = tmp_path / "results", tmp_path / "img"
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bad.json").write_text(json.dumps(with_value(path, value)))
+    err = plot_beside_a_good_run(tmp_path, capsys, monkeypatch)
+    assert err.startswith(f"plot_hpml.py: warning: skipped {tmp_path / 'results' / 'bad.json'}: "
+                          f"{refusal_of(path, value)}"), err
+
+
+def test_a_results_file_that_is_a_fifo_is_skipped_not_waited_for(tmp_path, capsys, monkeypatch, bounded):
+    fifo = tmp_path / "results" / "bad.json"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    err = plot_beside_a_good_run(tmp_path, capsys, monkeypatch)
+    assert err.startswith(f"plot_hpml.py: warning: skipped {fifo}: [Errno 22] not a regular file"), err
+
+
+def plot_beside_a_good_run(place: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
+    """plot_hpml.py's one warning about what a test put in place/results, beside which a valid record is written; the
+    figures are left out (FIGURES emptied), as they would be drawn from the valid record alone every time."""
+    runs, img = place / "results", place / "img"
     results.write_results(record("good"), runs)
-    (runs / "bad.json").write_text(json.dumps(with_value(path, value)))
     monkeypatch.setattr(plots, "FIGURES", {})
     args = ["--results-dir", str(runs), "--output-dir", str(img)]
     monkeypatch.setattr(sys, "argv", [str(REPO / "plot_hpml.py"), *args])
     assert exit_code_of(script_main("plot_hpml.py"), args) == 0
     err = capsys.readouterr().err
-    assert err.startswith(f"plot_hpml.py: warning: skipped {runs / 'bad.json'}: {refusal_of(path, value)}"), err
     assert len(err.splitlines()) == 1 and "1 run from" in (img / "summary.md").read_text()
+    return err
+
+
+def test_samples_that_are_a_fifo_are_refused_not_waited_for(tmp_path, bounded):
+    os.mkfifo(tmp_path / "run.utilization.csv")
+    with pytest.raises(OSError, match="not a regular file"):
+        monitor.read_samples_csv(tmp_path / "run.utilization.csv")

@@ -151,6 +151,13 @@ def test_collect_refuses_an_archive_past_its_bounds(account, capsys, tmp_path, m
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_collect_refuses_an_archive_holding_a_results_file_twice(account, capsys, tmp_path):
+    ended_job(account, "hpml-twice", [*good_run(), member("results/r1.json", json.dumps(record("r1")).encode())])
+    code, _, err = collect(capsys, "hpml-twice", "--output-dir", str(tmp_path / "out"))
+    assert code == 1 and "holds 'results/r1.json' twice; nothing collected from it" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 @pytest.mark.parametrize(("job", "content", "expected"), [
     ("hpml-not-json", b"{not json", "is not JSON"),
     ("hpml-no-fields", json.dumps({"run_id": "r2"}).encode(), "is not a valid results record"),
