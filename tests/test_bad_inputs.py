@@ -177,6 +177,8 @@ CASES = [
     ("bench/monitor_overhead.py", ["--model", "vgg,resnet"], "--model takes one model name, got 'vgg,resnet'"),
     ("bench/monitor_overhead.py", ["--intervals", "1,0"], "--intervals must be a comma list of seconds from 0.01"),
     ("bench/allreduce.py", ["--max-bytes", "99999999G"], "argument --max-bytes: expected at most 16G, got '99999999G'"),
+    ("bench/allreduce.py", ["--json", "{root}"], "--json {root} is a folder; give a file name"),
+    ("bench/scaling.py", ["--single", "{root}/tiny/train.npz", "--json", ""], "argument --json: expected a file or"),
 ]
 TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
 IN_A_SUBPROCESS = {"run_hpc.py --dataset cifar10 --data-dir {root}/corrupt", "bench/parity.py --seeds 0,x",
