@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from hpml import cli, monitor
+from hpml import cli, files, monitor
 from hpml.config import MAX_SAMPLE_INTERVAL, MIN_SAMPLE_INTERVAL
-from hpml.errors import RunStopped, UsageError, one_line
+from hpml.errors import RunStopped, UsageError, WriteFailed, one_line
 
 CPU_WINDOW_S = 0.25  # --once: CPU % is an average over a window, so wait this long before the one reading
 HEADER_EVERY = 20  # lines between repeated headers when the output is not a terminal, as nvidia-smi dmon does
@@ -158,13 +158,11 @@ def watch(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | Non
 
 
 def append_to_csv(path: Path | None, rows: list[dict]) -> None:
-    """Add a sample's rows to --csv, if given; UsageError when the file cannot take them."""
+    """Add a sample's rows to --csv, if given; WriteFailed when the file cannot take them."""
     if path is None:
         return
-    try:
+    with files.write_errors_in_one_line(path):
         monitor.write_samples_csv(path, rows, append=True)
-    except OSError as error:
-        raise UsageError(f"cannot write --csv {path}: {error.strerror or error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     view = sys.stderr if args.json else sys.stdout
     try:
         rows, nvml_error = (snapshot if args.once else watch)(args, view)
-    except UsageError:
+    except (UsageError, WriteFailed):
         raise
     except BrokenPipeError:  # the reader of the table went away (`| head`): end quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), view.fileno())

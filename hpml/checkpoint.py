@@ -26,7 +26,7 @@ import torch
 from . import container, files, results
 from .config import TrainConfig
 from .dist import World
-from .errors import UsageError, one_line
+from .errors import UsageError, WriteFailed, one_line
 
 FORMAT_VERSION = 1
 FINISHED_FILE = "finished.json"  # beside last.pt once the run's results are written
@@ -176,7 +176,7 @@ class BackgroundWriter:
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
-        self._error: UsageError | None = None
+        self._error: WriteFailed | None = None
 
     def save(self, path: Path, state: dict) -> None:
         self.wait()
@@ -188,7 +188,7 @@ class BackgroundWriter:
         try:
             files.write_atomic(path, lambda tmp: save_tensors(snapshot, tmp))
         except Exception as error:  # reported to the training thread at its next wait()
-            self._error = UsageError(files.cannot_write(f"checkpoint {path}", error))
+            self._error = WriteFailed(files.cannot_write(f"checkpoint {path}", error))
 
     def wait(self) -> None:
         if self._thread is not None:

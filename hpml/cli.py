@@ -32,7 +32,7 @@ from .config import (
     default_tensorboard_dir,
     parse_model_list,
 )
-from .errors import RunStopped, UsageError, one_line, script_name
+from .errors import RunStopped, UsageError, WriteFailed, script_name
 
 DEFAULTS = TrainConfig()
 # The errors of a write to a file object (which names no file): the disk, the quota or the file-size limit is
@@ -271,9 +271,9 @@ def stdout_unread() -> bool:
 
 
 def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2, an OSError about a file
-    (file_error_line) one line and exit code 1, a closed stdout nothing more and exit code 141 (128 + SIGPIPE, as a
-    shell reports such a tool)."""
+    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2; a failed write (a
+    WriteFailed, or an OSError about a file: file_error_line) one line and exit code 1; a closed stdout nothing more
+    and exit code 141 (128 + SIGPIPE, as a shell reports such a tool)."""
     try:
         code = main(argv)
         sys.stdout.flush()  # here, where a reader that went away is caught, not as Python exits
@@ -285,6 +285,9 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     except UsageError as error:
         print(f"{script_name()}: error: {error}", file=sys.stderr)
         code = 2
+    except WriteFailed as error:
+        print(f"{script_name()}: error: {error}", file=sys.stderr)
+        code = 1
     except RunStopped as stop:
         print(f"{script_name()}: {stop}", file=sys.stderr)
         code = stop.exit_code
@@ -301,10 +304,11 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
 
 
 def file_error_line(error: OSError) -> str | None:
-    """An OSError about a file (a read-only folder, a full disk, a file-size limit, a name too long) as one line: the
-    file and the cause; a write that failed on a file object, which names none, by its cause alone. None for an
-    OSError of neither kind (a socket's, one a library raised with a message only): a traceback tells more there."""
+    """An OSError about a file (a read-only folder, a full disk, a file-size limit, a name too long) as one line,
+    files.cannot_write's: the file and the cause; a write that failed on a file object, which names none, by its cause
+    alone. None for an OSError of neither kind (a socket's, one a library raised with a message only): a traceback
+    tells more there. What reaches here is a write: the scripts read their inputs through checks of their own."""
     if error.filename is None:
         return f"a write failed: {error.strerror}" if error.errno in UNNAMED_WRITE_FAILURES else None
-    names = " -> ".join(files.shown(name) for name in (error.filename, error.filename2) if name is not None)
-    return f"{names}: {error.strerror or one_line(error)}"
+    return files.cannot_write(" -> ".join(os.fsdecode(name) for name in (error.filename, error.filename2)
+                                          if name is not None), error)

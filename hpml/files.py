@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import UsageError, one_line
+from .errors import UsageError, WriteFailed, one_line
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -122,11 +122,11 @@ def cannot_write(path: str | Path, error: BaseException) -> str:
 @contextmanager
 def write_errors_in_one_line(path: str | Path, hint: str = "") -> Iterator[None]:
     """An OSError in the block (a read-only folder, a full disk, a file too large, a name too long) becomes a
-    UsageError: cannot_write's line, then `hint`."""
+    WriteFailed: cannot_write's line, then `hint`."""
     try:
         yield
     except OSError as error:
-        raise UsageError(cannot_write(path, error) + hint) from None
+        raise WriteFailed(cannot_write(path, error) + hint) from None
 
 
 def check_name_fits(folder: str | Path, name: str, what: str) -> Path:

@@ -259,26 +259,33 @@ def test_dist_timeout_too_large_for_the_c_layer_is_refused():
         TrainConfig(dist_timeout=1e12).validate()
 
 
-# Write errors: whatever a script writes (a samples CSV, a JSON, a figure), a write that fails there is one line
-# naming the file and the cause, exit code 1, no traceback. The figures folder holds a folder named Time.png, which
-# the first figure's rename cannot replace; a name of 300 bytes is longer than any file system takes.
+# Write errors: whatever a script writes (a samples CSV, a JSON, a figure, a checkpoint), a write that fails there is
+# one line, "cannot write FILE: cause", exit code 1, no traceback. The figures folder holds a folder named Time.png,
+# which the first figure's rename cannot replace, and one named as a run's checkpoint; a name of 300 bytes is longer
+# than any file system takes.
 LONG = "n" * 300
 MEASURED = str(REPO / "bench" / "measured" / "throughput_all_models_h200.json")
+BLOCKED_CHECKPOINT = "resnet18_single_w1/last.pt"
 WRITE_FAILURES = [
-    ("utilization.py", ["--once", "--csv", f"{{root}}/{LONG}.csv"], f"{{root}}/{LONG}.csv: File name too long"),
-    ("bench/throughput.py", ["--json", f"{{root}}/{LONG}.json"], f"{{root}}/{LONG}.json: File name too long"),
+    ("utilization.py", ["--once", "--csv", f"{{root}}/{LONG}.csv"], f"cannot write {{root}}/{LONG}.csv: File name too"),
+    ("bench/throughput.py", ["--json", f"{{root}}/{LONG}.json"], f"cannot write {{root}}/{LONG}.json: File name too"),
     ("bench/scaling.py", ["--single", MEASURED, "--figure", "{figures}/S.png", "--json", f"{{root}}/{LONG}.json"],
-     f"{{root}}/{LONG}.json: File name too long"),
+     f"cannot write {{root}}/{LONG}.json: File name too long"),
     ("run_study.py", ["--models", "resnet18", "--world-sizes", "1", "--device", "cpu", "--output-dir",
-                      "{root}/results", "--figures-dir", "{figures}"], "{figures}/Time.png: Is a directory"),
+                      "{root}/results", "--figures-dir", "{figures}"],
+     "cannot write {figures}/Time.png: Is a directory"),
     ("plot_hpml.py", ["--results-dir", "{root}/results", "--output-dir", "{figures}"],
-     "{figures}/Time.png: Is a directory"),
+     "cannot write {figures}/Time.png: Is a directory"),
+    ("run_hpc.py", [*(item for pair in SMALL_RUN.items() for item in pair), "--model", "resnet18", "--output-dir",
+                    "{figures}/results", "--checkpoint-dir", "{figures}"],
+     f"cannot write checkpoint {{figures}}/{BLOCKED_CHECKPOINT}: Is a directory"),
 ]
 
 
 @pytest.mark.parametrize("script, args, message", WRITE_FAILURES, ids=[s for s, _, _ in WRITE_FAILURES])
 def test_a_write_that_fails_is_one_line_naming_the_file(script, args, message, place, tmp_path, capfd, monkeypatch):
-    (tmp_path / "Time.png" / "a folder, not a figure").mkdir(parents=True)
+    for blocked in ("Time.png", BLOCKED_CHECKPOINT):
+        (tmp_path / blocked / "a folder, not a file").mkdir(parents=True)
     args = [a.format(root=place, figures=tmp_path) for a in args]
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
     monkeypatch.setattr(study, "run_command", lambda command, signals: 1)  # a cell that fails at once: no training

@@ -23,7 +23,7 @@ import run_hpc
 from hpml import checkpoint, dist, experiment, results
 from hpml.config import CHECKPOINT_FILE, TrainConfig
 from hpml.dist import World, free_port
-from hpml.errors import UsageError
+from hpml.errors import UsageError, WriteFailed
 from tests.helpers import REPO, exit_code_of, record, results_in, write_npz
 
 SMALL = ["--batch-size", "8", "--workers", "0"]
@@ -228,7 +228,7 @@ def test_a_failed_background_write_is_reported_with_the_path(tmp_path):
     path = tmp_path / "a-file" / "run" / CHECKPOINT_FILE
     writer = checkpoint.BackgroundWriter()
     writer.save(path, {"identity": {}})
-    with pytest.raises(UsageError, match=f"cannot write checkpoint {path}"):
+    with pytest.raises(WriteFailed, match=f"cannot write checkpoint {path}"):
         writer.wait()
     writer.wait()  # reported once
 
@@ -414,6 +414,6 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_the_last_one
     done = subprocess.run([sys.executable, "-c", SAVE_TOO_MUCH, str(path)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"UsageError: cannot write checkpoint {path}: File too large"
+    assert done.stdout.strip() == f"WriteFailed: cannot write checkpoint {path}: File too large"
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(10))
     assert [p.name for p in path.parent.iterdir()] == [CHECKPOINT_FILE]  # no temp file left
