@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
 import select
 import signal
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,7 +33,7 @@ from .config import (
     default_tensorboard_dir,
     parse_model_list,
 )
-from .errors import RunStopped, UsageError, WriteFailed, script_name
+from .errors import RunStopped, Terminated, UsageError, WriteFailed, script_name
 
 DEFAULTS = TrainConfig()
 # The errors of a write to a file object (which names no file): the disk, the quota or the file-size limit is
@@ -291,9 +292,10 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     except RunStopped as stop:
         print(f"{script_name()}: {stop}", file=sys.stderr)
         code = stop.exit_code
-    except KeyboardInterrupt:
-        print(f"{script_name()}: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"{script_name()}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except OSError as error:
         line = file_error_line(error)
         if line is None:
@@ -301,6 +303,21 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
         print(f"{script_name()}: error: {line}", file=sys.stderr)
         code = 1
     sys.exit(code or 0)
+
+
+@contextlib.contextmanager
+def terminate_like_ctrl_c() -> Iterator[None]:
+    """In the block, SIGTERM raises Terminated where Ctrl-C raises KeyboardInterrupt, so that the scratch folders of
+    a script without signal handling of its own (collect's downloaded archive) are removed before it ends. Training
+    checkpoints on SIGTERM instead (experiment.stop_on_signals), and a study stops its cell (study.CellSignals)."""
+    def terminate(signum: int, frame: object) -> NoReturn:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def file_error_line(error: OSError) -> str | None:

@@ -18,6 +18,11 @@ class WriteFailed(Exception):
     as bad input (UsageError)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM inside cli.terminate_like_ctrl_c, raised where Ctrl-C raises KeyboardInterrupt, so that `with` and
+    `finally` blocks clean up as they do for Ctrl-C: one line and exit code 143 (128 + SIGTERM)."""
+
+
 class RunStopped(Exception):
     """Training stopped early (a signal, a diverging loss): one line, its own exit code, checkpoint kept. `agreed`:
     every rank stops with it at the same step, so that rank 0 alone need say it."""

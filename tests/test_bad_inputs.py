@@ -15,9 +15,7 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 from hpml import checkpoint, cli, data, dist, monitor, plots, results, study
 from hpml.config import MAX_EPOCHS, TrainConfig
 from hpml.errors import UsageError
-from tests.helpers import REPO, exit_code_of, record, run_script, script_main
+from tests.helpers import REPO, exit_code_of, record, run_script, script_main, signalled_when
 
 SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
 
@@ -238,20 +236,10 @@ def test_bad_input_in_a_subprocess(script, args, message, place):
 
 @pytest.mark.parametrize("script", ["run_hpc.py", "bench/throughput.py"])
 def test_ctrl_c_while_torch_loads_is_one_line_and_exit_code_130(script):
-    process = subprocess.Popen([sys.executable, str(REPO / script), "--help"], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 60
-        while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():  # torch's import has begun
-            assert time.monotonic() < deadline and process.poll() is None, "torch never started loading"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert (process.returncode, err, out) == (130, f"{Path(script).name}: interrupted\n", "")
+    code, out, err = signalled_when([sys.executable, str(REPO / script), "--help"], {"PYTHONUNBUFFERED": "1"},
+                                    lambda pid: "libtorch" in Path(f"/proc/{pid}/maps").read_text(), signal.SIGINT,
+                                    "torch's import")
+    assert (code, err, out) == (130, f"{Path(script).name}: interrupted\n", "")
 
 
 def test_dist_timeout_too_large_for_the_c_layer_is_refused():
