@@ -72,6 +72,8 @@ class RunCheckpoint:
 
     def __init__(self, cfg: TrainConfig, model_name: str, world: World, resume: bool) -> None:
         self.path, self.world = run_path(cfg, model_name, world), world
+        # what this run writes beside its checkpoint stays in the checkpoint folder, whatever links a copied one holds
+        named(cfg.checkpoint_root, f"{self.path.parent.name}/{RESULTS_COPIES}", "folder", self.path.parent)
         self.identity = identity(cfg, model_name, world)
         self.progress = {"run_id": results.new_run_id(model_name, world.mode, world.size),
                          "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0,

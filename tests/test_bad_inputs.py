@@ -83,6 +83,8 @@ def place(tmp_path_factory) -> Path:
         for name, run, trainer in (("no-progress", {}, {"model": {}}), ("no-weights", progress, [])):
             writer.save(root / name / "resnet18_single_w1" / "last.pt", {"identity": fitting, "run": run,
                                                                           "trainer": trainer})
+    (root / "linked" / "resnet18_single_w1").mkdir(parents=True)  # a copied checkpoint folder holding a link out
+    (root / "linked" / "resnet18_single_w1" / "results").symlink_to(root / "tiny")
     (root / "fifo" / "resnet18_single_w1").mkdir()
     os.mkfifo(root / "fifo" / "resnet18_single_w1" / "last.pt")
     return root
@@ -135,6 +137,8 @@ CASES = [
      "checkpoint {root}/no-progress/resnet18_single_w1/last.pt is not an hpml checkpoint of format 1 (its run.run_id "
      "is missing or malformed)"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/no-weights", "--resume"], "(its trainer is missing or malformed)"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/linked"],
+     "folder 'resnet18_single_w1/results' leads outside {root}/linked (through a link)"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/fifo", "--resume"],
      "checkpoint {root}/fifo/resnet18_single_w1/last.pt is corrupt or truncated ([Errno 22] not a regular file"),
     ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/fifo"],
