@@ -311,7 +311,7 @@ def test_an_error_about_no_file_keeps_its_traceback(error):
 # each script's main builds, driven with every value its type must refuse.
 BAD_VALUES = {
     int: ["x", "1.5", "-1", "", "99999999999999999999"],
-    float: ["x", "nan", "inf", "-1", ""],
+    float: ["x", "nan", "inf", "-1", "", "1e300"],
     cli.path_flag: ["", " "],
 }
 SCRIPTS = ("run_hpc.py", "run_distributed.py", "utilization.py", "plot_hpml.py", "run_study.py",
