@@ -46,7 +46,7 @@ PLACEHOLDER_ROLE = "arn:aws:iam::ACCOUNT_ID:role/ROLE_NAME"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with jobs.aws_errors(), cli.terminate_like_ctrl_c():  # SIGTERM removes collect's and submit's scratch folders
+    with jobs.aws_errors():
         return args.run(args)
 
 

@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -39,6 +40,7 @@ DEFAULTS = TrainConfig()
 # The errors of a write to a file object (which names no file): the disk, the quota or the file-size limit is
 # reached, or the file system is read-only or failing.
 UNNAMED_WRITE_FAILURES = frozenset({*files.DISK_FULL, errno.EFBIG, errno.EROFS, errno.EIO})
+LAUNCHED = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE")  # set in a rank that torchrun, mpirun or smddprun started
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -273,11 +275,13 @@ def stdout_unread() -> bool:
 
 def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2; a failed write (a
-    WriteFailed, or an OSError about a file: file_error_line) one line and exit code 1; a closed stdout nothing more
-    and exit code 141 (128 + SIGPIPE, as a shell reports such a tool)."""
+    WriteFailed, or an OSError about a file: file_error_line) one line and exit code 1; Ctrl-C or SIGTERM one line
+    and exit code 130 or 143, once `with` and `finally` blocks have removed their temp files and scratch folders; a
+    closed stdout nothing more and exit code 141 (128 + SIGPIPE, as a shell reports such a tool)."""
     try:
-        code = main(argv)
-        sys.stdout.flush()  # here, where a reader that went away is caught, not as Python exits
+        with terminate_like_ctrl_c():
+            code = main(argv)
+            sys.stdout.flush()  # here, where a reader that went away is caught, not as Python exits
     except BrokenPipeError:
         if not stdout_unread():
             raise
@@ -292,8 +296,11 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     except RunStopped as stop:
         print(f"{script_name()}: {stop}", file=sys.stderr)
         code = stop.exit_code
-    except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
+    except (KeyboardInterrupt, ImportError) as stop:
+        interrupt = stop if isinstance(stop, KeyboardInterrupt) else stop.__cause__  # an import of a C extension
+        if not isinstance(interrupt, KeyboardInterrupt):  # that a signal cut short: "initialization failed"
+            raise
+        terminated = isinstance(interrupt, Terminated)
         print(f"{script_name()}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except OSError as error:
@@ -307,12 +314,17 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
 
 @contextlib.contextmanager
 def terminate_like_ctrl_c() -> Iterator[None]:
-    """In the block, SIGTERM raises Terminated where Ctrl-C raises KeyboardInterrupt, so that the scratch folders of
-    a script without signal handling of its own (collect's downloaded archive) are removed before it ends. Training
-    checkpoints on SIGTERM instead (experiment.stop_on_signals), and a study stops its cell (study.CellSignals)."""
+    """In the block, SIGTERM raises Terminated where Ctrl-C raises KeyboardInterrupt, so that write_atomic's temp
+    file or collect's downloaded archive is removed before the script ends. Training checkpoints on SIGTERM instead
+    (experiment.stop_on_signals), and a study stops its cell (study.CellSignals). A rank that a launcher started keeps
+    the default: the launcher stops its ranks with SIGTERM, and one waiting in a collective would not act on it until
+    the collective ended."""
     def terminate(signum: int, frame: object) -> NoReturn:
         raise Terminated
 
+    if any(name in os.environ for name in LAUNCHED) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield

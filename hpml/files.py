@@ -44,10 +44,11 @@ def temp_prefix(name: str) -> str:
 
 def _write_through_temp(path: Path, prefix: str, write: Callable[[Path], None], overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None  # made inside the block, so that an exception a signal raises removes it too
     try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+        tmp = Path(name)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
         write(tmp)
         with open(tmp, "rb") as file:
@@ -57,7 +58,8 @@ def _write_through_temp(path: Path, prefix: str, write: Callable[[Path], None], 
         else:
             os.link(tmp, path)  # fails if `path` exists
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def shown(path: str | bytes | os.PathLike) -> str:

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from hpml import checkpoint, cli, data, dist, monitor, plots, results, study
 from hpml.config import MAX_EPOCHS, TrainConfig
-from hpml.errors import UsageError
+from hpml.errors import Terminated, UsageError
 from tests.helpers import REPO, exit_code_of, record, run_script, script_main, signalled_when
 
 SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
@@ -246,6 +247,23 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_exit_code_130(script):
     assert (code, err, out) == (130, f"{Path(script).name}: interrupted\n", "")
 
 
+def test_sigterm_while_a_figure_is_written_leaves_no_temp_file(tmp_path):
+    results.write_results(record("r1"), tmp_path / "results")
+    img = tmp_path / "img"
+    command = [sys.executable, str(REPO / "plot_hpml.py"), "--results-dir", str(tmp_path / "results"), "--output-dir",
+               str(img)]
+    first_seen: list[float] = []
+
+    def rendering(pid: int) -> bool:  # a figure's temp file has been there 10 ms: savefig is drawing into it
+        if not first_seen and any(img.glob(".*.tmp")):
+            first_seen.append(time.monotonic())
+        return bool(first_seen) and time.monotonic() - first_seen[0] > 0.01
+
+    code, _, err = signalled_when(command, {}, rendering, signal.SIGTERM, "a figure's write")
+    assert (code, err) == (143, "plot_hpml.py: terminated\n")
+    assert not list(img.glob(".*.tmp"))
+
+
 def test_dist_timeout_too_large_for_the_c_layer_is_refused():
     with pytest.raises(UsageError, match="--dist-timeout must be at most 604800, got 1000000000000.0"):
         TrainConfig(dist_timeout=1e12).validate()
@@ -297,8 +315,19 @@ def test_a_failed_write_that_names_no_file_is_one_line(capsys):
     assert capsys.readouterr().err.endswith(": error: a write failed: File too large\n")
 
 
+@pytest.mark.parametrize("interrupt, line, code", [(KeyboardInterrupt(), "interrupted", 130),
+                                                   (Terminated(), "terminated", 143)], ids=["Ctrl-C", "SIGTERM"])
+def test_an_import_that_a_signal_cut_short_ends_as_the_signal(interrupt, line, code, capsys):
+    def main(argv):
+        raise ImportError("initialization failed") from interrupt  # as a C extension's import reports it
+
+    assert exit_code_of(main, []) == code
+    assert capsys.readouterr().err.endswith(f": {line}\n")
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ECONNREFUSED, "Connection refused"), OSError("mode RGBA as JPEG"),
-                                   ValueError("a bug")], ids=["a socket's", "a library's message", "not an OSError"])
+                                   ValueError("a bug"), ImportError("No module named 'x'")],
+                         ids=["a socket's", "a library's message", "not an OSError", "a missing module"])
 def test_an_error_about_no_file_keeps_its_traceback(error):
     def main(argv):
         raise error
