@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from hpml import cli, monitor
+from hpml import cli, files, monitor
 from hpml.config import MAX_SAMPLE_INTERVAL, MIN_SAMPLE_INTERVAL
-from hpml.errors import RunStopped, UsageError, one_line
+from hpml.errors import RunStopped, UsageError, WriteFailed, one_line
 
 CPU_WINDOW_S = 0.25  # --once: CPU % is an average over a window, so wait this long before the one reading
+MAX_DURATION = 366 * 24 * 3_600  # a year: anything longer is a typo (and past time_t's range, a traceback)
 HEADER_EVERY = 20  # lines between repeated headers when the output is not a terminal, as nvidia-smi dmon does
 GPU_COLUMNS = (("t s", 7), ("gpu", 3), ("name", 22), ("util %", 6), ("memory MiB", 17), ("power W", 7),
                ("temp C", 6), ("SM MHz", 6), ("CPU %", 6), ("RAM MiB", 15))
@@ -35,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--once", action="store_true", help="print one snapshot and exit (default: watch)")
     when.add_argument("--duration", type=float, default=None, metavar="S",
-                      help="stop after S seconds (default: run until Ctrl-C)")
+                      help="stop after S seconds, at most a year (default: run until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help=f"seconds between samples, {MIN_SAMPLE_INTERVAL} to {MAX_SAMPLE_INTERVAL} "
                              "(default: %(default)s)")
@@ -50,6 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
         raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
+    cli.require_at_most(args, duration=MAX_DURATION)
     if not MIN_SAMPLE_INTERVAL <= args.interval <= MAX_SAMPLE_INTERVAL:
         raise UsageError(f"--interval must be between {MIN_SAMPLE_INTERVAL} and {MAX_SAMPLE_INTERVAL} seconds, "
                          f"got {args.interval}")
@@ -158,13 +160,11 @@ def watch(args: argparse.Namespace, view: TextIO) -> tuple[list[dict], str | Non
 
 
 def append_to_csv(path: Path | None, rows: list[dict]) -> None:
-    """Add a sample's rows to --csv, if given; UsageError when the file cannot take them."""
+    """Add a sample's rows to --csv, if given; WriteFailed when the file cannot take them."""
     if path is None:
         return
-    try:
+    with files.write_errors_in_one_line(path):
         monitor.write_samples_csv(path, rows, append=True)
-    except OSError as error:
-        raise UsageError(f"cannot write --csv {path}: {error.strerror or error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     view = sys.stderr if args.json else sys.stdout
     try:
         rows, nvml_error = (snapshot if args.once else watch)(args, view)
-    except UsageError:
+    except (UsageError, WriteFailed):
         raise
     except BrokenPipeError:  # the reader of the table went away (`| head`): end quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), view.fileno())

@@ -67,7 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="auto (this rank's GPU when there is one), cpu or cuda (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: smddp in a SageMaker SMDDP job, nccl on GPUs, else gloo (default: %(default)s)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here (rank 0)")
+    parser.add_argument("--json", type=cli.path_flag, default=None,
+                        help="also write the table as JSON here (rank 0)")
     args = parser.parse_args(argv)
     cli.require_positive(args, "iters")
     cli.require_at_most(args, iters=MAX_STEPS, warmup=MAX_STEPS)
@@ -76,7 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.min_bytes > args.max_bytes:
         raise UsageError(f"--min-bytes {args.min_bytes} is larger than --max-bytes {args.max_bytes}")
     if args.json:
-        files.check_writable(args.json.parent, "--json folder")
+        files.check_output_file(args.json, "--json")
     if dist.launcher_from_env() == "none":
         raise UsageError("no launcher: start the ranks with torchrun --nproc_per_node N bench/allreduce.py "
                          "(a world of one has nothing to reduce)")

@@ -36,12 +36,15 @@ from hpml import checkpoint, cli, data, dist, files  # noqa: E402
 from hpml.config import CHECKPOINT_FILE, MAX_REPEATS, TrainConfig, parse_model_list  # noqa: E402
 from hpml.train import Trainer, synchronize  # noqa: E402
 
+MAX_GAP = 3_600  # an hour between saves: longer is a typo (and past what time.sleep takes, a traceback)
+
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = cli.measurement_parser(__doc__, model="resnet18")
     parser.add_argument("--repeats", type=int, default=7, help="saves of each kind (default: %(default)s)")
     parser.add_argument("--gap", type=float, default=2.0,
-                        help="seconds between saves, standing in for an epoch (default: %(default)s)")
+                        help=f"seconds between saves, standing in for an epoch, at most {MAX_GAP} "
+                             "(default: %(default)s)")
     parser.add_argument("--dir", type=cli.path_flag, default=None,
                         help="folder to write in, on the disk checkpoints go to (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -49,6 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     cli.require_at_most(args, repeats=MAX_REPEATS)
     if not (math.isfinite(args.gap) and args.gap >= 0):
         raise UsageError(f"--gap must be 0 or more seconds, got {args.gap}")
+    cli.require_at_most(args, gap=MAX_GAP)
     if args.dir is not None:
         files.check_writable(args.dir, "--dir")
     return args, parse_model_list(args.model)

@@ -49,15 +49,17 @@ NOT_A_TEST = ("not a test: equals the no-sync measurement by construction when c
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--allreduce", type=Path, help="bench/allreduce.py's JSON, for the check's link")
-    parser.add_argument("--ddp", type=Path, help="bench/throughput.py --ddp's JSON of the same world, to check")
-    parser.add_argument("--single", type=Path, help="bench/throughput.py's JSON of one GPU, to project from")
+    parser.add_argument("--allreduce", type=cli.path_flag, help="bench/allreduce.py's JSON, for the check's link")
+    parser.add_argument("--ddp", type=cli.path_flag,
+                        help="bench/throughput.py --ddp's JSON of the same world, to check")
+    parser.add_argument("--single", type=cli.path_flag,
+                        help="bench/throughput.py's JSON of one GPU, to project from")
     parser.add_argument("--link", choices=tuple(STATED_LINKS), default="p4d",
                         help="the stated interconnect of the projection: 8 GPUs per node on its intra-node link, "
                              "more across its inter-node link (default: %(default)s)")
-    parser.add_argument("--figure", type=Path, default=Path("results_img/Scaling.png"),
+    parser.add_argument("--figure", type=cli.path_flag, default=Path("results_img/Scaling.png"),
                         help="the figure to write (default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="also write the predictions as JSON here")
+    parser.add_argument("--json", type=cli.path_flag, help="also write the predictions as JSON here")
     args = parser.parse_args(argv)
     if bool(args.ddp) != bool(args.allreduce):
         raise UsageError("--ddp and --allreduce go together: the check needs the step times and the link of one world")

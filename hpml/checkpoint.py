@@ -26,7 +26,7 @@ import torch
 from . import container, files, results
 from .config import TrainConfig
 from .dist import World
-from .errors import UsageError, one_line
+from .errors import UsageError, WriteFailed, one_line
 
 FORMAT_VERSION = 1
 FINISHED_FILE = "finished.json"  # beside last.pt once the run's results are written
@@ -37,6 +37,19 @@ IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed"
 OLDER_IDENTITY = {"drop_last": False}  # what checkpoints written before a field existed were made with
 # A stopped epoch's position and running sums, enough to finish it exactly.
 PARTIAL_FIELDS = ("steps", "loss_sum", "correct", "images", "epoch_time_s", "data_time_s")
+# What a checkpoint holds, each part and each field of its progress ("run") with what it must be: what resuming reads
+# before the trainer's state is loaded (whose own misfits load_trainer_state reports). The progress is checked after
+# the identity, so that a checkpoint of other settings is named as such.
+CONTENTS: dict[str, Callable[[object], bool]] = {
+    "identity": lambda v: isinstance(v, dict), "run": lambda v: isinstance(v, dict),
+    "trainer": lambda v: isinstance(v, dict) and isinstance(v.get("model"), dict)}
+PROGRESS: dict[str, Callable[[object], bool]] = {
+    "run_id": lambda v: isinstance(v, str), "started_at": lambda v: isinstance(v, str),
+    "epochs": lambda v: isinstance(v, list) and all(isinstance(epoch, dict) for epoch in v),
+    "partial": lambda v: v is None or (isinstance(v, dict) and all(
+        results.AMOUNT.accepts(v.get(name)) for name in PARTIAL_FIELDS)),
+    "resumes": results.SIZE.accepts, "wall_time_s": results.AMOUNT.accepts, "setup_time_s": results.AMOUNT.accepts,
+    "checkpoint_time_s": results.AMOUNT.accepts}
 
 
 def run_path(cfg: TrainConfig, model_name: str, world: World) -> Path:
@@ -59,6 +72,8 @@ class RunCheckpoint:
 
     def __init__(self, cfg: TrainConfig, model_name: str, world: World, resume: bool) -> None:
         self.path, self.world = run_path(cfg, model_name, world), world
+        # what this run writes beside its checkpoint stays in the checkpoint folder, whatever links a copied one holds
+        named(cfg.checkpoint_root, f"{self.path.parent.name}/{RESULTS_COPIES}", "folder", self.path.parent)
         self.identity = identity(cfg, model_name, world)
         self.progress = {"run_id": results.new_run_id(model_name, world.mode, world.size),
                          "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0,
@@ -71,6 +86,8 @@ class RunCheckpoint:
         if resume and self.path.exists():
             state = load(self.path)
             check_identity(state, self.identity, self.path)
+            refuse_misfit(self.path, next((f"run.{name}" for name, fits in PROGRESS.items()
+                                           if not fits(state["run"].get(name))), ""))
             self.trainer_state = state["trainer"]
             self.progress = {**self.progress, **state["run"], "resumes": state["run"]["resumes"] + 1}
             named(cfg.output_dir, self.progress["run_id"], "run id", self.path.parent)
@@ -161,7 +178,7 @@ class BackgroundWriter:
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
-        self._error: UsageError | None = None
+        self._error: WriteFailed | None = None
 
     def save(self, path: Path, state: dict) -> None:
         self.wait()
@@ -173,7 +190,7 @@ class BackgroundWriter:
         try:
             files.write_atomic(path, lambda tmp: save_tensors(snapshot, tmp))
         except Exception as error:  # reported to the training thread at its next wait()
-            self._error = UsageError(files.cannot_write(f"checkpoint {path}", error))
+            self._error = WriteFailed(files.cannot_write(f"checkpoint {path}", error))
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -221,14 +238,21 @@ def save_tensors(state: dict, path: Path) -> None:
 def load(path: Path) -> dict:
     """A checkpoint's contents; UsageError naming the file when it is corrupt, truncated or foreign."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with files.open_regular(path) as file:
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise UsageError(f"checkpoint {path} is corrupt or truncated ({one_line(error, 200)}); delete it to start "
                          "afresh") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "identity" not in state:
-        raise UsageError(f"checkpoint {path} is not an hpml checkpoint of format {FORMAT_VERSION}; "
-                         "delete it or use another --checkpoint-dir")
+    misfit = "" if isinstance(state, dict) and state.get("format_version") == FORMAT_VERSION else "format_version"
+    refuse_misfit(path, misfit or next((name for name, fits in CONTENTS.items() if not fits(state.get(name))), ""))
     return state
+
+
+def refuse_misfit(path: Path, misfit: str) -> None:
+    """UsageError naming the part of checkpoint `path` that is missing or malformed, if any (`misfit`)."""
+    if misfit:
+        raise UsageError(f"checkpoint {path} is not an hpml checkpoint of format {FORMAT_VERSION} (its {misfit} is "
+                         "missing or malformed); delete it or use another --checkpoint-dir")
 
 
 def mark_finished(path: Path, run_id: str, written: list[Path]) -> None:
@@ -246,7 +270,8 @@ def finished_run(path: Path) -> dict | None:
     """What finished.json says of the run whose checkpoint is `path` (run_id, results_file, files); None when it is
     missing or cut."""
     try:
-        finished = json.loads(path.with_name(FINISHED_FILE).read_text())
+        with files.open_regular(path.with_name(FINISHED_FILE)) as file:
+            finished = json.loads(file.read())
     except (OSError, ValueError):
         return None
     whole = (isinstance(finished, dict) and "results_file" in finished and isinstance(finished.get("run_id"), str)
@@ -259,7 +284,8 @@ def own_record(path: Path, run_id: str) -> dict | None:
     this run's record short of fields). A file holding no record of this run is refused in one line: it is never
     replaced."""
     try:
-        record = json.loads(path.read_bytes())
+        with files.open_regular(path) as file:
+            record = json.loads(file.read())
     except FileNotFoundError:
         return None
     except OSError as error:

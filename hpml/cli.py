@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
 import select
 import signal
 import sys
-from collections.abc import Callable, Collection, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,12 +35,13 @@ from .config import (
     default_tensorboard_dir,
     parse_model_list,
 )
-from .errors import RunStopped, UsageError, one_line, script_name
+from .errors import RunStopped, Terminated, UsageError, WriteFailed, script_name
 
 DEFAULTS = TrainConfig()
 # The errors of a write to a file object (which names no file): the disk, the quota or the file-size limit is
 # reached, or the file system is read-only or failing.
 UNNAMED_WRITE_FAILURES = frozenset({*files.DISK_FULL, errno.EFBIG, errno.EROFS, errno.EIO})
+LAUNCHED = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE")  # set in a rank that torchrun, mpirun or smddprun started
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -283,12 +286,14 @@ def stdout_unread() -> bool:
 
 
 def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2, an OSError about a file
-    (file_error_line) one line and exit code 1, a closed stdout nothing more and exit code 141 (128 + SIGPIPE, as a
-    shell reports such a tool)."""
+    """Run a script's main(argv): a UsageError becomes one line on stderr and exit code 2; a failed write (a
+    WriteFailed, or an OSError about a file: file_error_line) one line and exit code 1; Ctrl-C or SIGTERM one line
+    and exit code 130 or 143, once `with` and `finally` blocks have removed their temp files and scratch folders; a
+    closed stdout nothing more and exit code 141 (128 + SIGPIPE, as a shell reports such a tool)."""
     try:
-        code = main(argv)
-        sys.stdout.flush()  # here, where a reader that went away is caught, not as Python exits
+        with terminate_like_ctrl_c():
+            code = main(argv)
+            sys.stdout.flush()  # here, where a reader that went away is caught, not as Python exits
     except BrokenPipeError:
         if not stdout_unread():
             raise
@@ -297,12 +302,19 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     except UsageError as error:
         print(f"{script_name()}: error: {error}", file=sys.stderr)
         code = 2
+    except WriteFailed as error:
+        print(f"{script_name()}: error: {error}", file=sys.stderr)
+        code = 1
     except RunStopped as stop:
         print(f"{script_name()}: {stop}", file=sys.stderr)
         code = stop.exit_code
-    except KeyboardInterrupt:
-        print(f"{script_name()}: interrupted", file=sys.stderr)
-        code = 130
+    except (KeyboardInterrupt, ImportError) as stop:
+        interrupt = stop if isinstance(stop, KeyboardInterrupt) else stop.__cause__  # an import of a C extension
+        if not isinstance(interrupt, KeyboardInterrupt):  # that a signal cut short: "initialization failed"
+            raise
+        terminated = isinstance(interrupt, Terminated)
+        print(f"{script_name()}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except OSError as error:
         line = file_error_line(error)
         if line is None:
@@ -312,11 +324,32 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     sys.exit(code or 0)
 
 
+@contextlib.contextmanager
+def terminate_like_ctrl_c() -> Iterator[None]:
+    """In the block, SIGTERM raises Terminated where Ctrl-C raises KeyboardInterrupt, so that write_atomic's temp
+    file or collect's downloaded archive is removed before the script ends. Training checkpoints on SIGTERM instead
+    (experiment.stop_on_signals), and a study stops its cell (study.CellSignals). A rank that a launcher started keeps
+    the default: the launcher stops its ranks with SIGTERM, and one waiting in a collective would not act on it until
+    the collective ended."""
+    def terminate(signum: int, frame: object) -> NoReturn:
+        raise Terminated
+
+    if any(name in os.environ for name in LAUNCHED) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def file_error_line(error: OSError) -> str | None:
-    """An OSError about a file (a read-only folder, a full disk, a file-size limit, a name too long) as one line: the
-    file and the cause; a write that failed on a file object, which names none, by its cause alone. None for an
-    OSError of neither kind (a socket's, one a library raised with a message only): a traceback tells more there."""
+    """An OSError about a file (a read-only folder, a full disk, a file-size limit, a name too long) as one line,
+    files.cannot_write's: the file and the cause; a write that failed on a file object, which names none, by its cause
+    alone. None for an OSError of neither kind (a socket's, one a library raised with a message only): a traceback
+    tells more there. What reaches here is a write: the scripts read their inputs through checks of their own."""
     if error.filename is None:
         return f"a write failed: {error.strerror}" if error.errno in UNNAMED_WRITE_FAILURES else None
-    names = " -> ".join(files.shown(name) for name in (error.filename, error.filename2) if name is not None)
-    return f"{names}: {error.strerror or one_line(error)}"
+    return files.cannot_write(" -> ".join(os.fsdecode(name) for name in (error.filename, error.filename2)
+                                          if name is not None), error)

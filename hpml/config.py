@@ -33,6 +33,8 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding limit
 MIN_SAMPLE_INTERVAL = 0.01  # faster, sampling itself floods the output and takes a core
 MAX_SAMPLE_INTERVAL = 3_600
 MAX_DIST_TIMEOUT = 7 * 24 * 3_600  # a week
+MAX_LR = 1e15  # as a results record allows; 1e300 overflows the float32 the optimizers turn it into
+MAX_BUCKET_CAP_MB = 1_000_000.0  # a terabyte of gradients; DDP's C++ side takes the bytes as a 64-bit integer
 MAX_REPEATS = 1_000  # run_study.py and bench/ --repeats
 MAX_STEPS = 100_000  # bench/ --steps, --iters, --warmup; --tensorboard-every
 TENSORBOARD_EVERY = 20  # steps between the per-step TensorBoard scalars (--tensorboard-every)
@@ -154,6 +156,8 @@ class TrainConfig:
             ("--subset", self.subset or 0, MAX_SUBSET),
             ("--sample-interval", self.sample_interval, MAX_SAMPLE_INTERVAL),
             ("--dist-timeout", self.dist_timeout, MAX_DIST_TIMEOUT),
+            ("--lr", self.lr, MAX_LR),
+            ("--bucket-cap-mb", self.bucket_cap_mb, MAX_BUCKET_CAP_MB),
             ("--tensorboard-every", self.tensorboard_every, MAX_STEPS),
             ("--profile-steps", self.profile_steps, MAX_PROFILE_STEPS),
         ]:

@@ -11,6 +11,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from . import files
 from .config import TrainConfig
 from .errors import UsageError, one_line
 
@@ -96,7 +97,7 @@ def cifar10_files(folder: Path) -> list[tuple[Path, str]] | None:
         return None
     kind, files_folder = layout
     if kind == "npz":
-        names = [*NPZ_FILES, *([NPZ_NOTES] if (files_folder / NPZ_NOTES).exists() else [])]
+        names = [*NPZ_FILES, *([NPZ_NOTES] if (files_folder / NPZ_NOTES).is_file() else [])]
         return [(files_folder / name, name) for name in names]
     return [(files_folder / name, f"{BATCHES_FOLDER}/{name}") for name in (*TRAIN_BATCHES, *TEST_BATCHES)]
 
@@ -108,14 +109,15 @@ def _load_npz(folder: Path) -> ImageSet:
         if not path.exists():
             raise UsageError(f"{path} is missing: the npz layout needs both train.npz and test.npz")
         try:
-            with np.load(path) as npz:
+            with files.open_regular(path) as file, np.load(file) as npz:
                 arrays[split] = checked(npz["images"], npz["labels"], path)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError) as error:  # MemoryError: a
+            # header claiming more images than memory holds
             raise UsageError(
                 f"cannot read {path}: {one_line(error)} (expected arrays 'images' and 'labels')"
             ) from None
     readme = folder / NPZ_NOTES
-    jpeg = readme.exists() and "jpeg" in readme.read_text(errors="replace").lower()
+    jpeg = readme.is_file() and "jpeg" in readme.read_text(errors="replace").lower()
     note = ", decoded from a JPEG copy: accuracies are close to, not identical with, published CIFAR-10 figures"
     return ImageSet(*arrays["train"], *arrays["test"], f"CIFAR-10 (npz{note if jpeg else ''})")
 
@@ -150,7 +152,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def load_batch(path: Path) -> object:
     """One of torchvision's pickled batches, unpickled without calling anything but numpy's array reconstruction."""
-    with open(path, "rb") as file:
+    with files.open_regular(path) as file:
         return unpickle_batch(file)
 
 
@@ -191,12 +193,11 @@ def checked(images: np.ndarray, labels: np.ndarray, source: Path) -> tuple[np.nd
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
         raise UsageError(f"{source}: labels must be integers 0..{NUM_CLASSES - 1} of shape (N,), "
                          f"got {labels.dtype} {labels.shape}")
-    labels = labels.astype(np.int64)
     if len(labels) != len(images):
         raise UsageError(f"{source}: {len(images)} images but {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):  # before the cast, which would wrap 2**63
         raise UsageError(f"{source}: labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}")
-    return images, labels
+    return images, labels.astype(np.int64)
 
 
 def synthetic_cifar10(train_size: int, test_size: int) -> ImageSet:

@@ -12,6 +12,17 @@ class UsageError(Exception):
     """Bad input from the user (a flag, a data folder, an output path): reported as one line."""
 
 
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, a read-only folder, a file-size limit, a name too long): one line,
+    files.cannot_write's, and exit code 1. A flag whose folder cannot be written is refused before any work instead,
+    as bad input (UsageError)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM inside cli.terminate_like_ctrl_c, raised where Ctrl-C raises KeyboardInterrupt, so that `with` and
+    `finally` blocks clean up as they do for Ctrl-C: one line and exit code 143 (128 + SIGTERM)."""
+
+
 class RunStopped(Exception):
     """Training stopped early (a signal, a diverging loss): one line, its own exit code, checkpoint kept. `agreed`:
     every rank stops with it at the same step, so that rank 0 alone need say it."""

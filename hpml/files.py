@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import UsageError, one_line
+from .errors import UsageError, WriteFailed, one_line
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -42,10 +44,11 @@ def temp_prefix(name: str) -> str:
 
 def _write_through_temp(path: Path, prefix: str, write: Callable[[Path], None], overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None  # made inside the block, so that an exception a signal raises removes it too
     try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+        tmp = Path(name)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
         write(tmp)
         with open(tmp, "rb") as file:
@@ -55,7 +58,8 @@ def _write_through_temp(path: Path, prefix: str, write: Callable[[Path], None], 
         else:
             os.link(tmp, path)  # fails if `path` exists
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def shown(path: str | bytes | os.PathLike) -> str:
@@ -76,6 +80,22 @@ def inside(folder: str | Path, name: object, what: str) -> Path:
     if not path.resolve().is_relative_to(base):
         raise ValueError(f"{what} {name!r} leads outside {folder} (through a link)")
     return path
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """`path` opened to read, if it is a regular file: a FIFO would block the read for ever and a device (a link to
+    /dev/zero) never end it; OSError naming `path` otherwise, as open's own errors do."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO without O_NONBLOCK waits for a writer
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise (IsADirectoryError(errno.EISDIR, "Is a directory", os.fspath(path)) if stat.S_ISDIR(mode) else
+                   OSError(errno.EINVAL, "not a regular file (a FIFO, a socket or a device)", os.fspath(path)))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def copy_atomic(source: str | Path, path: str | Path) -> Path:
@@ -104,11 +124,11 @@ def cannot_write(path: str | Path, error: BaseException) -> str:
 @contextmanager
 def write_errors_in_one_line(path: str | Path, hint: str = "") -> Iterator[None]:
     """An OSError in the block (a read-only folder, a full disk, a file too large, a name too long) becomes a
-    UsageError: cannot_write's line, then `hint`."""
+    WriteFailed: cannot_write's line, then `hint`."""
     try:
         yield
     except OSError as error:
-        raise UsageError(cannot_write(path, error) + hint) from None
+        raise WriteFailed(cannot_write(path, error) + hint) from None
 
 
 def check_name_fits(folder: str | Path, name: str, what: str) -> Path:
@@ -132,6 +152,8 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{flag} {path} is not a regular file (a FIFO, a socket or a device); give a file name")
     blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"{flag} {path} cannot be written: {blocker} is a file, not a folder")

@@ -362,7 +362,7 @@ def cifar_files(folder: Path) -> list[tuple[Path, str]]:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with files.open_regular(path) as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -719,6 +719,8 @@ def _read_members(tar: tarfile.TarFile, where: str, folder: Path, log: Callable[
             raise CollectError(f"{where} holds more than {MAX_ARCHIVE_MEMBERS:,} files; nothing collected from it")
         parts = PurePosixPath(member.name).parts
         if _safe(member, folder, log) and member.isfile() and len(parts) == 2 and parts[0] == "results":
+            if parts[1] in found:  # tar keeps the last, any other reader may take the first
+                raise CollectError(f"{where} holds {member.name!r} twice; nothing collected from it")
             found[parts[1]] = tar.extractfile(member).read(member.size)
     return found
 

@@ -7,6 +7,7 @@ reason is kept in one line and only CPU and RAM are sampled.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import socket
@@ -350,7 +351,7 @@ def _write_rows(path: Path, mode: str, rows: Iterable[dict]) -> Path:
 
 def read_samples_csv(path: str | Path) -> list[dict]:
     """Rows of a samples CSV (UTF-8, as written) with numbers parsed (int or float) and empty fields as None."""
-    with open(path, newline="", encoding="utf-8") as file:
+    with io.TextIOWrapper(files.open_regular(path), encoding="utf-8", newline="") as file:
         reader = csv.DictReader(file)
         if tuple(reader.fieldnames or ()) != CSV_FIELDS:
             raise ValueError(f"{path}: not a utilization samples CSV (header {reader.fieldnames})")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import files, hardware
+from .config import MAX_EPOCHS
 
 if TYPE_CHECKING:
     import torch
@@ -78,8 +79,8 @@ FRACTION = Check("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1
 TARGET = Check("a number above 0, at most 1", lambda v: _is_number(v) and 0 < v <= 1)
 SWITCH = Check("true or false", lambda v: isinstance(v, bool))
 OBJECT = Check("a JSON object", lambda v: isinstance(v, dict))
-EPOCH_LIST = Check("a non-empty list of JSON objects",
-                   lambda v: isinstance(v, list) and v != [] and all(isinstance(e, dict) for e in v))
+EPOCH_LIST = Check(f"a list of 1 to {MAX_EPOCHS} JSON objects",  # as many epochs as --epochs allows
+                   lambda v: isinstance(v, list) and 1 <= len(v) <= MAX_EPOCHS and all(isinstance(e, dict) for e in v))
 
 # Every field a reader uses (summary, plots, study, sagemaker_plan, hardware, jobs), checked in this order: a part
 # ("config") before its fields ("config.lr"); "epochs[].lr" is the field of every epoch. REQUIRED_FIELDS and
@@ -292,7 +293,8 @@ def is_record_file(path: str | Path) -> bool:
 def load_results(path: str | Path) -> dict:
     """One results file; ValueError naming the file when it is not valid JSON or not of this schema."""
     try:
-        return validate_record(json.loads(Path(path).read_text(encoding="utf-8")))
+        with files.open_regular(path) as file:
+            return validate_record(json.loads(file.read().decode("utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as error:
         raise ValueError(f"{files.shown(path)}: {error}") from None
 

@@ -10,8 +10,10 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -50,6 +52,25 @@ if sys.argv[0].endswith(".py"):
 else:
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
+
+
+def signalled_when(command: Sequence[str], env: dict, ready: Callable[[int], bool], sig: int,
+                   awaited: str) -> tuple[int, str, str]:
+    """Run `command` in the repository with `env` added to this environment, send it `sig` as soon as ready(its pid)
+    holds (within a minute, or the test fails naming what was `awaited`); its exit code, stdout and stderr."""
+    process = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, **env},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not ready(process.pid):
+            assert time.monotonic() < deadline and process.poll() is None, f"{awaited} never happened"
+            time.sleep(0.002)
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, out, err
 
 
 def run_without_torch(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -11,23 +11,24 @@ import argparse
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hpml import checkpoint, cli, data, dist, plots, results, study
-from hpml.config import TrainConfig
-from hpml.errors import UsageError
-from tests.helpers import REPO, exit_code_of, record, run_script, script_main
+from hpml import checkpoint, cli, data, dist, monitor, plots, results, study
+from hpml.config import MAX_EPOCHS, TrainConfig
+from hpml.errors import Terminated, UsageError
+from tests.helpers import REPO, exit_code_of, record, run_script, script_main, signalled_when
 
 SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
 
@@ -39,7 +40,7 @@ def place(tmp_path_factory) -> Path:
     results.write_results(record("existing-run"), root / "results")
     (root / "a-file").write_text("not a folder")
     rng = np.random.default_rng(0)
-    for name in ("corrupt", "shape", "tiny"):
+    for name in ("corrupt", "shape", "tiny", "huge-labels", "huge-claim", "fifo"):
         (root / name).mkdir()
         for split in ("train", "test"):
             np.savez(root / name / f"{split}.npz", images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
@@ -58,6 +59,15 @@ def place(tmp_path_factory) -> Path:
                  labels=np.arange(30) % 10)
         np.savez(root / name / f"{split}.npz", images=images, labels=labels)
     np.savez(root / "shape" / "test.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.uint8))
+    np.savez(root / "huge-labels" / "train.npz", images=np.zeros((4, 32, 32, 3), np.uint8),
+             labels=np.full(4, 2**63, np.uint64))  # cast to int64, 2**63 would wrap to a negative label
+    with zipfile.ZipFile(root / "huge-claim" / "train.npz", "w") as npz:  # a header claiming 10^14 images
+        for name, array in (("images", np.zeros((4, 32, 32, 3), np.uint8)), ("labels", np.zeros(4, np.uint8))):
+            saved = io.BytesIO()
+            np.save(saved, array)
+            npz.writestr(f"{name}.npy", saved.getvalue().replace(b"(4, 32, 32, 3)", b"(99999999999999, 32, 32, 3)"))
+    (root / "fifo" / "train.npz").unlink()
+    os.mkfifo(root / "fifo" / "train.npz")  # opened as a plain file, it waits for a writer for ever
     truncated = root / "truncated" / "resnet18_single_w1" / "last.pt"
     truncated.parent.mkdir(parents=True)
     truncated.write_bytes(b"PK\x03\x04")
@@ -65,11 +75,19 @@ def place(tmp_path_factory) -> Path:
     identity = {"model": "resnet18", "world_size": 1, "batch_size": 64, "lr": 0.1, "optimizer": "adadelta",
                 "schedule": "none", "epochs": 1, "seed": 0, "dataset": "synthetic", "subset": 20, "scale_lr": False}
     misfit = root / "misfit" / "resnet18_single_w1" / "last.pt"
-    progress = {"epochs": [], "partial": None, "resumes": 0}
+    progress = {"run_id": "resnet18_single_w1_x", "started_at": "", "epochs": [], "partial": None, "resumes": 0,
+                "wall_time_s": 0.0, "setup_time_s": 0.0, "checkpoint_time_s": 0.0}
+    fitting = {**identity, "batch_size": 10, "drop_last": True}
     with checkpoint.BackgroundWriter() as writer:
         writer.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
-        writer.save(misfit, {"identity": {**identity, "batch_size": 10, "drop_last": True}, "run": progress,
-                             "trainer": {"model": {"w": torch.zeros(1)}}})
+        writer.save(misfit, {"identity": fitting, "run": progress, "trainer": {"model": {"w": torch.zeros(1)}}})
+        for name, run, trainer in (("no-progress", {}, {"model": {}}), ("no-weights", progress, [])):
+            writer.save(root / name / "resnet18_single_w1" / "last.pt", {"identity": fitting, "run": run,
+                                                                          "trainer": trainer})
+    (root / "linked" / "resnet18_single_w1").mkdir(parents=True)  # a copied checkpoint folder holding a link out
+    (root / "linked" / "resnet18_single_w1" / "results").symlink_to(root / "tiny")
+    (root / "fifo" / "resnet18_single_w1").mkdir()
+    os.mkfifo(root / "fifo" / "resnet18_single_w1" / "last.pt")
     return root
 
 
@@ -116,6 +134,20 @@ CASES = [
     ("run_hpc.py", ["--checkpoint-dir", "{root}/other", "--resume"], "was made with batch_size 64, this run has 10"),
     ("run_hpc.py", ["--checkpoint-dir", "{root}/misfit", "--resume"],
      "checkpoint {root}/misfit/resnet18_single_w1/last.pt does not fit resnet18 (Error(s) in loading state_dict"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/no-progress", "--resume"],
+     "checkpoint {root}/no-progress/resnet18_single_w1/last.pt is not an hpml checkpoint of format 1 (its run.run_id "
+     "is missing or malformed)"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/no-weights", "--resume"], "(its trainer is missing or malformed)"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/linked"],
+     "folder 'resnet18_single_w1/results' leads outside {root}/linked (through a link)"),
+    ("run_hpc.py", ["--checkpoint-dir", "{root}/fifo", "--resume"],
+     "checkpoint {root}/fifo/resnet18_single_w1/last.pt is corrupt or truncated ([Errno 22] not a regular file"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/fifo"],
+     "cannot read {root}/fifo/train.npz: [Errno 22] not a regular file (a FIFO, a socket or a device)"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/huge-claim"],
+     "cannot read {root}/huge-claim/train.npz: Unable to allocate"),
+    ("run_hpc.py", ["--dataset", "cifar10", "--data-dir", "{root}/huge-labels"],
+     "labels must lie in 0..9, got 9223372036854775808..9223372036854775808"),
     ("run_hpc.py", ["--output-dir", ""], "argument --output-dir: expected a file or folder name, got ''"),
     ("run_hpc.py", ["--data-dir", " "], "argument --data-dir: expected a file or folder name, got ' '"),
     ("run_hpc.py", ["--dataset", "cifar10", "--data-dir=~/tiny", "--subset", "500"],
@@ -148,6 +180,8 @@ CASES = [
     ("bench/monitor_overhead.py", ["--model", "vgg,resnet"], "--model takes one model name, got 'vgg,resnet'"),
     ("bench/monitor_overhead.py", ["--intervals", "1,0"], "--intervals must be a comma list of seconds from 0.01"),
     ("bench/allreduce.py", ["--max-bytes", "99999999G"], "argument --max-bytes: expected at most 16G, got '99999999G'"),
+    ("bench/allreduce.py", ["--json", "{root}"], "--json {root} is a folder; give a file name"),
+    ("bench/scaling.py", ["--single", "{root}/tiny/train.npz", "--json", ""], "argument --json: expected a file or"),
 ]
 TRAINING_SCRIPTS = ("run_hpc.py", "run_distributed.py")
 IN_A_SUBPROCESS = {"run_hpc.py --dataset cifar10 --data-dir {root}/corrupt", "bench/parity.py --seeds 0,x",
@@ -181,7 +215,7 @@ def assert_refused(code: int, err: str, message: str, place: Path, before: dict)
 
 
 @pytest.mark.parametrize("script, args, message", cases(in_a_subprocess=False))
-def test_bad_input(script, args, message, place, capfd, monkeypatch):
+def test_bad_input(script, args, message, place, capfd, monkeypatch, bounded):
     args = full_args(script, args, place)
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])  # the one line starts with the script's name
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -207,20 +241,27 @@ def test_bad_input_in_a_subprocess(script, args, message, place):
 
 @pytest.mark.parametrize("script", ["run_hpc.py", "bench/throughput.py"])
 def test_ctrl_c_while_torch_loads_is_one_line_and_exit_code_130(script):
-    process = subprocess.Popen([sys.executable, str(REPO / script), "--help"], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 60
-        while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():  # torch's import has begun
-            assert time.monotonic() < deadline and process.poll() is None, "torch never started loading"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert (process.returncode, err, out) == (130, f"{Path(script).name}: interrupted\n", "")
+    code, out, err = signalled_when([sys.executable, str(REPO / script), "--help"], {"PYTHONUNBUFFERED": "1"},
+                                    lambda pid: "libtorch" in Path(f"/proc/{pid}/maps").read_text(), signal.SIGINT,
+                                    "torch's import")
+    assert (code, err, out) == (130, f"{Path(script).name}: interrupted\n", "")
+
+
+def test_sigterm_while_a_figure_is_written_leaves_no_temp_file(tmp_path):
+    results.write_results(record("r1"), tmp_path / "results")
+    img = tmp_path / "img"
+    command = [sys.executable, str(REPO / "plot_hpml.py"), "--results-dir", str(tmp_path / "results"), "--output-dir",
+               str(img)]
+    first_seen: list[float] = []
+
+    def rendering(pid: int) -> bool:  # a figure's temp file has been there 10 ms: savefig is drawing into it
+        if not first_seen and any(img.glob(".*.tmp")):
+            first_seen.append(time.monotonic())
+        return bool(first_seen) and time.monotonic() - first_seen[0] > 0.01
+
+    code, _, err = signalled_when(command, {}, rendering, signal.SIGTERM, "a figure's write")
+    assert (code, err) == (143, "plot_hpml.py: terminated\n")
+    assert not list(img.glob(".*.tmp"))
 
 
 def test_dist_timeout_too_large_for_the_c_layer_is_refused():
@@ -228,26 +269,33 @@ def test_dist_timeout_too_large_for_the_c_layer_is_refused():
         TrainConfig(dist_timeout=1e12).validate()
 
 
-# Write errors: whatever a script writes (a samples CSV, a JSON, a figure), a write that fails there is one line
-# naming the file and the cause, exit code 1, no traceback. The figures folder holds a folder named Time.png, which
-# the first figure's rename cannot replace; a name of 300 bytes is longer than any file system takes.
+# Write errors: whatever a script writes (a samples CSV, a JSON, a figure, a checkpoint), a write that fails there is
+# one line, "cannot write FILE: cause", exit code 1, no traceback. The figures folder holds a folder named Time.png,
+# which the first figure's rename cannot replace, and one named as a run's checkpoint; a name of 300 bytes is longer
+# than any file system takes.
 LONG = "n" * 300
 MEASURED = str(REPO / "bench" / "measured" / "throughput_all_models_h200.json")
+BLOCKED_CHECKPOINT = "resnet18_single_w1/last.pt"
 WRITE_FAILURES = [
-    ("utilization.py", ["--once", "--csv", f"{{root}}/{LONG}.csv"], f"{{root}}/{LONG}.csv: File name too long"),
-    ("bench/throughput.py", ["--json", f"{{root}}/{LONG}.json"], f"{{root}}/{LONG}.json: File name too long"),
+    ("utilization.py", ["--once", "--csv", f"{{root}}/{LONG}.csv"], f"cannot write {{root}}/{LONG}.csv: File name too"),
+    ("bench/throughput.py", ["--json", f"{{root}}/{LONG}.json"], f"cannot write {{root}}/{LONG}.json: File name too"),
     ("bench/scaling.py", ["--single", MEASURED, "--figure", "{figures}/S.png", "--json", f"{{root}}/{LONG}.json"],
-     f"{{root}}/{LONG}.json: File name too long"),
+     f"cannot write {{root}}/{LONG}.json: File name too long"),
     ("run_study.py", ["--models", "resnet18", "--world-sizes", "1", "--device", "cpu", "--output-dir",
-                      "{root}/results", "--figures-dir", "{figures}"], "{figures}/Time.png: Is a directory"),
+                      "{root}/results", "--figures-dir", "{figures}"],
+     "cannot write {figures}/Time.png: Is a directory"),
     ("plot_hpml.py", ["--results-dir", "{root}/results", "--output-dir", "{figures}"],
-     "{figures}/Time.png: Is a directory"),
+     "cannot write {figures}/Time.png: Is a directory"),
+    ("run_hpc.py", [*(item for pair in SMALL_RUN.items() for item in pair), "--model", "resnet18", "--output-dir",
+                    "{figures}/results", "--checkpoint-dir", "{figures}"],
+     f"cannot write checkpoint {{figures}}/{BLOCKED_CHECKPOINT}: Is a directory"),
 ]
 
 
 @pytest.mark.parametrize("script, args, message", WRITE_FAILURES, ids=[s for s, _, _ in WRITE_FAILURES])
 def test_a_write_that_fails_is_one_line_naming_the_file(script, args, message, place, tmp_path, capfd, monkeypatch):
-    (tmp_path / "Time.png" / "a folder, not a figure").mkdir(parents=True)
+    for blocked in ("Time.png", BLOCKED_CHECKPOINT):
+        (tmp_path / blocked / "a folder, not a file").mkdir(parents=True)
     args = [a.format(root=place, figures=tmp_path) for a in args]
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
     monkeypatch.setattr(study, "run_command", lambda command, signals: 1)  # a cell that fails at once: no training
@@ -267,8 +315,19 @@ def test_a_failed_write_that_names_no_file_is_one_line(capsys):
     assert capsys.readouterr().err.endswith(": error: a write failed: File too large\n")
 
 
+@pytest.mark.parametrize("interrupt, line, code", [(KeyboardInterrupt(), "interrupted", 130),
+                                                   (Terminated(), "terminated", 143)], ids=["Ctrl-C", "SIGTERM"])
+def test_an_import_that_a_signal_cut_short_ends_as_the_signal(interrupt, line, code, capsys):
+    def main(argv):
+        raise ImportError("initialization failed") from interrupt  # as a C extension's import reports it
+
+    assert exit_code_of(main, []) == code
+    assert capsys.readouterr().err.endswith(f": {line}\n")
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ECONNREFUSED, "Connection refused"), OSError("mode RGBA as JPEG"),
-                                   ValueError("a bug")], ids=["a socket's", "a library's message", "not an OSError"])
+                                   ValueError("a bug"), ImportError("No module named 'x'")],
+                         ids=["a socket's", "a library's message", "not an OSError", "a missing module"])
 def test_an_error_about_no_file_keeps_its_traceback(error):
     def main(argv):
         raise error
@@ -281,7 +340,7 @@ def test_an_error_about_no_file_keeps_its_traceback(error):
 # each script's main builds, driven with every value its type must refuse.
 BAD_VALUES = {
     int: ["x", "1.5", "-1", "", "99999999999999999999"],
-    float: ["x", "nan", "inf", "-1", ""],
+    float: ["x", "nan", "inf", "-1", "", "1e300"],
     cli.path_flag: ["", " "],
 }
 SCRIPTS = ("run_hpc.py", "run_distributed.py", "utilization.py", "plot_hpml.py", "run_study.py",
@@ -474,8 +533,8 @@ def test_every_bad_value_of_every_variable_is_refused_naming_it(name, value, scr
 
 # The record sweep: every field of the results schema (results.RECORD_FIELDS: what summary, plots, study and collect
 # read) set to every value its check must refuse, or left out where it is required, in a results file beside a valid
-# one: plot_hpml.py skips that file with one warning naming it and the field, and goes on with the valid one. The
-# figures are left out (FIGURES emptied), as they would be drawn from the valid record alone every time.
+# one: plot_hpml.py skips that file with one warning naming it and the field, and goes on with the valid one. So too
+# a results file that is a FIFO, which a plain read would wait on for ever.
 MISSING = object()
 BAD_RECORD_VALUES = {
     results.SCHEMA: [2, "1", True, 1.5],
@@ -491,7 +550,7 @@ BAD_RECORD_VALUES = {
     results.TARGET: [0, 1.5, float("nan"), "0.5"],
     results.SWITCH: ["yes", 1, 0],
     results.OBJECT: [[1], "x", 3, True],
-    results.EPOCH_LIST: [[], [1], "epochs", {}],
+    results.EPOCH_LIST: [[], [1], "epochs", {}, [{}] * (MAX_EPOCHS + 1)],
 }
 
 
@@ -526,13 +585,36 @@ RECORD_SWEEP = [(path, value) for path, check in results.RECORD_FIELDS.items() f
 @pytest.mark.parametrize("path, value", RECORD_SWEEP,
                          ids=[f"{p}={'missing' if v is MISSING else repr(v)[:24]}" for p, v in RECORD_SWEEP])
 def test_every_bad_value_of_every_record_field_is_skipped_naming_it(path, value, tmp_path, capsys, monkeypatch):
-    runs, img = tmp_path / "results", tmp_path / "img"
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bad.json").write_text(json.dumps(with_value(path, value)))
+    err = plot_beside_a_good_run(tmp_path, capsys, monkeypatch)
+    assert err.startswith(f"plot_hpml.py: warning: skipped {tmp_path / 'results' / 'bad.json'}: "
+                          f"{refusal_of(path, value)}"), err
+
+
+def test_a_results_file_that_is_a_fifo_is_skipped_not_waited_for(tmp_path, capsys, monkeypatch, bounded):
+    fifo = tmp_path / "results" / "bad.json"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    err = plot_beside_a_good_run(tmp_path, capsys, monkeypatch)
+    assert err.startswith(f"plot_hpml.py: warning: skipped {fifo}: [Errno 22] not a regular file"), err
+
+
+def plot_beside_a_good_run(place: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
+    """plot_hpml.py's one warning about what a test put in place/results, beside which a valid record is written; the
+    figures are left out (FIGURES emptied), as they would be drawn from the valid record alone every time."""
+    runs, img = place / "results", place / "img"
     results.write_results(record("good"), runs)
-    (runs / "bad.json").write_text(json.dumps(with_value(path, value)))
     monkeypatch.setattr(plots, "FIGURES", {})
     args = ["--results-dir", str(runs), "--output-dir", str(img)]
     monkeypatch.setattr(sys, "argv", [str(REPO / "plot_hpml.py"), *args])
     assert exit_code_of(script_main("plot_hpml.py"), args) == 0
     err = capsys.readouterr().err
-    assert err.startswith(f"plot_hpml.py: warning: skipped {runs / 'bad.json'}: {refusal_of(path, value)}"), err
     assert len(err.splitlines()) == 1 and "1 run from" in (img / "summary.md").read_text()
+    return err
+
+
+def test_samples_that_are_a_fifo_are_refused_not_waited_for(tmp_path, bounded):
+    os.mkfifo(tmp_path / "run.utilization.csv")
+    with pytest.raises(OSError, match="not a regular file"):
+        monitor.read_samples_csv(tmp_path / "run.utilization.csv")

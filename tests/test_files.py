@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from hpml import files
-from hpml.errors import UsageError
+from hpml.errors import UsageError, WriteFailed
 
 
 def test_a_failed_write_keeps_the_older_file(tmp_path):
@@ -49,6 +49,6 @@ def test_a_name_the_file_system_cannot_hold_is_refused_before_it_is_written(tmp_
 
 def test_a_failed_write_is_one_line_naming_the_file_and_the_cause(tmp_path):
     path = tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
-    with pytest.raises(UsageError) as refused, files.write_errors_in_one_line(path, "; rerun"):
+    with pytest.raises(WriteFailed) as refused, files.write_errors_in_one_line(path, "; rerun"):
         files.write_atomic(path, lambda tmp: tmp.write_text("{}"))
     assert str(refused.value) == f"cannot write {path}: File name too long; rerun"

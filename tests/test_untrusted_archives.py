@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import shlex
+import signal
+import sys
 import tarfile
 from pathlib import Path
 
@@ -149,6 +151,26 @@ def test_collect_refuses_an_archive_past_its_bounds(account, capsys, tmp_path, m
     assert code == 1 and f"{name}: s3://{BUCKET}/hpml/output/{name}/output/output.tar.gz" in err
     assert expected in err and "nothing collected" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_collect_refuses_an_archive_holding_a_results_file_twice(account, capsys, tmp_path):
+    ended_job(account, "hpml-twice", [*good_run(), member("results/r1.json", json.dumps(record("r1")).encode())])
+    code, _, err = collect(capsys, "hpml-twice", "--output-dir", str(tmp_path / "out"))
+    assert code == 1 and "holds 'results/r1.json' twice; nothing collected from it" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_sigterm_during_collect_leaves_no_scratch_folder_and_writes_nothing(account, tmp_path):
+    ended_job(account, "hpml-sigterm", [*good_run(), member("results/big.bin", os.urandom(40 << 20))])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    command = [sys.executable, "sagemaker_submission.py", "collect", "hpml-sigterm", "--output-dir",
+               str(tmp_path / "out")]
+    code, _, err = helpers.signalled_when(command, {"TMPDIR": str(scratch)},
+                                          lambda pid: bool(list(scratch.glob("hpml-collect-*/output.tar.gz"))),
+                                          signal.SIGTERM, "the download")
+    assert (code, err) == (143, "sagemaker_submission.py: terminated\n")
+    assert not list(scratch.iterdir()) and not list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize(("job", "content", "expected"), [
