@@ -118,7 +118,7 @@ def submit_to_slurm(args: argparse.Namespace, options: slurm.JobOptions, cfg: Tr
             print(f"# {shlex.join(command)}\n{script}")
             continue
         if job_file.exists() and not args.force:
-            earlier = job_file.read_text().strip()
+            earlier = slurm.earlier_job(job_file)
             again, why = slurm.submit_again(earlier, slurm.log_file(folder, cell, cfg, earlier), job_file)
             print(f"{cell}: {why}")
             if not again:

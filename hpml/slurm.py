@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cli
+from . import cli, files
 from .config import MAX_PROCESSES, TrainConfig
 from .errors import UsageError
 from .study import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell, settings_id
@@ -246,6 +246,24 @@ def query(command: list[str]) -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return done.stdout.strip() if done.returncode == 0 else ""
+
+
+JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
+
+
+def earlier_job(marker: Path) -> str:
+    """The id of the job a cell was submitted as, from the marker this study wrote (`<job-name>.job`); UsageError
+    when the file is no regular file of one job id (read without waiting on a FIFO, at most 64 bytes)."""
+    how_to_resubmit = f"delete {files.shown(marker)} to submit the cell again"
+    try:
+        with files.open_regular(marker) as file:
+            text = file.read(64).decode("utf-8", "replace").strip()
+    except OSError as error:
+        raise UsageError(f"cannot read {files.shown(marker)}: {error.strerror or error}; {how_to_resubmit}") from None
+    if not JOB_ID.fullmatch(text):
+        raise UsageError(f"{files.shown(marker)} must hold the SLURM job id this study wrote there, got {text!r}; "
+                         f"{how_to_resubmit}")
+    return text
 
 
 def submit_again(job: str, log: Path, marker: Path) -> tuple[bool, str]:

@@ -132,6 +132,28 @@ def test_a_rerun_submits_a_cell_again_only_when_its_job_failed_or_is_unknown(sta
     assert job_file.read_text() == ("2\n" if again else "1\n")
 
 
+@pytest.mark.parametrize("marker, said", [
+    ("fifo", "cannot read {}: not a regular file (a FIFO, a socket or a device); delete {} to submit the cell again"),
+    ("1; scancel -u root\n", "{} must hold the SLURM job id this study wrote there, got '1; scancel -u root'; "
+                              "delete {} to submit the cell again"),
+])
+def test_a_cells_job_marker_that_is_not_one_is_refused_in_one_line(marker, said, tmp_path, fake_slurm, capsys):
+    out = tmp_path / "out"
+    argv = ["--where", "slurm", "--models", "resnet18", "--world-sizes", "1", *FLAGS, "--output-dir", str(out)]
+    assert exit_code_of(script_main("run_study.py"), argv) == 0
+    (job_file,) = (out / "slurm").glob("*.job")
+    job_file.unlink()
+    if marker == "fifo":
+        os.mkfifo(job_file)  # read as a file, it would wait for a writer for ever
+    else:
+        job_file.write_text(marker)
+    capsys.readouterr()
+    assert exit_code_of(script_main("run_study.py"), argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said.format(job_file, job_file) in err
+    assert len(fake_slurm.srun_log.read_text().splitlines()) == 1  # nothing submitted again
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--world-sizes", "6"], "--world-sizes 6 does not fill whole nodes of --gpus-per-node 4; use a size up to 4"),
     (["--gpus-per-node", "0", "--processes-per-node", "2", "--world-sizes", "3"],
