@@ -9,8 +9,11 @@ writes <run_id>.rank<N>.trace.json beside the results; the record gets the mean 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,8 +80,47 @@ def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
                         speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
 
 
+def step_seconds(trainer: Trainer, steps: int, first_epoch: int, synced: bool) -> list[float]:
+    """Each of `steps` training steps' seconds (device work included), with DDP's gradient synchronisation or
+    under its no_sync(): the same steps without communication."""
+    from .train import synchronize, train_one_epoch  # here: train imports this module
+
+    device, times = trainer.world.device, []
+    last = [0.0]
+
+    def step_done(*_: object) -> None:
+        synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    batches = window_batches(trainer.train_batches, first_epoch, steps)
+    with contextlib.nullcontext() if synced else trainer.train_model.no_sync():
+        synchronize(device)
+        last[0] = time.perf_counter()
+        train_one_epoch(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
+                        speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
+    return times
+
+
+def communication_cost(trainer: Trainer) -> dict:
+    """Median step time with and without gradient communication (no_sync), over 2 × --profile-steps steps of each
+    in the order synced, no-sync, no-sync, synced, after the profiled window; means over ranks. Their difference is
+    what communication costs a step: the waits the trace shows, and the computation it slows where the two share
+    cores or memory."""
+    steps, epoch = trainer.cfg.profile_steps, trainer.cfg.epochs + 2
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for synced in (True, False, False, True):
+        times[synced] += step_seconds(trainer, steps, epoch, synced)
+    synced_ms, alone_ms = (total / trainer.world.size * 1e3 for total in trainer.world.all_reduce(
+        [statistics.median(times[True]), statistics.median(times[False])]))
+    return {"synced_step_ms": synced_ms, "no_sync_step_ms": alone_ms,
+            "communication_cost_share": max(0.0, synced_ms - alone_ms) / synced_ms}
+
+
 def profile_window(trainer: Trainer, run_id: str) -> dict:
-    """Record the window on every rank; the "profile" part of the results record (means over ranks)."""
+    """Record the window on every rank, then time synced against no-sync steps in a group; the "profile" part of
+    the results record (means over ranks)."""
     world, steps = trainer.world, trainer.cfg.profile_steps
     run_id = world.gather_lists([run_id])[0]  # rank 0's: every rank names its trace after the record
     path = Path(trainer.cfg.output_dir) / trace_name(run_id, world.rank)
@@ -86,5 +128,6 @@ def profile_window(trainer: Trainer, run_id: str) -> dict:
     breakdown = trace_breakdown.step_breakdown(json.loads(path.read_text()), gpu=world.device.type == "cuda")
     means = {name: total / world.size for name, total in zip(
         breakdown, world.all_reduce(list(breakdown.values())), strict=True)}
+    cost = communication_cost(trainer) if world.distributed else {}
     return {"steps": steps, "traces": [trace_name(run_id, rank) for rank in range(world.size)], **means,
-            "exposed_communication_share": trace_breakdown.exposed_share(means)}
+            "exposed_communication_share": trace_breakdown.exposed_share(means), **cost}

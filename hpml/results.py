@@ -112,6 +112,8 @@ RECORD_FIELDS: dict[str, Check] = {
     "profile": OBJECT.or_null(), "profile.step_ms": POSITIVE, "profile.compute_ms": AMOUNT,
     "profile.optimizer_ms": AMOUNT, "profile.data_ms": AMOUNT, "profile.communication_ms": AMOUNT,
     "profile.exposed_communication_ms": AMOUNT, "profile.exposed_communication_share": FRACTION,
+    "profile.synced_step_ms": POSITIVE.or_null(), "profile.no_sync_step_ms": POSITIVE.or_null(),
+    "profile.communication_cost_share": FRACTION.or_null(),
 }
 REQUIRED = frozenset({*REQUIRED_FIELDS, *(f"epochs[].{name}" for name in EPOCH_FIELDS)})
 

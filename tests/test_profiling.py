@@ -54,7 +54,11 @@ def test_the_breakdown_adds_up_and_the_profiled_steps_stay_out_of_the_timed_epoc
     assert profile["exposed_communication_share"] == pytest.approx(profile["exposed_communication_ms"]
                                                                    / profile["step_ms"])
     assert profile["steps"] == PROFILE_STEPS
-    assert run["epochs"][0]["train_images"] == 40  # the window's 30 images per rank are counted nowhere
+    assert run["epochs"][0]["train_images"] == 40  # the window's images are counted nowhere
+    # What communication costs a step: synced against no_sync() steps, timed after the window.
+    assert profile["synced_step_ms"] > 0 and profile["no_sync_step_ms"] > 0
+    assert profile["communication_cost_share"] == pytest.approx(
+        max(0.0, profile["synced_step_ms"] - profile["no_sync_step_ms"]) / profile["synced_step_ms"])
 
 
 def test_the_breakdown_figure_and_the_summary_show_a_profiled_run_and_leave_others_be(profiled_run, tmp_path):
