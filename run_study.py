@@ -139,8 +139,7 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     picked up, not paid for again: their names are fixed by distribution, world size, repeat, models and settings.
     One whose latest attempt ended with models that brought back no results submits a next attempt (-t2, -t3, ...)
     with just those models; with --force, every job submits one with all of its models."""
-    import sagemaker_submission  # here: a local or SLURM study loads neither boto3 nor the SDK
-    from hpml import jobs
+    from hpml import jobs, submission  # here: a local or SLURM study loads neither boto3 nor the SDK
 
     args.framework_version = args.framework_version or jobs.DEFAULT_FRAMEWORK_VERSION
     args.py_version = args.py_version or jobs.DEFAULT_PY_VERSION
@@ -148,7 +147,7 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
                                        args.job_per_model)
     specs = {job.base_name: job_spec(args, job) for job in planned}
     first = specs[planned[0].base_name]
-    upload, data_note = sagemaker_submission.data_source(args, cfg, first)
+    upload, data_note = submission.data_source(args, cfg, first)
     output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
     throughput = study_estimate.Throughput.load(Path(args.throughput)) if args.throughput else None
     assumptions = study_estimate.Assumptions.of(cfg, args.epoch_seconds, throughput, args.startup_minutes,
@@ -210,8 +209,7 @@ def collect_ended_attempts(boto: boto3.Session, planned: list[sagemaker_plan.Pla
                            output_dir: Path) -> list[dict]:
     """Collect every ended attempt at a planned job not collected before, so that the plan knows which models
     brought back results; the output folder's records afterwards ([] when nothing was collected)."""
-    import sagemaker_submission
-    from hpml import jobs
+    from hpml import jobs, submission
 
     done = jobs.collected_jobs(output_dir)
     ended = [description for name, description in known.items()
@@ -219,7 +217,7 @@ def collect_ended_attempts(boto: boto3.Session, planned: list[sagemaker_plan.Pla
              and any(sagemaker_plan.attempt_of(job, name) for job in planned)]
     if not ended:
         return []
-    sagemaker_submission.collect(boto, ended, output_dir)
+    submission.collect(boto, ended, output_dir)
     return results.load_all(output_dir)[0]
 
 
@@ -247,11 +245,10 @@ def collect_and_draw(boto: boto3.Session, ended: list[dict], planned: list[sagem
                      output_dir: Path, figures_dir: Path) -> int:
     """Collect the ended jobs (the latest attempt of each planned job) not collected before, and draw; exit code 0
     only when every one completed and every model of the study brought back its results."""
-    import sagemaker_submission
-    from hpml import jobs
+    from hpml import jobs, submission
 
     done = jobs.collected_jobs(output_dir)
-    _, uncollected = sagemaker_submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done],
+    _, uncollected = submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done],
                                                   output_dir)
     records = draw(output_dir, figures_dir)
     failed = [job["TrainingJobName"] for job in ended if job["TrainingJobStatus"] != "Completed"]
@@ -276,15 +273,14 @@ def confirmed(question: str) -> bool:
 
 def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.JobSpec:
     """The JobSpec of a planned job, checked with the submit command's own checks (before anything is sent)."""
-    import sagemaker_submission
-    from hpml import jobs
+    from hpml import jobs, submission
 
     baseline = job.distribution == "none"  # one process: the data-parallel flags mean nothing there
     data_parallel_defaults = {name: getattr(cli.DEFAULTS, name)
                               for name in (*study.DATA_PARALLEL_FIELDS, "dist_timeout")} if baseline else {}
     flags = argparse.Namespace(**{**vars(args), "model": ",".join(job.models), "distribution": job.distribution,
                                   **data_parallel_defaults})
-    cfg, hyperparameters = sagemaker_submission.training_hyperparameters(flags)
+    cfg, hyperparameters = submission.training_hyperparameters(flags)
     region = jobs.resolve_region(args.region, args.aws_profile) or "us-east-1"
     jobs.check_distribution(job.distribution, job.instance_type, job.instance_count, args.framework_version,
                             args.py_version, cfg.backend, cfg.device, region)
@@ -426,9 +422,9 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
                        "so that speedups compare world sizes, not GPUs: a one-GPU type, or one GPU of a multi-GPU "
                        "type such as --instance-type itself (the whole instance is billed) (default: %(default)s)")
     cloud.add_argument("--framework-version", help="PyTorch version of SageMaker's training container (default: "
-                       "that of sagemaker_submission.py submit)")
+                       "that of submission.py submit)")
     cloud.add_argument("--py-version", help="Python version of that container (default: that of "
-                       "sagemaker_submission.py submit)")
+                       "submission.py submit)")
     cloud.add_argument("--role", metavar="ARN", help="IAM role the jobs run as (default: $HPML_SAGEMAKER_ROLE)")
     cloud.add_argument("--bucket", help="S3 bucket for code, data and outputs (default: the account's SageMaker "
                        "bucket)")

@@ -16,30 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import cli, container, jobs, prices, results
+from hpml import cli, container, jobs, prices, results, submission
 from hpml.config import (
     MAX_INSTANCE_COUNT,
     MAX_JOBS,
     SAGEMAKER_MAX_RUN_S,
-    TrainConfig,
-    check_grad_compression,
     default_data_dir,
 )
-from hpml.errors import UsageError, script_name
+from hpml.errors import UsageError
 
 if TYPE_CHECKING:
     import boto3
     import sagemaker.session
 
-# Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (hpml/container.py).
-LOCAL_PATH_FLAGS = ("data_dir", "output_dir", "checkpoint_dir")
 DEFAULT_MAX_RUN_S = 2 * 3600
 PLACEHOLDER_ROLE = "arn:aws:iam::ACCOUNT_ID:role/ROLE_NAME"
 
@@ -151,37 +146,11 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_list)
 
 
-def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, str]]:
-    """The validated training configuration, and every training flag of the job's script as a hyperparameter
-    (SageMaker passes each back to the script as `--name value`). A job writes --tensorboard into SageMaker's
-    TensorBoard folder, which submit has SageMaker upload."""
-    tensorboard = container.JOB_TENSORBOARD_DIR if getattr(args, "tensorboard", None) else None
-    cfg = cli.config_from_args(argparse.Namespace(**{**vars(args), "tensorboard": tensorboard}))
-    if getattr(args, "checkpoint_dir", None):
-        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: a SageMaker job keeps its checkpoints in "
-                         f"{container.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
-                         "drop the flag")
-    single_device = jobs.ENTRY_POINTS[args.distribution] == jobs.SINGLE_DEVICE_SCRIPT
-    if single_device:
-        for flag, value, default in (("--scale-lr", cfg.scale_lr, False),
-                                     ("--dist-timeout", cfg.dist_timeout, cli.DEFAULTS.dist_timeout),
-                                     ("--grad-compression", cfg.grad_compression, cli.DEFAULTS.grad_compression),
-                                     ("--bucket-cap-mb", cfg.bucket_cap_mb, cli.DEFAULTS.bucket_cap_mb),
-                                     ("--static-graph", cfg.static_graph, cli.DEFAULTS.static_graph)):
-            if value != default:
-                raise UsageError(f"{flag} applies to data-parallel runs; --distribution {args.distribution} runs "
-                                 f"{jobs.SINGLE_DEVICE_SCRIPT}, one process: drop the flag")
-    check_grad_compression(cfg.grad_compression, "smddp" if "smddp" in (args.distribution, cfg.backend) else None)
-    hyperparameters = {name: value for name, value in cli.flag_values(cfg, distributed=not single_device).items()
-                       if name.replace("-", "_") not in LOCAL_PATH_FLAGS}
-    return cfg, hyperparameters
-
-
 # ---- submit --------------------------------------------------------------------------------------------------------
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    cfg, hyperparameters = training_hyperparameters(args)
+    cfg, hyperparameters = submission.training_hyperparameters(args)
     check_job_limits(args)
     region = jobs.resolve_region(args.region, args.aws_profile)
     if not region and not args.dry_run:
@@ -204,7 +173,7 @@ def run_submit(args: argparse.Namespace) -> int:
         region=region or "us-east-1", role=role, bucket=jobs.check_bucket(args.bucket) if args.bucket else None,
         s3_data=None, spot=args.spot, max_run=args.max_run,
         max_wait=(args.max_wait or 2 * args.max_run) if args.spot else None)
-    upload, data_note = data_source(args, cfg, spec)
+    upload, data_note = submission.data_source(args, cfg, spec)
     if args.dry_run:
         print_dry_run(spec, upload, args.aws_profile, region is not None, data_note)
         return 0
@@ -234,30 +203,6 @@ def check_job_limits(args: argparse.Namespace) -> None:
         raise UsageError("--max-wait applies to spot jobs only: add --spot, or drop --max-wait")
     if args.max_wait is not None and args.max_wait < args.max_run:
         raise UsageError(f"--max-wait must be at least --max-run ({args.max_run}), got {args.max_wait}")
-
-
-def data_source(args: argparse.Namespace, cfg: TrainConfig,
-                spec: jobs.JobSpec) -> tuple[jobs.DataUpload | None, str | None]:
-    """Point the job at its data: --s3-data as given, or a local folder to upload (returned). A dry run given neither,
-    with no CIFAR-10 in the default folder, shows a placeholder location, and returns a note saying so."""
-    if args.s3_data:
-        jobs.parse_s3_uri(args.s3_data, "--s3-data")
-    if cfg.dataset == "synthetic":
-        if args.s3_data or args.data_dir:
-            raise UsageError("--dataset synthetic is generated inside the job: drop --s3-data and --data-dir")
-        return None, None
-    if args.s3_data and args.data_dir:
-        raise UsageError("pass --s3-data or --data-dir, not both")
-    if args.s3_data:
-        spec.s3_data = args.s3_data
-        return None, None
-    try:
-        return jobs.DataUpload.of(Path(args.data_dir or default_data_dir()).expanduser()), None
-    except UsageError as no_data:
-        if args.data_dir or not args.dry_run:
-            raise
-        spec.s3_data = f"s3://{spec.shown_bucket}/{jobs.S3_PREFIX}/data/cifar10-SHA256_OF_YOUR_FILES/"
-        return None, f"{no_data}; submit needs one of them"
 
 
 def print_dry_run(spec: jobs.JobSpec, upload: jobs.DataUpload | None, profile: str | None, region_configured: bool,
@@ -343,7 +288,7 @@ def wait_and_collect(boto: boto3.Session, session: sagemaker.session.Session, jo
         return 130
     reason = f" ({job['FailureReason']})" if job.get("FailureReason") else ""
     print(f"{job_name}: {job['TrainingJobStatus']}{reason}")
-    _, failed = collect(boto, [job], output_dir)
+    _, failed = submission.collect(boto, [job], output_dir)
     return 0 if job["TrainingJobStatus"] == "Completed" and not failed else 1
 
 
@@ -363,36 +308,8 @@ def run_collect(args: argparse.Namespace) -> int:
         print(f"{cli.count(len(descriptions), 'job')} to collect ({len(done)} already in {output_dir})")
     else:
         descriptions = [jobs.describe(boto, name) for name in args.jobs]
-    finished, failed = collect(boto, descriptions, output_dir)
+    finished, failed = submission.collect(boto, descriptions, output_dir)
     return 0 if not failed and (args.all or finished == len(descriptions)) else 1
-
-
-def collect(boto: boto3.Session, descriptions: list[dict], output_dir: Path) -> tuple[int, int]:
-    """Collect each job (as DescribeTrainingJob describes it) and print what it cost; how many had finished, and how
-    many of those had outputs that could not be collected (each said in one line on stderr)."""
-    finished = failed = 0
-    for job in descriptions:
-        try:
-            written = jobs.collect_job(boto, job, output_dir)
-        except jobs.CollectError as error:
-            print(f"{script_name()}: error: {error}", file=sys.stderr)
-            failed, written = failed + 1, []
-        if job["TrainingJobStatus"] in jobs.ENDED:
-            finished += 1
-            print(f"{job['TrainingJobName']}: {len(written)} new files; {bill_text(prices.job_bill(job))}")
-    return finished, failed
-
-
-def bill_text(bill: dict) -> str:
-    if bill["billable_time_s"] is None:
-        return "SageMaker reported no billable time, so no cost"
-    text = f"{bill['billable_time_s']:,} s billable × {bill['instance_count']}"
-    if bill["cost_usd"] is None:
-        return f"{text}; no price for {bill['instance_type']} in hpml/prices.py"
-    text += f" at ${bill['price_per_instance_hour_usd']}/h on demand = ${bill['cost_usd']:,.2f}"
-    if bill["spot_savings_percent"] is not None:
-        text += f" (managed spot saved {bill['spot_savings_percent']:.0f}%)"
-    return text
 
 
 def run_list(args: argparse.Namespace) -> int:

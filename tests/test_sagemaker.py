@@ -28,7 +28,7 @@ import pytest
 
 import run_hpc
 import sagemaker_submission
-from hpml import cli, container, jobs, prices
+from hpml import cli, container, jobs, prices, submission
 from hpml.config import parse_model_list
 from tests import helpers
 from tests.helpers import (
@@ -616,7 +616,7 @@ def test_job_bill_of_a_finished_spot_job():
     assert bill["cost_usd"] == pytest.approx(300 * 2 * 37.688 / 3600)
     assert bill["spot_savings_percent"] == pytest.approx(70)
     assert bill["estimated_cost_usd"] is None and bill["price_source"] == prices.PRICE_SOURCE
-    text = sagemaker_submission.bill_text(bill)
+    text = submission.bill_text(bill)
     assert "300 s billable × 2 at $37.688/h on demand = $6.28" in text and "managed spot saved 70%" in text
 
 
@@ -669,13 +669,13 @@ def test_the_sdk_still_checks_its_config_through_the_function_checked_once(capsy
 
 
 def test_only_the_submission_script_loads_the_sdk():
-    """The training and plotting scripts never import the SageMaker SDK or boto3; the submission script imports
-    the SDK only when a command needs it."""
+    """The training, study and plotting scripts, and every module but the SageMaker client's (jobs, submission),
+    never import the SageMaker SDK or boto3; the submission script imports the SDK only when a command needs it."""
     scripts = [path.stem for path in REPO.glob("*.py") if path.stem != "sagemaker_submission"]
     code = (f"import sys, importlib\nfor name in {scripts!r}: importlib.import_module(name)\n"
             "import hpml, pkgutil\n"
             "for module in pkgutil.iter_modules(hpml.__path__):\n"
-            "    module.name != 'jobs' and importlib.import_module('hpml.' + module.name)\n"
+            "    module.name not in ('jobs', 'submission') and importlib.import_module('hpml.' + module.name)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sagemaker', 'boto3', 'botocore')))\n"
             "import sagemaker_submission\n"
             "print('sagemaker' in sys.modules)\n")
