@@ -35,7 +35,6 @@ import botocore.client
 import botocore.config
 import botocore.credentials
 import botocore.exceptions
-import botocore.model
 import botocore.session
 from tqdm import tqdm
 
@@ -136,8 +135,7 @@ class JobSpec:
 
     def estimated_cost(self) -> float | None:
         """The most the job can cost on demand: it is stopped after max_run seconds."""
-        price = prices.hourly_price(self.instance_type)
-        return None if price is None else prices.cost_usd(self.max_run, self.instance_count, price)
+        return prices.instances_cost_usd(self.instance_type, self.instance_count, self.max_run)
 
 
 # ---- the SDK -------------------------------------------------------------------------------------------------------
@@ -575,20 +573,15 @@ def dry_run_request(spec: JobSpec, profile: str | None) -> dict:
     request: dict = {}
     client.meta.events.register("before-parameter-build.sagemaker.CreateTrainingJob",
                                 lambda params, **_: request.update(copy.deepcopy(params)))
-    client.meta.events.register("before-call.sagemaker.CreateTrainingJob", _answer_create_training_job)
+    answer = (botocore.awsrequest.AWSResponse("", 200, {}, None),  # SageMaker's, made up: the call goes nowhere
+              {"TrainingJobArn": f"arn:aws:sagemaker:::training-job/{spec.job_name}"})
+    client.meta.events.register("before-call.sagemaker.CreateTrainingJob", lambda **_: answer)
     bucket = spec.shown_bucket
     session = sagemaker_session(boto, bucket, client)
     source = f"{s3_locations(bucket, spec.job_name)['code']}/{spec.job_name}/source/sourcedir.tar.gz"
     with _quiet_sdk_errors():
         estimator(spec, session, bucket, source).fit(_inputs(spec), wait=False, job_name=spec.job_name)
     return request
-
-
-def _answer_create_training_job(params: dict, model: botocore.model.OperationModel,
-                                **_) -> tuple[botocore.awsrequest.AWSResponse, dict]:
-    """SageMaker's answer to CreateTrainingJob, made up here: the call goes nowhere."""
-    arn = f"arn:aws:sagemaker:::training-job/{json.loads(params['body'])['TrainingJobName']}"
-    return botocore.awsrequest.AWSResponse(params["url"], 200, {}, None), {"TrainingJobArn": arn}
 
 
 def submit(spec: JobSpec, session: sagemaker.session.Session) -> None:

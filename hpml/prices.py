@@ -44,6 +44,12 @@ def cost_usd(billable_seconds: float, instance_count: int, usd_per_hour: float) 
     return billable_seconds * instance_count * usd_per_hour / 3600
 
 
+def instances_cost_usd(instance_type: str, instance_count: int, seconds: float) -> float | None:
+    """What `instance_count` instances of a type cost on demand for `seconds`; None when the table has no price."""
+    price = hourly_price(instance_type)
+    return None if price is None else cost_usd(seconds, instance_count, price)
+
+
 def spot_savings_percent(training_seconds: float | None, billable_seconds: float | None) -> float | None:
     """SageMaker's own figure for managed spot training: (1 - billable / training time) × 100."""
     if not training_seconds or billable_seconds is None:

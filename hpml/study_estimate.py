@@ -137,8 +137,7 @@ def estimate_job(job: PlannedJob, assumptions: Assumptions, records: list[dict])
                            False, None)
     wanted = sum(assumptions.epochs * seconds for seconds, _ in found.values())
     training = min(wanted, assumptions.max_run)
-    price = prices.hourly_price(job.instance_type)
-    cost = None if price is None else prices.cost_usd(training, job.instance_count, price)
+    cost = prices.instances_cost_usd(job.instance_type, job.instance_count, training)
     sources = "; ".join(dict.fromkeys(source for _, source in found.values()))
     return JobEstimate(training, sources, wanted > assumptions.max_run, cost)
 
@@ -178,7 +177,7 @@ def job_lines(step: Step, estimate: JobEstimate | None, assumptions: Assumptions
         return lines
     startup = f"start-up ~{duration(assumptions.cold_startup_s)}" + (
         f", or ~{duration(assumptions.warm_startup_s)} on the warm instances of {warm_from}" if warm_from else "")
-    bound = bound_usd(job, assumptions.max_run)
+    bound = prices.instances_cost_usd(job.instance_type, job.instance_count, assumptions.max_run)
     at_most = f"at most ${bound:,.2f} (--max-run {assumptions.max_run} s)" if bound is not None else \
         f"no price for {job.instance_type} in hpml/prices.py"
     if estimate.training_s is None:
@@ -194,9 +193,6 @@ def job_lines(step: Step, estimate: JobEstimate | None, assumptions: Assumptions
     return lines
 
 
-def bound_usd(job: PlannedJob, max_run: int) -> float | None:
-    price = prices.hourly_price(job.instance_type)
-    return None if price is None else prices.cost_usd(max_run, job.instance_count, price)
 
 
 def spot(on_demand_usd: float, assumptions: Assumptions) -> float:
@@ -207,7 +203,7 @@ def study_lines(jobs: list[PlannedJob], estimates: list[JobEstimate], assumption
                 warm_setups: set, warm_note: str | None) -> list[str]:
     """The whole study's wall time under `max_jobs`, with and without warm pools, and its cost on demand and on
     spot; or what is missing to estimate them."""
-    bounds = [bound_usd(job, assumptions.max_run) for job in jobs]
+    bounds = [prices.instances_cost_usd(job.instance_type, job.instance_count, assumptions.max_run) for job in jobs]
     bound = f"at most ${sum(b for b in bounds if b is not None):,.2f} on demand (the --max-run bound)" + (
         "" if None not in bounds else ", leaving out the jobs with no price")
     lines = [f"study, {len(jobs)} jobs to submit: {bound}"] + ([f"  warm pools: {warm_note}"] if warm_note else [])
@@ -224,8 +220,8 @@ def study_lines(jobs: list[PlannedJob], estimates: list[JobEstimate], assumption
         cost = "no cost estimate: no price for " + ", ".join(
             sorted({job.instance_type for job, value in zip(jobs, costs, strict=True) if value is None}))
     else:
-        kept = sum(prices.cost_usd(assumptions.handover_s, job.instance_count,
-                                   prices.hourly_price(job.instance_type) or 0.0) for job in handing_over)
+        kept = sum(prices.instances_cost_usd(job.instance_type, job.instance_count, assumptions.handover_s)
+                   for job in handing_over)
         cost = (f"~${sum(costs):,.2f} on demand without warm pools, ~${sum(costs) + kept:,.2f} with them "
                 f"({cli.count(len(handing_over), 'hand-over')}); ~${spot(sum(costs), assumptions):,.2f} on spot")
     hypothetical = "" if warm_setups else " if they could be used"
