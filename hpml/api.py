@@ -74,7 +74,7 @@ def run_study(**settings: object) -> Study:
     args = study_command.build_parser(_Parser).parse_args(flags(settings))
     code = study_command.run(args)
     records = load_results(args.output_dir) if Path(args.output_dir).is_dir() else []
-    figures = sorted(path for path in Path(args.figures_dir).glob("*.png")) if records else []
+    figures = sorted(Path(args.figures_dir).glob("*.png")) if records else []
     return Study(code, summary_table(records), figures, records)
 
 
@@ -90,8 +90,8 @@ def plan_study(**settings: object) -> list[str]:
 def load_results(folder: str | Path, warn: Callable[[str], None] | None = None) -> list[dict]:
     """The valid results records in `folder`; each file skipped is passed to `warn` (default: ignored)."""
     records, skipped = results.load_all(folder)
-    for message in skipped:
-        (warn or (lambda _: None))(f"skipped {message}")
+    for message in skipped if warn else ():
+        warn(f"skipped {message}")
     return records
 
 

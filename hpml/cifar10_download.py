@@ -88,17 +88,17 @@ def _read_batches(archive: Path, url: str) -> list[tuple[np.ndarray, np.ndarray]
                 if not member.isfile() or member.size > MAX_BATCH_BYTES:
                     raise UsageError(f"{url}: {member.name} is not a batch file of at most {MAX_BATCH_BYTES:,} bytes")
                 batches[wanted[member.name]] = batch_arrays(unpickle_batch(tar.extractfile(member)))
+    except UsageError:
+        raise
     except (tarfile.TarError, OSError, EOFError) as error:
         raise UsageError(f"{url}: cannot read the archive: {one_line(error)}") from None
     except Exception as error:  # an unpickled batch of the wrong shape, or one asking for code, fails in many ways
-        if isinstance(error, UsageError):
-            raise
         raise UsageError(f"{url}: a batch file is not CIFAR-10's: {one_line(error)}") from None
     missing = [name for name in wanted.values() if name not in batches]
     if missing:
         raise UsageError(f"{url}: the archive has no {', '.join(missing)} under {BATCHES_FOLDER}/")
     return [checked(np.concatenate([batches[name][0] for name in names]),
-                    np.concatenate([batches[name][1] for name in names]), Path(url))
+                    np.concatenate([batches[name][1] for name in names]), url)
             for names in (TRAIN_BATCHES, TEST_BATCHES)]
 
 

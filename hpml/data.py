@@ -185,7 +185,8 @@ def _download(folder: Path) -> None:
         ) from None
 
 
-def checked(images: np.ndarray, labels: np.ndarray, source: Path) -> tuple[np.ndarray, np.ndarray]:
+def checked(images: np.ndarray, labels: np.ndarray, source: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a split from `source` (named in the errors), checked for shape and range."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise UsageError(f"{source}: images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
     if len(images) == 0:

@@ -10,11 +10,12 @@ writes <run_id>.rank<N>.trace.json beside the results; the record gets the mean 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,10 +59,24 @@ def activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
     return [torch.profiler.ProfilerActivity.CPU, *cuda]
 
 
-def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
-    """Train the window's steps under the profiler and write its trace to `path` (through a temp file)."""
+def train_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callable[[], object]) -> None:
+    """`steps` steps of the run's own loop, model, optimizer and batches (from epoch `first_epoch` on), `on_step`
+    after each once the device has finished it."""
     from .train import synchronize, train_one_epoch  # here: train imports this module
 
+    device = trainer.world.device
+
+    def step_done(*_: object) -> None:
+        synchronize(device)
+        on_step()
+
+    batches = window_batches(trainer.train_batches, first_epoch, steps)
+    train_one_epoch(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
+                    speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
+
+
+def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
+    """Train the window's steps under the profiler and write its trace to `path` (through a temp file)."""
     device = trainer.world.device
     if device.type != "cuda":  # Kineto's own lines (ERROR: gpuGetDeviceCount failed) are noise without a GPU
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
@@ -69,38 +84,22 @@ def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
     def export(profiler: torch.profiler.profile) -> None:
         files.write_atomic(path, lambda tmp: profiler.export_chrome_trace(str(tmp)))
 
-    def step_done(*_: object) -> None:
-        synchronize(device)  # a step's device work inside its ProfilerStep span
-        profiler.step()
-
     schedule = torch.profiler.schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities(device), schedule=schedule, on_trace_ready=export) as profiler:
-        batches = window_batches(trainer.train_batches, trainer.cfg.epochs + 1, PROFILER_WARMUP_STEPS + steps)
-        train_one_epoch(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
-                        speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
+        # each step's device work inside its ProfilerStep span
+        train_steps(trainer, trainer.cfg.epochs + 1, PROFILER_WARMUP_STEPS + steps, profiler.step)
 
 
 def step_seconds(trainer: Trainer, steps: int, first_epoch: int, synced: bool) -> list[float]:
     """Each of `steps` training steps' seconds (device work included), with DDP's gradient synchronisation or
     under its no_sync(): the same steps without communication."""
-    from .train import synchronize, train_one_epoch  # here: train imports this module
+    from .train import synchronize  # here: train imports this module
 
-    device, times = trainer.world.device, []
-    last = [0.0]
-
-    def step_done(*_: object) -> None:
-        synchronize(device)
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
-    batches = window_batches(trainer.train_batches, first_epoch, steps)
+    synchronize(trainer.world.device)
+    ends = [time.perf_counter()]
     with contextlib.nullcontext() if synced else trainer.train_model.no_sync():
-        synchronize(device)
-        last[0] = time.perf_counter()
-        train_one_epoch(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
-                        speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
-    return times
+        train_steps(trainer, first_epoch, steps, lambda: ends.append(time.perf_counter()))
+    return [end - start for start, end in itertools.pairwise(ends)]
 
 
 def communication_cost(trainer: Trainer) -> dict:

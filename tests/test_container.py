@@ -334,10 +334,13 @@ class Job:
         for archive, folder in (("model.tar.gz", Path("model")), ("output.tar.gz", Path("output", "data"))):
             buffer = io.BytesIO()
             with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+                files_added: set[str] = set()
                 for job in (self, *other_hosts):
                     for path in sorted((job.base / folder).rglob("*")):
                         name = str(path.relative_to(job.base / folder))
-                        assert path.is_dir() or name not in tar.getnames(), f"{name} from two hosts"
+                        if not path.is_dir():
+                            assert name not in files_added, f"{name} from two hosts"
+                            files_added.add(name)
                         tar.add(path, arcname=name, recursive=False)
             s3.put_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/{self.name}/output/{archive}",
                           Body=buffer.getvalue())
@@ -561,10 +564,13 @@ def write_stub(path: Path, script: str) -> None:
     path.chmod(0o755)
 
 
-def smddp_settings(root: Path, bin_dir: Path) -> dict:
-    """The Job settings of an SMDDP job whose container is in `root`: the stand-in backend, SMDDP's launcher
-    wrapper as a stand-in that runs its command, and /opt/ml as the toolkit's folders."""
+def write_smddprun(root: Path) -> None:
+    """SMDDP's launcher wrapper in the container in `root`: a stand-in that runs its command."""
     write_stub(root / "stubs" / "bin" / "smddprun", '#!/bin/sh\nexec "$@"\n')
+
+
+def smddp_settings(bin_dir: Path) -> dict:
+    """The Job settings of an SMDDP job: the stand-in backend, and /opt/ml as the toolkit's folders."""
     return {"base_is_opt_ml": True, "bin": bin_dir,
             "extra_env": {"PYTHONPATH": str(STAND_IN), "LD_LIBRARY_PATH": "/usr/local/lib"}}
 
@@ -575,7 +581,8 @@ def run_smddp_job(name: str, cifar_dir: Path, root: Path, bin_dir: Path) -> dict
     description = submit(name, "smddp", "ml.p4d.24xlarge", DISTRIBUTED, cifar_dir)
     # On one host the SSH daemon is not used: a stand-in that does nothing.
     write_stub(root / "stubs" / "sbin" / "sshd", "#!/bin/sh\nexit 0\n")
-    job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, **smddp_settings(root, bin_dir))
+    write_smddprun(root)
+    job = new_job(root, description, extra_hyperparameters=TWO_PROCESSES, **smddp_settings(bin_dir))
     started = time.time()
     code = job.run(done_when=SMDDP_DONE)
     seconds = time.time() - started
@@ -648,10 +655,10 @@ def two_host_smddp_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     description = submit("hpml-container-2hosts-smddp", "smddp", "ml.p4d.24xlarge",
                          [*DISTRIBUTED, "--instance-count", "2"], cifar_dir)
     root = tmp_path_factory.mktemp("two-hosts-smddp")
-    settings = [smddp_settings(root / host, BIN) for host in TWO_HOSTS]
-    assert settings[0] == settings[1]
+    for host in TWO_HOSTS:
+        write_smddprun(root / host)
     return run_on_two_hosts(description, root, done_when={"algo-1": SMDDP_DONE, "algo-2": "Orted process exited"},
-                            ssh=ssh_folder(root), **settings[0])
+                            ssh=ssh_folder(root), **smddp_settings(BIN))
 
 
 def test_smddp_on_two_instances_trains_one_run_of_two_ranks(two_host_smddp_job, torchrun_job):
