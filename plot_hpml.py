@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 50 <= args.dpi <= 600:
         raise UsageError(f"--dpi must be between 50 and 600, got {args.dpi}")
-    from hpml import plots  # after the flags are checked: importing matplotlib takes a moment
+    from hpml.study import plots  # after the flags are checked: importing matplotlib takes a moment
 
     try:
         plots.make_all(args.results_dir, args.output_dir, dpi=args.dpi)

@@ -16,8 +16,9 @@ one_line_on_ctrl_c()  # before torch loads
 
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
-from hpml import cli, dist, experiment  # noqa: E402
+from hpml import cli  # noqa: E402
 from hpml.errors import RunStopped  # noqa: E402
+from hpml.training import dist, loop  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{cfg.dist_timeout:g} s; its own error, if it printed one, says why")
     try:
         with dist.ranks_lost_in_one_line(lost):
-            experiment.run_models(cfg, world, log=print if world.is_main else lambda _: None)
+            loop.run_models(cfg, world, log=print if world.is_main else lambda _: None)
     except RunStopped as stop:
         if stop.agreed and not world.is_main:
             return stop.exit_code  # every rank stopped at the same step: rank 0 says so for all of them

@@ -9,7 +9,8 @@ from hpml.errors import one_line_on_ctrl_c
 
 one_line_on_ctrl_c()  # before torch loads
 
-from hpml import cli, dist, experiment  # noqa: E402
+from hpml import cli  # noqa: E402
+from hpml.training import dist, loop  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -17,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_training_args(parser)
     cfg = cli.config_from_args(parser.parse_args(argv))
     world = dist.single_process(cfg.device)
-    experiment.run_models(cfg, world)
+    loop.run_models(cfg, world)
     return 0
 
 

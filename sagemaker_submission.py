@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import cli, container, jobs, prices, results, submission
+from hpml import cli, config, results
 from hpml.config import (
     MAX_INSTANCE_COUNT,
     MAX_JOBS,
@@ -30,6 +30,7 @@ from hpml.config import (
     default_data_dir,
 )
 from hpml.errors import UsageError
+from hpml.platforms.sagemaker import jobs, prices, submission
 
 if TYPE_CHECKING:
     import boto3
@@ -83,7 +84,7 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
     job.add_argument("--job-name", help="training job name (default: hpml-<model>-<distribution>-<UTC time>)")
     job.add_argument("--spot", action="store_true",
                      help="managed spot training: cheaper, may be interrupted; the job then resumes from its "
-                          f"checkpoints, which are always kept in S3 (synced with {container.JOB_CHECKPOINT_DIR}) "
+                          f"checkpoints, which are always kept in S3 (synced with {config.JOB_CHECKPOINT_DIR}) "
                           "(default: off, on-demand)")
     job.add_argument("--max-run", type=int, default=DEFAULT_MAX_RUN_S, metavar="SECONDS",
                      help="stop the job after this much training time; also the cost estimate's bound "
@@ -92,7 +93,7 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
                      help="with --spot: give up after this long, waiting for spot capacity included; at least "
                           "--max-run (default: twice --max-run)")
     cli.add_switch(job, "--tensorboard", "the job writes TensorBoard scalars into SageMaker's TensorBoard folder "
-                                         f"({container.JOB_TENSORBOARD_DIR}; the job installs tensorboard), which "
+                                         f"({config.JOB_TENSORBOARD_DIR}; the job installs tensorboard), which "
                                          "SageMaker uploads to s3://BUCKET/hpml/tensorboard/<job name>/")
     where = parser.add_argument_group("data, S3 and AWS")
     where.add_argument("--s3-data", metavar="S3_URI",
@@ -257,9 +258,10 @@ def code_summary(staged: list[Path]) -> str:
 def cost_estimate(spec: jobs.JobSpec) -> str:
     price = prices.hourly_price(spec.instance_type)
     if price is None:
-        return f"no on-demand price for {spec.instance_type} in hpml/prices.py, so no estimate"
+        return f"no on-demand price for {spec.instance_type} in hpml/platforms/sagemaker/prices.py, so no estimate"
     return (f"at most ${spec.estimated_cost():,.2f}: {spec.instance_type} × {spec.instance_count} at ${price}/h on "
-            f"demand for the whole --max-run of {spec.max_run / 3600:.2g} h (us-east-1 prices from hpml/prices.py"
+            f"demand for the whole --max-run of {spec.max_run / 3600:.2g} h (us-east-1 prices from "
+            "hpml/platforms/sagemaker/prices.py"
             f"{'; spot usually bills less' if spec.spot else ''})")
 
 

@@ -32,9 +32,10 @@ import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
 
 import models  # noqa: E402
-from hpml import cli, dist, files, results  # noqa: E402
+from hpml import cli, files, results  # noqa: E402
 from hpml.config import BACKENDS, DEVICES, MAX_STEPS, TrainConfig  # noqa: E402
-from hpml.train import synchronize  # noqa: E402
+from hpml.training import dist  # noqa: E402
+from hpml.training.loop import synchronize  # noqa: E402
 
 FLOAT_BYTES = 4
 MAX_MESSAGE_BYTES = 16 * 2**30  # a typo guard: far above any all-reduce a CNN makes

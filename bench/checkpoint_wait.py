@@ -32,9 +32,10 @@ one_line_on_ctrl_c()  # before torch loads
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hpml import checkpoint, cli, data, dist, files  # noqa: E402
+from hpml import cli, data, files  # noqa: E402
 from hpml.config import CHECKPOINT_FILE, MAX_REPEATS, TrainConfig, parse_model_list  # noqa: E402
-from hpml.train import Trainer, synchronize  # noqa: E402
+from hpml.training import checkpoint, dist  # noqa: E402
+from hpml.training.loop import Trainer, synchronize  # noqa: E402
 
 MAX_GAP = 3_600  # an hour between saves: longer is a typo (and past what time.sleep takes, a traceback)
 

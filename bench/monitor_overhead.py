@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How much does hpml.monitor.Monitor slow training? Times the suite's training loop with and without it.
 
-A trial is one epoch of --steps steps of hpml.train (the fast defaults of this device) on synthetic CIFAR-shaped
+A trial is one epoch of --steps steps of hpml.training.loop (the fast defaults of this device) on synthetic CIFAR-shaped
 data. Trials without the monitor and with it at each interval are interleaved (the order rotates every repeat) so a
 machine that speeds up or slows down affects all alike; the ratio is the median over repeats of
 (seconds per step with the monitor) / (seconds per step without). Also printed: what one sample costs and what
@@ -27,7 +27,7 @@ one_line_on_ctrl_c()  # before torch loads
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hpml import cli, data, dist, monitor  # noqa: E402
+from hpml import cli, data, monitor  # noqa: E402
 from hpml.config import (  # noqa: E402
     DEVICES,
     MAX_BATCH_SIZE,
@@ -39,7 +39,8 @@ from hpml.config import (  # noqa: E402
     comma_list,
     parse_model_list,
 )
-from hpml.train import Trainer  # noqa: E402
+from hpml.training import dist  # noqa: E402
+from hpml.training.loop import Trainer  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -30,8 +30,9 @@ from hpml.errors import UsageError, one_line_on_ctrl_c  # noqa: E402
 
 one_line_on_ctrl_c()  # before torch loads
 
-from hpml import cli, dist, experiment, files, results, speed  # noqa: E402
+from hpml import cli, files, results  # noqa: E402
 from hpml.config import MAX_SEED, TrainConfig, default_data_dir, parse_model_list  # noqa: E402
+from hpml.training import dist, loop, speed  # noqa: E402
 
 SETUPS = {"fast": {}, "reference": speed.REFERENCE_SETUP}
 # The training flags a comparison takes; the speed flags are the setups', and the rest keep the study's values.
@@ -96,7 +97,7 @@ def run_all(args: argparse.Namespace, seeds: list[int], base: TrainConfig,
             paths = list(found.values())
             missing = [name for name in cfg.models if name not in found]
             if missing:
-                paths += experiment.run_models(dataclasses.replace(cfg, models=missing).validate(), world)
+                paths += loop.run_models(dataclasses.replace(cfg, models=missing).validate(), world)
             for path in paths:
                 record = results.load_results(path)
                 runs[record["model"]][setup].append({"seed": seed, **{key: record[key] for key in RUN_FIELDS},

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 bench/throughput.py --ddp --json ddp.json
     python bench/scaling.py --allreduce ar.json --ddp ddp.json --single bench/measured/throughput_all_models_h200.json
 
-Check: for each model in the --ddp measurement, the step time the model (hpml/scaling.py) predicts with nothing
+Check: for each model in the --ddp measurement, the step time the model (hpml/study/scaling.py) predicts with nothing
 hidden, from the measured step without synchronisation (compute), the model's fp32 gradient bytes and the link fitted
 to the --allreduce table of the same world, against the step measured with synchronisation. That prediction is the
 test of the fitted link: it is compared with a measurement it does not contain. The prediction with overlap is
@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import models  # noqa: E402
-from hpml import cli, files, results, scaling  # noqa: E402
+from hpml import cli, files, results  # noqa: E402
 from hpml.errors import UsageError  # noqa: E402
+from hpml.study import scaling  # noqa: E402
 
 GPUS_PER_NODE = 8
 # AWS's ml.p4d.24xlarge: 8 A100s on NVSwitch (600 GB/s bidirectional per GPU, so 300 GB/s each way) and 400 Gbps
@@ -44,7 +45,7 @@ STATED_LINKS = {
 LINK_HARDWARE = {"p4d": "AWS ml.p4d.24xlarge (8 NVIDIA A100 per node)"}
 PROJECTED_RANKS = (1, 2, 4, 8, 16, 32, 64)
 NOT_A_TEST = ("not a test: equals the no-sync measurement by construction when communication hides, that is when "
-              "communication_ms fits in the assumed backward pass, hpml.scaling.BACKWARD_SHARE of compute_ms")
+              "communication_ms fits in the assumed backward pass, hpml.study.scaling.BACKWARD_SHARE of compute_ms")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -175,7 +176,7 @@ def draw(checked: dict | None, projected: dict | None, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hpml import plots
+    from hpml.study import plots
 
     panels = [p for p in (checked, projected) if p]
     figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False, layout="constrained")

@@ -9,7 +9,7 @@
     torchrun --nproc_per_node 2 bench/throughput.py --ddp --profile   # the same against run_distributed.py --profile
 
 Reference: DataLoader with --workers 2 and torchvision transforms, fp32, eager (no CUDA graphs), NCHW. Fast:
-the defaults of run_hpc.py on this device. Both train the same model with the same code (hpml.train.Trainer) on
+the defaults of run_hpc.py on this device. Both train the same model with the same code (hpml.training.loop.Trainer) on
 CIFAR-shaped synthetic data; epochs of --steps steps alternate between the setups, the first epoch of each is
 warm-up, and the figure is the median images/s over --repeats epochs.
 
@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hpml import cli, data, dist, files, profiling, results, speed  # noqa: E402
+from hpml import cli, data, files, results  # noqa: E402
 from hpml.config import (  # noqa: E402
     GRAD_COMPRESSIONS,
     MAX_BATCH_SIZE,
@@ -55,7 +55,8 @@ from hpml.config import (  # noqa: E402
     TrainConfig,
     parse_model_list,
 )
-from hpml.train import Trainer  # noqa: E402
+from hpml.training import dist, profiling, speed  # noqa: E402
+from hpml.training.loop import Trainer  # noqa: E402
 
 ABLATIONS = {  # the fast defaults with one setting changed: what each setting is worth on this device
     "fast, fp32": {"precision": "fp32"},

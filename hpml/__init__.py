@@ -10,7 +10,7 @@ API = ("run_training", "run_study", "plan_study", "load_results", "summary_table
 
 def __getattr__(name: str) -> object:
     if name in API:
-        from . import api
+        from hpml import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'hpml' has no attribute {name!r}")

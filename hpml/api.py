@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from . import cli, results, study_command, summary
-from .errors import UsageError
+from hpml import cli, results
+from hpml.errors import UsageError
+from hpml.study import command, summary
 
 
 class _Parser(cli.ArgumentParser):
@@ -48,12 +49,12 @@ def flags(settings: dict[str, object]) -> list[str]:
 def run_training(**settings: object) -> list[dict]:
     """Train on one device, as run_hpc.py does (`model="resnet18,vgg16"` trains each); the results records written.
     Needs torch."""
-    from . import dist, experiment  # torch: only for training
+    from hpml.training import dist, loop  # torch: only for training
 
     parser = _Parser(prog="hpml.run_training")
     cli.add_training_args(parser)
     cfg = cli.config_from_args(parser.parse_args(flags(settings)))
-    paths = experiment.run_models(cfg, dist.single_process(cfg.device))
+    paths = loop.run_models(cfg, dist.single_process(cfg.device))
     return [results.load_results(path) for path in paths]
 
 
@@ -71,8 +72,8 @@ class Study:
 def run_study(**settings: object) -> Study:
     """Run the study as run_study.py does (locally, on SLURM or on SageMaker: `where=`), then read back its results;
     `collect=True` with where="slurm" draws what has finished."""
-    args = study_command.build_parser(_Parser).parse_args(flags(settings))
-    code = study_command.run(args)
+    args = command.build_parser(_Parser).parse_args(flags(settings))
+    code = command.run(args)
     records = load_results(args.output_dir) if Path(args.output_dir).is_dir() else []
     figures = sorted(Path(args.figures_dir).glob("*.png")) if records else []
     return Study(code, summary_table(records), figures, records)
@@ -81,9 +82,9 @@ def run_study(**settings: object) -> Study:
 def plan_study(**settings: object) -> list[str]:
     """What run_study would do with these settings, as its dry run prints it (the cells' commands, or for SageMaker
     the jobs with their models, time and cost): nothing is run or sent."""
-    args = study_command.build_parser(_Parser).parse_args(flags({**settings, "dry_run": True}))
+    args = command.build_parser(_Parser).parse_args(flags({**settings, "dry_run": True}))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        study_command.run(args)
+        command.run(args)
     return printed.getvalue().splitlines()
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import files
-from .data import BATCHES_FOLDER, NPZ_FILES, TEST_BATCHES, TRAIN_BATCHES, batch_arrays, checked, unpickle_batch
-from .errors import UsageError, one_line
+from hpml import files
+from hpml.data import BATCHES_FOLDER, NPZ_FILES, TEST_BATCHES, TRAIN_BATCHES, batch_arrays, checked, unpickle_batch
+from hpml.errors import UsageError, one_line
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"  # published beside the archive on its page
@@ -127,6 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_script
+    from hpml.cli import run_script
 
     run_script(main)

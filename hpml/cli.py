@@ -15,8 +15,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import container, files
-from .config import (
+from hpml import config, files
+from hpml.config import (
     BACKENDS,
     DATASETS,
     DEVICES,
@@ -35,7 +35,7 @@ from .config import (
     default_tensorboard_dir,
     parse_model_list,
 )
-from .errors import RunStopped, Terminated, UsageError, WriteFailed, script_name
+from hpml.errors import RunStopped, Terminated, UsageError, WriteFailed, script_name
 
 DEFAULTS = TrainConfig()
 # The errors of a write to a file object (which names no file): the disk, the quota or the file-size limit is
@@ -266,7 +266,7 @@ def require_at_most(args: argparse.Namespace, **bounds: float) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig from parsed flags; UsageError on a bad value, or on a variable of the environment
     that the run would read (SageMaker's, or the one naming the data folder when --data-dir does not)."""
-    container.check_variables()
+    config.check_variables()
     if args.data_dir is None and args.dataset == "cifar10":
         check_data_variable()
     values = {key: value for key, value in vars(args).items() if key in TrainConfig.__dataclass_fields__}

@@ -11,9 +11,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import files
-from .config import TrainConfig
-from .errors import UsageError, one_line
+from hpml import files
+from hpml.config import TrainConfig
+from hpml.errors import UsageError, one_line
 
 NUM_CLASSES = 10
 CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE = 50_000, 10_000
@@ -170,7 +170,7 @@ def batch_arrays(batch: object) -> tuple[np.ndarray, np.ndarray]:
 
 def _download(folder: Path) -> None:
     """Download CIFAR-10 into the npz layout; a failed download leaves behind no folder it made."""
-    from .cifar10_download import download_cifar10  # it reads batches with this module
+    from hpml.cifar10_download import download_cifar10  # it reads batches with this module
 
     made = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import UsageError, WriteFailed, one_line
+from hpml.errors import UsageError, WriteFailed, one_line
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

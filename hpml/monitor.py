@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from . import files
-from .errors import UsageError
+from hpml import files
+from hpml.errors import UsageError
 
 if TYPE_CHECKING:
     import torch

@@ -1,4 +1,6 @@
-"""The results schema (one JSON file per run), written atomically, read back by plots and collect.
+"""The results schema (one JSON file per run), written atomically, read back by plots and collect; and what a run
+was measured on: two runs are one experiment only when their processor and speed settings match (besides model,
+data and length), so a speedup never divides an A100's time by a V100's, nor a bf16 run's by an fp32 run's.
 
 Imports no torch: the laptop client reads and writes records too; environment() asks torch when a run records it.
 """
@@ -21,8 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import files, hardware
-from .config import MAX_EPOCHS
+from hpml import files, monitor
+from hpml.config import MAX_EPOCHS
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +35,7 @@ REQUIRED_FIELDS = ("schema_version", "run_id", "model", "mode", "world_size", "d
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "data_time_s",
                 "images_per_s")
 RUN_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,199}", re.ASCII)  # <run_id>.json and <run_id>.utilization.csv are files
-TRACE_SUFFIX = ".trace.json"  # --profile's traces beside the records (hpml.profiling): JSON, but no record
+TRACE_SUFFIX = ".trace.json"  # --profile's traces beside the records (hpml.training.profiling): JSON, but no record
 UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control characters, and what UTF-8 cannot write
 LIMIT = 10**15  # above any real count, size, time or price; far below where arithmetic on it overflows
 
@@ -140,7 +142,7 @@ def environment(device: torch.device) -> dict:
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
-        "cpu": hardware.cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
@@ -318,3 +320,45 @@ def load_all(folder: str | Path) -> tuple[list[dict], list[str]]:
         records.append(record)
     records.sort(key=lambda r: (r.get("started_at") or "", r["run_id"]))
     return records, skipped
+
+
+# What a run was measured on and with.
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (else what Python's platform module knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def of_record(record: dict) -> str:
+    """The processor a run trained on: 'GPU NVIDIA A100-SXM4-40GB' or 'CPU AMD EPYC 7B13'."""
+    env = record.get("environment") or {}
+    if record["device"] == "cuda":
+        return f"GPU {env.get('gpu') or 'unknown'}"
+    return f"CPU {env.get('cpu') or 'unknown'}"
+
+
+def local(device: str) -> str:
+    """The processor a run started here with --device `device` trains on, in of_record's words: the GPU CUDA
+    numbers 0 (as NVML names it), or the CPU for --device cpu and where NVML finds no GPU."""
+    gpu = monitor.first_cuda_gpu_name() if device != "cpu" else None
+    return f"GPU {gpu}" if gpu else f"CPU {cpu_name()}"
+
+
+def settings_of(record: dict) -> str:
+    """The speed settings a run resolved to, in words: 'bf16, device loader, channels-last, drop last'.
+    A field a record predates counts as what runs did before it existed (no CUDA graphs, a partial last batch)."""
+    speed, config = record.get("speed") or {}, record.get("config") or {}
+    parts = [speed.get("precision") or config.get("precision") or "fp32",
+             f"{speed.get('loader') or config.get('loader') or 'torch'} loader",
+             "channels-last" if speed.get("channels_last") else "NCHW"]
+    if speed.get("cuda_graphs"):
+        parts.append("CUDA graphs")
+    if speed.get("compile"):
+        parts.append("compiled")
+    parts.append("drop last" if config.get("drop_last") else "partial last batch")
+    return ", ".join(parts)

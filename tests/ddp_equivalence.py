@@ -1,7 +1,7 @@
 """Worker for test_distributed.py: a few SGD steps through hpml's sharding, augmentation, DDP and loop.
 
 Run as a world of one with batch B, or under torchrun with 2 ranks and batch B/2 (once per communication option);
-rank 0 saves the weights, and the last epoch's metrics (train.epoch_metrics, with the test set evaluated) of the
+rank 0 saves the weights, and the last epoch's metrics (loop.epoch_metrics, with the test set evaluated) of the
 plain all-reduce as JSON beside them.
 The model has no batch norm, so a step over B images is the same computation whether one process or two
 ranks (each over B/2, gradients averaged by DDP) take it; only float summation order differs.
@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hpml import data, dist, loaders, train
+from hpml import data
 from hpml.config import TrainConfig
+from hpml.training import dist, loop, speed
 
 
 def small_cnn() -> nn.Module:
@@ -44,21 +45,21 @@ def main(batch_size: int, out: str) -> None:
                       device="cpu", backend="gloo").validate()
     world = dist.setup(cfg, log=lambda _: None)
     images = data.load_dataset(cfg)
-    plan = loaders.BatchPlan(cfg.batch_size, cfg.seed, world.rank, world.size)
-    batches = loaders.make_train_batches(images, plan, world.device, "torch")
+    plan = speed.BatchPlan(cfg.batch_size, cfg.seed, world.rank, world.size)
+    batches = speed.make_train_batches(images, plan, world.device, "torch")
     weights, metrics = {}, {}
     for name, options in COMMUNICATION.items() if dist.launcher_from_env() == "torchrun" else [("none", {})]:
-        train.seed_all(cfg.seed)
+        loop.seed_all(cfg.seed)
         model = small_cnn()
-        ddp_model = train.wrap_for_world(model, world, dataclasses.replace(cfg, **options))
-        optimizer = train.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
+        ddp_model = loop.wrap_for_world(model, world, dataclasses.replace(cfg, **options))
+        optimizer = loop.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
         for epoch in (1, 2):
             batches.set_epoch(epoch)
-            stats = train.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
+            stats = loop.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
         weights[name] = model.state_dict()
         if name == "none":
-            test = train.evaluate(model, loaders.EvalBatches(images, world.rank, world.size, world.device))
-            metrics = train.epoch_metrics(2, cfg.lr, stats, test, 0.0, world)
+            test = loop.evaluate(model, speed.EvalBatches(images, world.rank, world.size, world.device))
+            metrics = loop.epoch_metrics(2, cfg.lr, stats, test, 0.0, world)
     if world.is_main:
         torch.save(weights, out)
         Path(out).with_suffix(".json").write_text(json.dumps(metrics))

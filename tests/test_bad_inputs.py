@@ -25,9 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpml import checkpoint, cli, data, dist, monitor, plots, results, study
+from hpml import cli, data, monitor, results
 from hpml.config import MAX_EPOCHS, TrainConfig
 from hpml.errors import Terminated, UsageError
+from hpml.study import matrix, plots
+from hpml.training import checkpoint, dist
 from tests.helpers import REPO, exit_code_of, record, run_script, script_main, signalled_when
 
 SMALL_RUN = {"--dataset": "synthetic", "--subset": "20", "--batch-size": "10", "--epochs": "1", "--workers": "0"}
@@ -298,7 +300,7 @@ def test_a_write_that_fails_is_one_line_naming_the_file(script, args, message, p
         (tmp_path / blocked / "a folder, not a file").mkdir(parents=True)
     args = [a.format(root=place, figures=tmp_path) for a in args]
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
-    monkeypatch.setattr(study, "run_command", lambda command, signals: 1)  # a cell that fails at once: no training
+    monkeypatch.setattr(matrix, "run_command", lambda command, signals: 1)  # a cell that fails at once: no training
     before = snapshot(place / "results")
     code = exit_code_of(script_main(script), args)
     err = capfd.readouterr().err.strip()
@@ -432,7 +434,7 @@ def bounded(monkeypatch):
     def no_download(folder):
         raise TookTooLong(f"CIFAR-10 would be downloaded into {folder}")
 
-    monkeypatch.setattr(study, "run_command", no_cell)
+    monkeypatch.setattr(matrix, "run_command", no_cell)
     monkeypatch.setattr(data, "_download", no_download)
     previous = signal.signal(signal.SIGALRM, stop)
     signal.alarm(CASE_SECONDS)

@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import run_hpc
-from hpml import checkpoint, dist, experiment, results
+from hpml import results
 from hpml.config import CHECKPOINT_FILE, TrainConfig
-from hpml.dist import World, free_port
 from hpml.errors import UsageError, WriteFailed
+from hpml.training import checkpoint, dist, loop
+from hpml.training.dist import World, free_port
 from tests.helpers import REPO, exit_code_of, record, results_in, write_npz
 
 SMALL = ["--batch-size", "8", "--workers", "0"]
@@ -318,7 +319,7 @@ def one_epoch(out: Path, **changes: object) -> TrainConfig:
 def finished_output(tmp_path_factory) -> Path:
     """The output folder of a finished run, its checkpoint (marked finished) in checkpoints/."""
     out = tmp_path_factory.mktemp("finished")
-    experiment.run_models(one_epoch(out), dist.single_process("cpu"), log=lambda _: None)
+    loop.run_models(one_epoch(out), dist.single_process("cpu"), log=lambda _: None)
     return out
 
 
@@ -349,7 +350,7 @@ def test_resuming_a_finished_run_whose_files_are_cut_short_ends_as_finished(dama
     damage(out, results_file)
     for _ in range(2):  # and every later --resume the same
         lines = []
-        experiment.run_models(one_epoch(out, resume=True), dist.single_process("cpu"), log=lines.append)
+        loop.run_models(one_epoch(out, resume=True), dist.single_process("cpu"), log=lines.append)
         assert any("already finished" in line for line in lines), lines
     restored = results.load_results(results_file)
     assert restored["run_id"] == whole["run_id"] and restored["epochs"] == whole["epochs"]
@@ -374,7 +375,7 @@ def test_a_resume_that_trains_beside_the_first_attempt_keeps_its_results(finishe
             (tmp_path / "aside.json").rename(results_file)
 
     lines = []
-    experiment.run_models(one_epoch(out, resume=True), dist.single_process("cpu"), log=first_attempt_finishes)
+    loop.run_models(one_epoch(out, resume=True), dist.single_process("cpu"), log=first_attempt_finishes)
     assert results_file.read_bytes() == first
     assert any("already finished" in line for line in lines), lines
     assert checkpoint.finished_run(out / "checkpoints" / "shufflenetv2_single_w1" / CHECKPOINT_FILE)
@@ -394,7 +395,7 @@ SAVE_TOO_MUCH = """
 import resource, signal, sys
 from pathlib import Path
 import torch
-from hpml import checkpoint
+from hpml.training import checkpoint
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

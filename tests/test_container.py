@@ -849,9 +849,9 @@ def test_the_toolkit_forwards_no_sigterm_to_the_script(moto_account, tmp_path):
 
 @pytest.mark.parametrize("value", ["{not json", "[1, 2]", "null"])
 def test_a_malformed_sm_training_env_is_named_in_one_line(value, monkeypatch):
-    from hpml import container
+    from hpml import config
     from hpml.errors import UsageError
 
     monkeypatch.setenv("SM_TRAINING_ENV", value)
     with pytest.raises(UsageError, match="SM_TRAINING_ENV must be a JSON object"):
-        container.job_info()
+        config.job_info()

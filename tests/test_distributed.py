@@ -15,12 +15,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import run_distributed
-from hpml import dist
 from hpml.config import TrainConfig, check_grad_compression
-from hpml.dist import free_port
 from hpml.errors import RunStopped, UsageError
 from hpml.monitor import read_samples_csv
-from hpml.train import seed_all
+from hpml.training import dist
+from hpml.training.dist import free_port
+from hpml.training.loop import seed_all
 from tests import ddp_equivalence
 from tests.helpers import REPO, refusal, results_in, run_script, write_npz
 

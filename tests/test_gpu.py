@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
-from hpml import data, dist, speed
+from hpml import data
 from hpml.config import TrainConfig
-from hpml.train import Trainer
+from hpml.training import dist, speed
+from hpml.training.loop import Trainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpml import data, loaders
-from hpml.loaders import Augmentation, BatchPlan, EvalBatches, make_train_batches
+from hpml import data
+from hpml.training import speed
+from hpml.training.speed import Augmentation, BatchPlan, EvalBatches, make_train_batches
 
 CPU = torch.device("cpu")
 
@@ -35,7 +36,7 @@ def test_device_loader_gives_exactly_the_classic_pipelines_images(images, channe
         for (x_classic, y_classic), (x_device, y_device) in pairs:
             assert torch.equal(y_classic, y_device)
             torch.testing.assert_close(x_device, x_classic, rtol=0, atol=1e-6)
-            assert x_device.is_contiguous(memory_format=loaders.memory_format(channels_last))
+            assert x_device.is_contiguous(memory_format=speed.memory_format(channels_last))
 
 
 def test_crop_and_flip_follow_the_drawn_offsets(images):
@@ -51,7 +52,7 @@ def test_crop_and_flip_follow_the_drawn_offsets(images):
         expected = padded[aug.top[index]:aug.top[index] + 32, aug.left[index]:aug.left[index] + 32]
         if aug.flip[index]:
             expected = expected[:, ::-1]
-        expected = loaders.Normalize(CPU)(torch.from_numpy(expected.copy()).permute(2, 0, 1)[None])[0]
+        expected = speed.Normalize(CPU)(torch.from_numpy(expected.copy()).permute(2, 0, 1)[None])[0]
         torch.testing.assert_close(x[position], expected, rtol=0, atol=1e-6)
 
 

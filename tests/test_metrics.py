@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from hpml.dist import World
-from hpml.train import epoch_metrics
+from hpml.training.dist import World
+from hpml.training.loop import epoch_metrics
 
 
 class Exchange:

@@ -16,8 +16,9 @@ import pytest
 
 import plot_hpml
 import run_hpc
-from hpml import plots, results, summary
-from hpml.dist import free_port
+from hpml import results
+from hpml.study import plots, summary
+from hpml.training.dist import free_port
 from tests.helpers import REPO, exit_code_of, gpu_record, record, results_in, run_script
 
 TINY_RUN = ["--dataset", "synthetic", "--subset", "20", "--batch-size", "10", "--epochs", "2", "--workers", "0",

@@ -9,9 +9,11 @@ import sys
 import pytest
 
 import run_hpc
-from hpml import plots, results, study, trace_breakdown
+from hpml import results
 from hpml.config import TrainConfig
-from hpml.dist import free_port
+from hpml.study import matrix, plots
+from hpml.training import trace_breakdown
+from hpml.training.dist import free_port
 from tests.helpers import REPO, record, refusal
 
 PROFILE_STEPS = 2
@@ -78,13 +80,13 @@ def test_the_breakdown_figure_and_the_summary_show_a_profiled_run_and_leave_othe
 
 def test_a_profiled_study_passes_the_flag_and_runs_again_a_cell_without_a_breakdown():
     cfg = TrainConfig(models=["shufflenetv2"], profile=True, profile_steps=3).validate()
-    cell = study.Cell("shufflenetv2", 2, 0)
-    command = study.local_command(cell, cfg)
+    cell = matrix.Cell("shufflenetv2", 2, 0)
+    command = matrix.local_command(cell, cfg)
     assert command[command.index("--profile") + 1] == "true"
     assert command[command.index("--profile-steps") + 1] == "3"
     done = record("done", mode="distributed", world_size=2, model="shufflenetv2", config=cfg.as_dict())
-    assert study.cells_to_run([cell], [done], cfg) == [cell]
-    assert study.cells_to_run([cell], [{**done, "profile": {}}], cfg) == []
+    assert matrix.cells_to_run([cell], [done], cfg) == [cell]
+    assert matrix.cells_to_run([cell], [{**done, "profile": {}}], cfg) == []
 
 
 def test_a_bad_profile_steps_is_refused_naming_it(capsys):

@@ -28,8 +28,9 @@ import pytest
 
 import run_hpc
 import sagemaker_submission
-from hpml import cli, container, jobs, prices, submission
+from hpml import cli, config
 from hpml.config import parse_model_list
+from hpml.platforms.sagemaker import jobs, prices, submission
 from tests import helpers
 from tests.helpers import (
     REPO,
@@ -178,7 +179,7 @@ def test_submit_forwards_every_training_flag(main_job):
                 for text in (f"--{key}", value)]
     here = [*JOB_ARGS, *MAIN_JOB_ARGS[MAIN_JOB_ARGS.index("--schedule"):MAIN_JOB_ARGS.index("--job-name")]]
     in_job, locally = (cli.config_from_args(parser_of_run_distributed().parse_args(argv)) for argv in (job_argv, here))
-    assert in_job.as_dict() == {**locally.as_dict(), "tensorboard": container.JOB_TENSORBOARD_DIR}
+    assert in_job.as_dict() == {**locally.as_dict(), "tensorboard": config.JOB_TENSORBOARD_DIR}
     assert in_job.schedule == "cosine" and in_job.subset == 500 and in_job.scale_lr is True
 
 
@@ -202,7 +203,8 @@ def test_submit_uploads_the_data_and_only_the_code(moto_account, main_job):
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         names, members = tar.getnames(), tar.getmembers()
         requirements = tar.extractfile("requirements.txt").read().decode()
-    assert {"run_distributed.py", "run_hpc.py", "hpml/cli.py", "hpml/train.py", "models/resnet.py"} <= set(names)
+    assert {"run_distributed.py", "run_hpc.py", "hpml/cli.py", "hpml/training/loop.py",
+            "models/resnet.py"} <= set(names)
     assert not [name for name in names if name.split("/")[0] in ("tests", "results", "data", ".git", ".venv")]
     assert not [name for name in names if "__pycache__" in name]
     assert [info.name for info in members if info.isfile() and not info.name.endswith(".py")] == ["requirements.txt"]
@@ -228,7 +230,7 @@ def test_second_submit_does_not_upload_the_same_data_again(moto_account, capsys,
 def test_submit_sends_metric_definitions_and_has_sagemaker_upload_tensorboard(main_job, torchrun_job):
     assert main_job["request"]["AlgorithmSpecification"]["MetricDefinitions"] == jobs.metric_definitions(["resnet18"])
     tensorboard = {"S3OutputPath": f"s3://{BUCKET}/hpml/tensorboard/{MAIN_JOB}/",
-                   "LocalPath": container.JOB_TENSORBOARD_DIR}
+                   "LocalPath": config.JOB_TENSORBOARD_DIR}
     assert main_job["request"]["TensorBoardOutputConfig"] == main_job["description"]["TensorBoardOutputConfig"] == \
         tensorboard
     assert decoded(main_job["description"]["HyperParameters"])["tensorboard"] == "/opt/ml/output/tensorboard"

@@ -1,11 +1,11 @@
-"""hpml.scaling's ring all-reduce model, and bench/scaling.py checking it and drawing its projection."""
+"""hpml.study.scaling's ring all-reduce model, and bench/scaling.py checking it and drawing its projection."""
 
 import json
 import sys
 
 import pytest
 
-from hpml import scaling
+from hpml.study import scaling
 from tests.helpers import exit_code_of, refusal, script_main
 
 LINK = scaling.Link(latency_s=1e-5, bandwidth_bytes_per_s=1e9, source="stated for the test")

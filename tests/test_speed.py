@@ -6,9 +6,10 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from hpml import data, dist, speed
+from hpml import data
 from hpml.config import TrainConfig
-from hpml.train import Trainer
+from hpml.training import dist, speed
+from hpml.training.loop import Trainer
 
 IMAGES = data.synthetic_cifar10(40, 10)  # four steps: enough for fp16's gradient scaler to find a scale that steps
 WORLD = dist.single_process("cpu")

@@ -1,4 +1,4 @@
-"""run_study.py and hpml.study: the matrix, which cells are done, running the rest, and the figures at the end."""
+"""run_study.py and hpml.study.matrix: the runs, which cells are done, running the rest, and the figures at the end."""
 
 import argparse
 import shlex
@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 
-from hpml import cli, hardware, monitor, results, study
+from hpml import cli, monitor, results
 from hpml.config import TrainConfig
 from hpml.errors import UsageError
+from hpml.study import matrix
 from tests.helpers import (
     exit_code_of,
     heavy_packages_imported_by,
@@ -31,7 +32,7 @@ def run_record(model: str, world_size: int, cfg: TrainConfig, **overrides) -> di
 
 
 def test_plan_is_models_by_world_sizes_by_repeats_baseline_first():
-    cells = study.plan(["vgg16", "resnet18"], study.parse_world_sizes("4,1,2,2"), repeats=2)
+    cells = matrix.plan(["vgg16", "resnet18"], matrix.parse_world_sizes("4,1,2,2"), repeats=2)
     assert [(c.model, c.world_size, c.repeat) for c in cells[:6]] == [
         ("vgg16", 1, 0), ("vgg16", 1, 1), ("vgg16", 2, 0), ("vgg16", 2, 1), ("vgg16", 4, 0), ("vgg16", 4, 1)]
     assert len(cells) == 12 and cells[6].model == "resnet18"
@@ -40,19 +41,19 @@ def test_plan_is_models_by_world_sizes_by_repeats_baseline_first():
 @pytest.mark.parametrize("text", ["0", "1,two", "-2", " , "])
 def test_bad_world_sizes_are_one_line(text):
     with pytest.raises(UsageError, match="--world-sizes"):
-        study.parse_world_sizes(text)
+        matrix.parse_world_sizes(text)
 
 
 def test_a_cell_with_results_of_the_same_settings_is_done():
     cfg = TrainConfig(models=["resnet18"], epochs=1, dataset="synthetic").validate()
-    cells = study.plan(["resnet18"], [1, 2], repeats=2)
+    cells = matrix.plan(["resnet18"], [1, 2], repeats=2)
     records = [run_record("resnet18", 1, cfg), run_record("resnet18", 2, cfg),
                run_record("resnet18", 2, TrainConfig(epochs=2, dataset="synthetic")),  # another experiment
                run_record("resnet18", 1, cfg, sagemaker={"job_name": "j"}),  # not a local run
                run_record("vgg16", 1, cfg)]
-    to_run = study.cells_to_run(cells, records, cfg)
+    to_run = matrix.cells_to_run(cells, records, cfg)
     assert [(c.world_size, c.repeat) for c in to_run] == [(1, 1), (2, 1)]
-    assert study.cells_to_run(cells, records, cfg, force=True) == cells
+    assert matrix.cells_to_run(cells, records, cfg, force=True) == cells
 
 
 @pytest.mark.parametrize("setting", [{"scale_lr": True}, {"grad_compression": "fp16"}, {"static_graph": True}])
@@ -60,7 +61,7 @@ def test_data_parallel_settings_tell_apart_data_parallel_runs_only(setting):
     cfg = TrainConfig(dataset="synthetic", **setting)
     plain = TrainConfig(dataset="synthetic")
     records = [run_record("resnet18", 1, plain), run_record("resnet18", 2, plain)]
-    assert study.cells_to_run(study.plan(["resnet18"], [1, 2], 1), records, cfg) == [study.Cell("resnet18", 2, 0)]
+    assert matrix.cells_to_run(matrix.plan(["resnet18"], [1, 2], 1), records, cfg) == [matrix.Cell("resnet18", 2, 0)]
 
 
 @pytest.mark.parametrize("setting", [{"precision": "fp32"}, {"loader": "torch"}, {"channels_last": False},
@@ -69,34 +70,34 @@ def test_data_parallel_settings_tell_apart_data_parallel_runs_only(setting):
 def test_every_speed_setting_and_the_data_make_another_experiment(setting):
     base = TrainConfig(dataset="cifar10", data_dir="/data") if "data_dir" in setting else TrainConfig()
     cfg = TrainConfig(**{**base.as_dict(), **setting})
-    cells = study.plan(["resnet18"], [1, 2], 1)
-    assert study.cells_to_run(cells, [run_record("resnet18", size, base) for size in (1, 2)], cfg) == cells
-    assert (study.settings_id(cfg, cells[1]) == study.settings_id(base, cells[1])) == ("data_dir" in setting)
+    cells = matrix.plan(["resnet18"], [1, 2], 1)
+    assert matrix.cells_to_run(cells, [run_record("resnet18", size, base) for size in (1, 2)], cfg) == cells
+    assert (matrix.settings_id(cfg, cells[1]) == matrix.settings_id(base, cells[1])) == ("data_dir" in setting)
 
 
 def test_runs_on_another_gpu_or_cpu_model_are_not_this_studys_cells():
-    cfg, cell = TrainConfig(), study.Cell("resnet18", 1, 0)
+    cfg, cell = TrainConfig(), matrix.Cell("resnet18", 1, 0)
     here = run_record("resnet18", 1, cfg, environment={"cpu": "AMD EPYC 7B13"})
     elsewhere = run_record("resnet18", 1, cfg, device="cuda", environment={"gpu": "Tesla V100-SXM2-16GB"})
-    assert study.cells_to_run([cell], [elsewhere, here], cfg, trained_on="CPU AMD EPYC 7B13") == []
-    assert study.cells_to_run([cell], [elsewhere], cfg, trained_on="CPU AMD EPYC 7B13") == [cell]
-    assert study.cells_to_run([cell], [here], cfg, trained_on="GPU Tesla V100-SXM2-16GB") == [cell]
+    assert matrix.cells_to_run([cell], [elsewhere, here], cfg, trained_on="CPU AMD EPYC 7B13") == []
+    assert matrix.cells_to_run([cell], [elsewhere], cfg, trained_on="CPU AMD EPYC 7B13") == [cell]
+    assert matrix.cells_to_run([cell], [here], cfg, trained_on="GPU Tesla V100-SXM2-16GB") == [cell]
 
 
 def test_every_cell_of_a_data_parallel_study_gets_one_cuda_graphs_setting():
-    cfg = study.common_speed_settings(TrainConfig(), [1, 2])
-    commands = [study.local_command(study.Cell("resnet18", size, 0), cfg) for size in (1, 2)]
+    cfg = matrix.common_speed_settings(TrainConfig(), [1, 2])
+    commands = [matrix.local_command(matrix.Cell("resnet18", size, 0), cfg) for size in (1, 2)]
     assert all(command[command.index("--cuda-graphs") + 1] == "false" for command in commands)
-    assert study.common_speed_settings(TrainConfig(), [1]).cuda_graphs is None  # one GPU: the script's default
-    assert study.common_speed_settings(TrainConfig(cuda_graphs=True), [1, 2]).cuda_graphs is True
+    assert matrix.common_speed_settings(TrainConfig(), [1]).cuda_graphs is None  # one GPU: the script's default
+    assert matrix.common_speed_settings(TrainConfig(cuda_graphs=True), [1, 2]).cuda_graphs is True
 
 
 def test_world_size_one_runs_the_single_device_script_larger_ones_torchrun():
     cfg = TrainConfig(models=["resnet18", "vgg16"], epochs=3, scale_lr=True, target_acc=0.5).validate()
-    single = study.local_command(study.Cell("vgg16", 1, 0), cfg)
+    single = matrix.local_command(matrix.Cell("vgg16", 1, 0), cfg)
     assert single[1].endswith("run_hpc.py") and "--backend" not in single and "--scale-lr" not in single
     assert single[single.index("--model") + 1] == "vgg16" and single[single.index("--target-acc") + 1] == "0.5"
-    ddp = study.local_command(study.Cell("vgg16", 4, 0), cfg)
+    ddp = matrix.local_command(matrix.Cell("vgg16", 4, 0), cfg)
     assert ddp[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"] and ddp[5] == "4"
     assert ddp[6].endswith("run_distributed.py") and ddp[ddp.index("--scale-lr") + 1] == "true"
 
@@ -104,7 +105,7 @@ def test_world_size_one_runs_the_single_device_script_larger_ones_torchrun():
 def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
     """A stand-in for a cell's training process: parses the cell's command with the training scripts' flags and
     writes a results record as the run would (or fails for the cells in `failing`)."""
-    def run(command: list[str], signals: study.CellSignals) -> int:
+    def run(command: list[str], signals: matrix.CellSignals) -> int:
         world_size = int(command[command.index("--nproc_per_node") + 1]) if "--nproc_per_node" in command else 1
         parser = argparse.ArgumentParser()
         cli.add_training_args(parser)
@@ -115,7 +116,7 @@ def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
         if (cfg.models[0], world_size) in failing:
             return 1
         results.write_results(run_record(cfg.models[0], world_size, cfg, backend="gloo" if world_size > 1 else None,
-                                         environment={"cpu": hardware.cpu_name()},
+                                         environment={"cpu": results.cpu_name()},
                                          epoch_times=(8.5 / world_size,)), cfg.output_dir)
         return 0
     return run
@@ -123,7 +124,7 @@ def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
 
 def test_study_goes_on_after_a_failed_cell_draws_and_a_rerun_does_only_the_rest(tmp_path, monkeypatch, capsys):
     ran = []
-    monkeypatch.setattr(study, "run_command", fake_training({("shufflenetv2", 2)}, ran))
+    monkeypatch.setattr(matrix, "run_command", fake_training({("shufflenetv2", 2)}, ran))
     argv = ["--models", "resnet18,shufflenetv2", "--world-sizes", "1,2", *FLAGS, "--output-dir", str(tmp_path / "out"),
             "--figures-dir", str(tmp_path / "fig")]
     assert exit_code_of(script_main("run_study.py"), argv) == 1
@@ -136,14 +137,14 @@ def test_study_goes_on_after_a_failed_cell_draws_and_a_rerun_does_only_the_rest(
     assert "| 2.00× | 100% |" in (tmp_path / "fig" / "summary.md").read_text()
 
     ran.clear()
-    monkeypatch.setattr(study, "run_command", fake_training(set(), ran))
+    monkeypatch.setattr(matrix, "run_command", fake_training(set(), ran))
     assert exit_code_of(script_main("run_study.py"), argv) == 0
     assert ran == [("shufflenetv2", 2)]
-    assert f"4 cells on CPU {hardware.cpu_name()}: 3 already in" in capsys.readouterr().out
+    assert f"4 cells on CPU {results.cpu_name()}: 3 already in" in capsys.readouterr().out
 
 
 def test_bad_training_flag_stops_the_study_before_it_starts(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(study, "run_command", pytest.fail)
+    monkeypatch.setattr(matrix, "run_command", pytest.fail)
     argv = ["--models", "resnet18", "--target-acc", "1.5", "--output-dir", str(tmp_path)]
     assert exit_code_of(script_main("run_study.py"), argv) == 2
     assert "--target-acc" in capsys.readouterr().err and not list(tmp_path.iterdir())
@@ -170,13 +171,13 @@ def test_each_training_process_gets_one_thread_unless_told(threads, expected, mo
         monkeypatch.setenv("OMP_NUM_THREADS", threads)
     command = [sys.executable, "-c", "import os, sys; sys.exit(0 if os.environ['OMP_NUM_THREADS'] == sys.argv[1] "
                "else 1)", expected]
-    assert study.run_command(command, study.CellSignals()) == 0
+    assert matrix.run_command(command, matrix.CellSignals()) == 0
 
 
 @pytest.mark.parametrize("threads", ["", "0", "-1", "two", "4,2"])
 def test_an_omp_num_threads_the_cells_cannot_use_is_refused_before_the_first_cell(threads, tmp_path, monkeypatch,
                                                                                  capsys):
-    monkeypatch.setattr(study, "run_command", pytest.fail)
+    monkeypatch.setattr(matrix, "run_command", pytest.fail)
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
     for where in ("local", "slurm"):
         err = refusal(script_main("run_study.py"), ["--where", where, "--models", "resnet18", *FLAGS,
@@ -187,7 +188,7 @@ def test_an_omp_num_threads_the_cells_cannot_use_is_refused_before_the_first_cel
 
 
 def test_device_cuda_without_a_gpu_is_refused_before_the_first_cell(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(study, "run_command", pytest.fail)
+    monkeypatch.setattr(matrix, "run_command", pytest.fail)
     monkeypatch.setattr(monitor, "first_cuda_gpu_name", lambda: None)
     argv = ["--models", "resnet18,vgg16", *FLAGS, "--device", "cuda", "--output-dir", str(tmp_path / "out")]
     err = refusal(script_main("run_study.py"), argv, capsys)
@@ -204,7 +205,7 @@ def test_printed_commands_are_shell_quoted(tmp_path, monkeypatch, capsys):
     argv = ["--models", "resnet18", "--world-sizes", "1,2", *FLAGS, "--output-dir", str(out)]
     assert exit_code_of(script_main("run_study.py"), [*argv, "--dry-run"]) == 0
     dry_run = capsys.readouterr().out.splitlines()[1:]
-    monkeypatch.setattr(study, "run_command", lambda command, signals: 1)
+    monkeypatch.setattr(matrix, "run_command", lambda command, signals: 1)
     assert exit_code_of(script_main("run_study.py"), argv) == 1
     logged = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("--- ")]
     for commands in (dry_run, logged):
@@ -212,4 +213,5 @@ def test_printed_commands_are_shell_quoted(tmp_path, monkeypatch, capsys):
 
 
 def test_the_study_modules_import_no_torch():
-    assert heavy_packages_imported_by("hpml.study", "hpml.slurm", "hpml.sagemaker_plan") == []
+    assert heavy_packages_imported_by("hpml.study.matrix", "hpml.platforms.slurm",
+                                      "hpml.platforms.sagemaker.plan") == []

@@ -20,9 +20,9 @@ import pytest
 from moto.sagemaker.models import sagemaker_backends
 from moto.servicequotas.responses import ServiceQuotasResponse
 
-from hpml import jobs, sagemaker_plan, study_estimate
 from hpml.config import MAX_REPEATS
-from hpml.study import Cell
+from hpml.platforms.sagemaker import estimate, jobs, plan
+from hpml.study.matrix import Cell
 from tests.helpers import exit_code_of, moto_account, no_aws_config, record, refusal, results_in, script_main
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
@@ -149,8 +149,8 @@ def test_a_throughput_file_that_is_not_one_is_refused_in_one_line(tmp_path, caps
 
 def test_a_job_on_warm_instances_waits_for_the_one_before_and_starts_sooner():
     jobs_ = [("a", 100.0), ("a", 100.0), ("b", 100.0)]
-    assert study_estimate.wall_seconds(jobs_, 2, 10.0, 1.0, {"a"}) == 211.0  # a, b at once; then a warm
-    assert study_estimate.wall_seconds(jobs_, 2, 10.0, 1.0, set()) == 220.0  # a, a at once; then b
+    assert estimate.wall_seconds(jobs_, 2, 10.0, 1.0, {"a"}) == 211.0  # a, b at once; then a warm
+    assert estimate.wall_seconds(jobs_, 2, 10.0, 1.0, set()) == 220.0  # a, a at once; then b
 
 
 @pytest.mark.parametrize("flags", [[], ["--dry-run"]])
@@ -176,14 +176,14 @@ def test_world_sizes_must_fill_whole_instances(tmp_path, capsys):
 
 
 def test_every_instance_type_has_a_gpu_count_model_and_price_or_says_it_has_none():
-    assert sagemaker_plan.INSTANCE_GPUS["ml.p3.2xlarge"][1] == sagemaker_plan.INSTANCE_GPUS["ml.p3.16xlarge"][1]
-    assert sagemaker_plan.INSTANCE_GPUS["ml.p3dn.24xlarge"][1] != sagemaker_plan.INSTANCE_GPUS["ml.p3.16xlarge"][1]
-    assert {gpu.compute_capability for _, gpu in sagemaker_plan.INSTANCE_GPUS.values()} == {
+    assert plan.INSTANCE_GPUS["ml.p3.2xlarge"][1] == plan.INSTANCE_GPUS["ml.p3.16xlarge"][1]
+    assert plan.INSTANCE_GPUS["ml.p3dn.24xlarge"][1] != plan.INSTANCE_GPUS["ml.p3.16xlarge"][1]
+    assert {gpu.compute_capability for _, gpu in plan.INSTANCE_GPUS.values()} == {
         "7.0", "7.5", "8.0", "8.6", "9.0"}
 
 
 def test_the_longest_job_name_fits_sagemakers_limit():
-    job = sagemaker_plan.PlannedJob((Cell("densenet121", 1000, MAX_REPEATS - 1),), "torchrun", "ml.p3.16xlarge", 125,
+    job = plan.PlannedJob((Cell("densenet121", 1000, MAX_REPEATS - 1),), "torchrun", "ml.p3.16xlarge", 125,
                                     "0123abcd", per_model=True, attempt=1000)
     assert job.job_name == "hpml-densenet121-torchrun-w1000-r1000-0123abcd-t1000"
     assert jobs.JOB_NAME.fullmatch(job.job_name)

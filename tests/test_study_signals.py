@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpml import study
+from hpml.study import matrix
 from tests.helpers import REPO, exit_code_of, run_script, script_main
 from tests.test_study import FLAGS
 
@@ -84,9 +84,9 @@ time.sleep(120)
 def test_a_cell_that_does_not_stop_is_killed_with_what_it_started(signals, code, killed, tmp_path, monkeypatch,
                                                                    capsys):
     pid_file = tmp_path / "rank.pid"
-    monkeypatch.setattr(study, "local_command", lambda cell, cfg: [sys.executable, "-c", CELL, str(pid_file),
+    monkeypatch.setattr(matrix, "local_command", lambda cell, cfg: [sys.executable, "-c", CELL, str(pid_file),
                                                                    *map(str, signals)])
-    monkeypatch.setattr(study, "KILL_AFTER_S", 1.0 if signals == [signal.SIGTERM] else 60.0)
+    monkeypatch.setattr(matrix, "KILL_AFTER_S", 1.0 if signals == [signal.SIGTERM] else 60.0)
     start = time.monotonic()
     argv = ["--models", "resnet18", "--world-sizes", "1", *FLAGS, "--output-dir", str(tmp_path / "out")]
     assert exit_code_of(script_main("run_study.py"), argv) == code

@@ -1,11 +1,11 @@
-"""hpml.summary: results grouped for comparison and the summary table, without matplotlib or torch."""
+"""hpml.study.summary: results grouped for comparison and the summary table, without matplotlib or torch."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from hpml import summary
+from hpml.study import summary
 from tests.helpers import gpu_record, heavy_packages_imported_by, record
 
 
@@ -78,7 +78,7 @@ def test_cost_is_the_median_of_each_runs_share_of_its_job():
 
 
 def test_imports_neither_matplotlib_nor_torch():
-    assert heavy_packages_imported_by("hpml.summary") == []
+    assert heavy_packages_imported_by("hpml.study.summary") == []
 
 
 def test_speedup_in_time_to_target_where_both_runs_reached_it():

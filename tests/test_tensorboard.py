@@ -10,9 +10,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import run_hpc
-from hpml import cli, data, dist, tensorboard_log, train
+from hpml import cli, data
 from hpml.config import TrainConfig
 from hpml.errors import RunStopped, UsageError
+from hpml.training import dist, loop, tensorboard_log
 from tests.helpers import refusal
 
 STEPS_PER_EPOCH = 4  # 40 images at batch 10
@@ -45,7 +46,7 @@ def images() -> data.ImageSet:
 
 
 def test_each_epochs_scalars_equal_the_results_and_steps_come_every_n(images, tmp_path):
-    record = train.fit(config(tmp_path, tensorboard_every=3), "shufflenetv2", dist.single_process("cpu"), images,
+    record = loop.fit(config(tmp_path, tensorboard_every=3), "shufflenetv2", dist.single_process("cpu"), images,
                        log=lambda _: None)
     (folder,) = (tmp_path / "tb").iterdir()
     assert folder.name == record["run_id"]
@@ -66,9 +67,9 @@ def test_a_resumed_run_goes_on_in_its_folder_at_the_step_it_stopped(images, tmp_
     world = dist.single_process("cpu")
     stops = iter([False, True])  # the loop reads the flag once per step in a world of one: a stop at step 2
     with pytest.raises(RunStopped, match="at step 2 of epoch 1"):
-        train.fit(config(tmp_path, tensorboard_every=1), "shufflenetv2", world, images, lambda _: None,
+        loop.fit(config(tmp_path, tensorboard_every=1), "shufflenetv2", world, images, lambda _: None,
                   lambda: next(stops))
-    record = train.fit(config(tmp_path, tensorboard_every=1, resume=True), "shufflenetv2", world, images,
+    record = loop.fit(config(tmp_path, tensorboard_every=1, resume=True), "shufflenetv2", world, images,
                        lambda _: None)
     (folder,) = (tmp_path / "tb").iterdir()
     events = read(folder)

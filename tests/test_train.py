@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import run_hpc
-from hpml import checkpoint, data, dist, monitor, train
+from hpml import data, monitor
 from hpml.config import TrainConfig
 from hpml.errors import RunStopped
+from hpml.training import checkpoint, dist, loop
 from tests.helpers import REPO, exit_code_of, refusal, results_in, write_npz
 
-STEPS_PER_EPOCH = 4  # 40 images at batch 10: fewer steps than train.CHECK_EVERY
+STEPS_PER_EPOCH = 4  # 40 images at batch 10: fewer steps than loop.CHECK_EVERY
 
 
 def config(out: Path, **changes: object) -> TrainConfig:
@@ -46,22 +47,22 @@ def images() -> data.ImageSet:
 @pytest.fixture(scope="module")
 def uninterrupted(images, tmp_path_factory) -> dict:
     cfg = config(tmp_path_factory.mktemp("uninterrupted"))
-    return train.fit(cfg, "shufflenetv2", dist.single_process("cpu"), images, log=lambda _: None)
+    return loop.fit(cfg, "shufflenetv2", dist.single_process("cpu"), images, log=lambda _: None)
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # the resumed epoch takes no step: the scheduler must not warn
 def test_a_stop_at_an_epochs_last_step_resumes_to_the_same_run(images, uninterrupted, tmp_path):
     world = dist.single_process("cpu")
     with pytest.raises(RunStopped, match=f"at step {STEPS_PER_EPOCH} of epoch 1"):
-        train.fit(config(tmp_path), "shufflenetv2", world, images, lambda _: None, stop_after(STEPS_PER_EPOCH))
-    record = train.fit(config(tmp_path, resume=True), "shufflenetv2", world, images, lambda _: None)
+        loop.fit(config(tmp_path), "shufflenetv2", world, images, lambda _: None, stop_after(STEPS_PER_EPOCH))
+    record = loop.fit(config(tmp_path, resume=True), "shufflenetv2", world, images, lambda _: None)
     assert record["resumes"] == 1
     assert comparable(record) == comparable(uninterrupted)
 
 
 def test_a_world_of_one_stops_at_the_next_step_even_in_short_epochs(images, tmp_path):
     with pytest.raises(RunStopped, match="at step 2 of epoch 1"):
-        train.fit(config(tmp_path), "shufflenetv2", dist.single_process("cpu"), images, lambda _: None,
+        loop.fit(config(tmp_path), "shufflenetv2", dist.single_process("cpu"), images, lambda _: None,
                   stop_after(2))
 
 
@@ -71,7 +72,7 @@ def test_a_process_group_stops_after_the_epoch_when_no_check_falls_inside_it(ima
     world = dist.setup(config(tmp_path), log=lambda _: None)  # a gloo group of one: ranks must agree
     try:
         with pytest.raises(RunStopped, match="after epoch 1"):
-            train.fit(config(tmp_path), "shufflenetv2", world, images, lambda _: None, stop_after(1))
+            loop.fit(config(tmp_path), "shufflenetv2", world, images, lambda _: None, stop_after(1))
     finally:
         dist.teardown()
     (path,) = tmp_path.glob("checkpoints/*/last.pt")
@@ -149,9 +150,10 @@ def test_a_file_path_longer_than_the_system_allows_is_refused_before_training(fl
 READ_ONLY_AFTER_TRAINING = """
 import subprocess, sys
 import run_hpc
-from hpml import cli, train
+from hpml import cli
+from hpml.training import loop
 
-out, fit = sys.argv[1], train.fit
+out, fit = sys.argv[1], loop.fit
 subprocess.run(["mount", "--bind", out, out], check=True)
 
 
@@ -161,7 +163,7 @@ def fit_then_read_only(*args, **kwargs):
     return record
 
 
-train.fit = fit_then_read_only
+loop.fit = fit_then_read_only
 cli.run_script(run_hpc.main, sys.argv[2:])
 """
 OWN_MOUNTS = ["unshare", "--mount", "--map-root-user"]

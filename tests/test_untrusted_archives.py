@@ -23,7 +23,8 @@ import pytest
 
 import run_hpc
 import sagemaker_submission
-from hpml import data, jobs
+from hpml import data
+from hpml.platforms.sagemaker import jobs
 from tests import helpers
 from tests.helpers import exit_code_of, no_aws_config, record, refusal
 
@@ -195,7 +196,7 @@ def test_one_invalid_record_collects_nothing_of_its_job_and_exits_non_zero(accou
 def source_tree(tmp_path) -> Path:
     """A copy of the repository's layout with, inside hpml/, a link to a secret, a key, hidden files and a cache."""
     repo = tmp_path / "repo"
-    for name in ("run_distributed.py", "run_hpc.py", "hpml/__init__.py", "hpml/train.py", "models/resnet.py"):
+    for name in ("run_distributed.py", "run_hpc.py", "hpml/__init__.py", "hpml/training/loop.py", "models/resnet.py"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("x = 1\n")
     secret = tmp_path / "home" / ".aws" / "credentials"
@@ -212,8 +213,8 @@ def source_tree(tmp_path) -> Path:
     return repo
 
 
-SOURCE_FILES = ["hpml/__init__.py", "hpml/train.py", "models/resnet.py", "requirements.txt", "run_distributed.py",
-                "run_hpc.py"]
+SOURCE_FILES = ["hpml/__init__.py", "hpml/training/loop.py", "models/resnet.py", "requirements.txt",
+                "run_distributed.py", "run_hpc.py"]
 LEFT_OUT = {"hpml/settings.py": "a link", "hpml/aws": "a link", "hpml/key.pem": "not a .py source file",
             "hpml/.env": "hidden", "models/.hidden": "hidden"}
 

@@ -13,9 +13,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from . import container
-from .config import MAX_PROCESSES, MAX_WORLD_SIZE, TrainConfig
-from .errors import RunStopped, UsageError, one_line
+from hpml import config
+from hpml.config import MAX_PROCESSES, MAX_WORLD_SIZE, TrainConfig
+from hpml.errors import RunStopped, UsageError, one_line
 
 
 @dataclass
@@ -100,8 +100,8 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
 def single_process(device: str, log: Callable[[str], None] = print) -> World:
     """A world of one process on the chosen device, with no process group."""
     world = World(rank=0, local_rank=0, size=1, nodes=1, backend=None, device=resolve_device(device),
-                  sagemaker=container.job_info())
-    gpus = container.gpus_per_host()
+                  sagemaker=config.job_info())
+    gpus = config.gpus_per_host()
     if world.sagemaker and world.device.type == "cuda" and gpus > 1:
         log(f"this instance has {gpus} GPUs; a single-device run trains on one of them (GPU {world.device.index})")
     return world
@@ -116,7 +116,7 @@ MAX_PORT = 65_535
 def launcher_from_env() -> str:
     """Which launcher started this process: SageMaker's SMDDP launcher (smddprun), torchrun (or anything setting
     WORLD_SIZE), another mpirun, or none."""
-    if container.smddp_launched():
+    if config.smddp_launched():
         return "smddprun"
     if "WORLD_SIZE" in os.environ:
         return "torchrun"
@@ -189,7 +189,7 @@ def choose_backend(requested: str, device: torch.device, launcher: str) -> str:
 
     A SageMaker job submitted for SMDDP (or started by its launcher) uses smddp or fails: never another backend.
     """
-    smddp_job = container.smddp_submitted() or launcher == "smddprun"
+    smddp_job = config.smddp_submitted() or launcher == "smddprun"
     if requested == "auto":
         requested = "smddp" if smddp_job else "nccl" if device.type == "cuda" else "gloo"
     elif smddp_job and requested != "smddp":
@@ -229,7 +229,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> World:
     size = torch_dist.get_world_size()
     nodes = max(1, size // (local_size or size))
     return World(rank=torch_dist.get_rank(), local_rank=local_rank, size=size, nodes=nodes,
-                 backend=torch_dist.get_backend(), device=device, launcher=launcher, sagemaker=container.job_info())
+                 backend=torch_dist.get_backend(), device=device, launcher=launcher, sagemaker=config.job_info())
 
 
 def join_group(backend: str, launcher: str, timeout: timedelta, log: Callable[[str], None]) -> None:
@@ -245,7 +245,7 @@ def join_group(backend: str, launcher: str, timeout: timedelta, log: Callable[[s
                                       rank=rank, world_size=size, timeout=timeout)
     elif launcher == "none":
         log("run_distributed.py: no launcher: training as a world of one process"
-            + ("" if container.in_job() else " (WORLD_SIZE is unset); start several with torchrun --nproc_per_node N"))
+            + ("" if config.in_job() else " (WORLD_SIZE is unset); start several with torchrun --nproc_per_node N"))
         torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                       timeout=timeout)
     else:

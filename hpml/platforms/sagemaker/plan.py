@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from .config import TrainConfig
-from .errors import UsageError
-from .study import Cell, settings_id
+from hpml.config import TrainConfig
+from hpml.errors import UsageError
+from hpml.study.matrix import Cell, settings_id
 
 DATA_PARALLEL = ("smddp", "torchrun")
 # Training job statuses after which SageMaker has uploaded the output; a job's models without results are trained

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cli, container, jobs, prices
-from .config import TrainConfig, check_grad_compression, default_data_dir
-from .errors import UsageError, script_name
+from hpml import cli, config
+from hpml.config import TrainConfig, check_grad_compression, default_data_dir
+from hpml.errors import UsageError, script_name
+from hpml.platforms.sagemaker import jobs, prices
 
 if TYPE_CHECKING:
     import boto3
 
-# Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (hpml/container.py).
+# Folders on this machine, not forwarded: inside the job the training scripts use SageMaker's own (hpml/config.py).
 LOCAL_PATH_FLAGS = ("data_dir", "output_dir", "checkpoint_dir")
 
 
@@ -24,11 +25,11 @@ def training_hyperparameters(args: argparse.Namespace) -> tuple[TrainConfig, dic
     """The validated training configuration, and every training flag of the job's script as a hyperparameter
     (SageMaker passes each back to the script as `--name value`). A job writes --tensorboard into SageMaker's
     TensorBoard folder, which submit has SageMaker upload."""
-    tensorboard = container.JOB_TENSORBOARD_DIR if getattr(args, "tensorboard", None) else None
+    tensorboard = config.JOB_TENSORBOARD_DIR if getattr(args, "tensorboard", None) else None
     cfg = cli.config_from_args(argparse.Namespace(**{**vars(args), "tensorboard": tensorboard}))
     if getattr(args, "checkpoint_dir", None):
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: a SageMaker job keeps its checkpoints in "
-                         f"{container.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
+                         f"{config.JOB_CHECKPOINT_DIR}, synced to s3://BUCKET/hpml/checkpoints/<job name>/; "
                          "drop the flag")
     single_device = jobs.ENTRY_POINTS[args.distribution] == jobs.SINGLE_DEVICE_SCRIPT
     if single_device:
@@ -91,7 +92,7 @@ def bill_text(bill: dict) -> str:
         return "SageMaker reported no billable time, so no cost"
     text = f"{bill['billable_time_s']:,} s billable × {bill['instance_count']}"
     if bill["cost_usd"] is None:
-        return f"{text}; no price for {bill['instance_type']} in hpml/prices.py"
+        return f"{text}; no price for {bill['instance_type']} in hpml/platforms/sagemaker/prices.py"
     text += f" at ${bill['price_per_instance_hour_usd']}/h on demand = ${bill['cost_usd']:,.2f}"
     if bill["spot_savings_percent"] is not None:
         text += f" (managed spot saved {bill['spot_savings_percent']:.0f}%)"

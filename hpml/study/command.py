@@ -19,15 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cli, files, results, sagemaker_plan, sagemaker_quotas, slurm, study, study_estimate
-from .config import MAX_JOBS, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
-from .errors import UsageError
+from hpml import cli, files, results
+from hpml.config import MAX_JOBS, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
+from hpml.errors import UsageError
+from hpml.platforms import slurm
+from hpml.platforms.sagemaker import estimate, plan, quotas
+from hpml.study import matrix
 
 if TYPE_CHECKING:
     import boto3
     import sagemaker.session
 
-    from . import jobs
+    from hpml.platforms.sagemaker import jobs
 
 POLL_S = 60  # seconds between looks at running SageMaker jobs
 # How long a job keeps its instances warm for the next of its setup: that one is submitted within a look (POLL_S)
@@ -47,36 +50,36 @@ def run(args: argparse.Namespace) -> int:
     options = slurm_options(args)
     slurm.check_counts(options)
     args.model = args.models
-    world_sizes = study.parse_world_sizes(args.world_sizes)
-    cfg = study.common_speed_settings(cli.config_from_args(args), world_sizes)
+    world_sizes = matrix.parse_world_sizes(args.world_sizes)
+    cfg = matrix.common_speed_settings(cli.config_from_args(args), world_sizes)
     args.cuda_graphs = cfg.cuda_graphs  # what SageMaker jobs are given too
-    cells = study.plan(cfg.models, world_sizes, args.repeats)
+    cells = matrix.plan(cfg.models, world_sizes, args.repeats)
     if args.where == "sagemaker":
         if args.collect:
             raise UsageError("--where sagemaker waits for its jobs and collects them itself: drop --collect")
         return run_on_sagemaker(args, cfg, cells)
-    study.check_environment()
+    matrix.check_environment()
     if args.where == "slurm":
         options.check(world_sizes)
         slurm.check_output_dir(cfg.output_dir)
     elif args.collect:
         raise UsageError(f"--collect gathers the results of --where slurm jobs; --where {args.where} runs the cells "
                          "and draws at the end")
-    trained_on = study.local_processor(cfg.device) if args.where == "local" else None  # a SLURM node's: not known
+    trained_on = matrix.local_processor(cfg.device) if args.where == "local" else None  # a SLURM node's: not known
     output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
     if args.collect:
         return draw_finished(cells, cfg, output_dir, figures_dir)
     records, _ = results.load_all(output_dir)
-    to_run = study.cells_to_run(cells, records, cfg, force=args.force, trained_on=trained_on)
+    to_run = matrix.cells_to_run(cells, records, cfg, force=args.force, trained_on=trained_on)
     print(f"{cli.count(len(cells), 'cell')}{f' on {trained_on}' if trained_on else ''}: "
           f"{len(cells) - len(to_run)} already in {output_dir}, {len(to_run)} to run")
     if args.where == "slurm":
         return submit_to_slurm(args, options, cfg, to_run, output_dir)
     if args.dry_run:
         for cell in to_run:
-            print(shlex.join(study.local_command(cell, cfg)))
+            print(shlex.join(matrix.local_command(cell, cfg)))
         return 0
-    for cell in study.run_cells(to_run, cfg):
+    for cell in matrix.run_cells(to_run, cfg):
         print(f"failed: {cell}")
     return draw_finished(cells, cfg, output_dir, figures_dir, trained_on)
 
@@ -107,7 +110,7 @@ def slurm_options(args: argparse.Namespace) -> slurm.JobOptions:
                             sbatch_args=args.sbatch_arg, setup=args.setup)
 
 
-def submit_to_slurm(args: argparse.Namespace, options: slurm.JobOptions, cfg: TrainConfig, to_run: list[study.Cell],
+def submit_to_slurm(args: argparse.Namespace, options: slurm.JobOptions, cfg: TrainConfig, to_run: list[matrix.Cell],
                     output_dir: Path) -> int:
     """One sbatch script per cell, in <output-dir>/slurm/, submitted (printed with --dry-run). A cell submitted
     before (its job id in <job-name>.job) is submitted again only when its job failed or SLURM no longer knows it,
@@ -137,28 +140,31 @@ def submit_to_slurm(args: argparse.Namespace, options: slurm.JobOptions, cfg: Tr
     return 0
 
 
-def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[study.Cell]) -> int:
+def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[matrix.Cell]) -> int:
     """Plan the jobs and print them with their models, GPUs, estimated time and cost; unless --dry-run, submit the new
     ones (--yes or a prompt) at most --max-jobs at a time, wait for them, collect and draw. Jobs submitted before are
     picked up, not paid for again: their names are fixed by distribution, world size, repeat, models and settings.
     One whose latest attempt ended with models that brought back no results submits a next attempt (-t2, -t3, ...)
     with just those models; with --force, every job submits one with all of its models."""
-    from . import jobs, submission  # here: a local or SLURM study loads neither boto3 nor the SDK
+    from hpml.platforms.sagemaker import (  # here: a local or SLURM study loads neither boto3 nor the SDK
+        jobs,
+        submission,
+    )
 
     args.framework_version = args.framework_version or jobs.DEFAULT_FRAMEWORK_VERSION
     args.py_version = args.py_version or jobs.DEFAULT_PY_VERSION
-    planned = sagemaker_plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type,
+    planned = plan.plan_jobs(cells, cfg, args.instance_type, args.baseline_instance_type,
                                        args.job_per_model)
     specs = {job.base_name: job_spec(args, job) for job in planned}
     first = specs[planned[0].base_name]
     upload, data_note = submission.data_source(args, cfg, first)
     output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
-    throughput = study_estimate.Throughput.load(Path(args.throughput)) if args.throughput else None
-    assumptions = study_estimate.Assumptions.of(cfg, args.epoch_seconds, throughput, args.startup_minutes,
+    throughput = estimate.Throughput.load(Path(args.throughput)) if args.throughput else None
+    assumptions = estimate.Assumptions.of(cfg, args.epoch_seconds, throughput, args.startup_minutes,
                                                 args.warm_startup_minutes, args.spot_savings, args.max_run, POLL_S)
     records, _ = results.load_all(output_dir)
     if args.dry_run:
-        steps = sagemaker_plan.next_steps(planned, collected_attempts(records), records, args.force)
+        steps = plan.next_steps(planned, collected_attempts(records), records, args.force)
         print(f"Dry run: nothing was sent to AWS. The study's {cli.count(len(planned), 'job')}:")
         print_plan(steps, assumptions, records, allowance(args, steps, None, "a dry run asks AWS for no quota"),
                    args.keep_alive)
@@ -173,13 +179,13 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     boto = jobs.aws_session(args.region, args.aws_profile)
     known = {job["TrainingJobName"]: job for job in jobs.suite_jobs(boto)}
     records = collect_ended_attempts(boto, planned, known, output_dir) or records
-    steps = sagemaker_plan.next_steps(planned, known, records, args.force)
+    steps = plan.next_steps(planned, known, records, args.force)
     allowed = allowance(args, steps, *jobs.account_quotas(boto))
     print(f"The study's {cli.count(len(planned), 'job')} ({sum(bool(step.latest) for step in steps)} submitted "
           "before):")
     print_plan(steps, assumptions, records, allowed, args.keep_alive)
     new_jobs = [step.job for step in steps if step.submit]
-    keeps_warm = sagemaker_plan.warm_successors(new_jobs, allowed.warm_setups)
+    keeps_warm = plan.warm_successors(new_jobs, allowed.warm_setups)
     new = [dataclasses.replace(specs[job.base_name], job_name=jobs.check_job_name(job.job_name),
                                hyperparameters={**specs[job.base_name].hyperparameters, "model": ",".join(job.models)},
                                keep_alive=args.keep_alive if job.job_name in keeps_warm else None)
@@ -195,11 +201,11 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[stu
     return collect_and_draw(boto, ended, planned, output_dir, figures_dir)
 
 
-def allowance(args: argparse.Namespace, steps: list[sagemaker_plan.Step], quotas: dict[str, float] | None,
-              quota_note: str) -> sagemaker_quotas.Allowance:
+def allowance(args: argparse.Namespace, steps: list[plan.Step], quota_values: dict[str, float] | None,
+              quota_note: str) -> quotas.Allowance:
     """Jobs at once and warm pools for the jobs to submit, from the flags and the account's quotas."""
     setups = list(dict.fromkeys(step.job.setup for step in steps if step.submit))
-    return sagemaker_quotas.Allowance.of(setups, args.max_jobs, args.spot, args.keep_alive, quotas, quota_note)
+    return quotas.Allowance.of(setups, args.max_jobs, args.spot, args.keep_alive, quota_values, quota_note)
 
 
 def collected_attempts(records: list[dict]) -> dict[str, dict]:
@@ -209,47 +215,47 @@ def collected_attempts(records: list[dict]) -> dict[str, dict]:
             for record in records if (record.get("sagemaker") or {}).get("job_name")}
 
 
-def collect_ended_attempts(boto: boto3.Session, planned: list[sagemaker_plan.PlannedJob], known: dict[str, dict],
+def collect_ended_attempts(boto: boto3.Session, planned: list[plan.PlannedJob], known: dict[str, dict],
                            output_dir: Path) -> list[dict]:
     """Collect every ended attempt at a planned job not collected before, so that the plan knows which models
     brought back results; the output folder's records afterwards ([] when nothing was collected)."""
-    from . import jobs, submission
+    from hpml.platforms.sagemaker import jobs, submission
 
     done = jobs.collected_jobs(output_dir)
     ended = [description for name, description in known.items()
              if description["TrainingJobStatus"] in jobs.ENDED and name not in done
-             and any(sagemaker_plan.attempt_of(job, name) for job in planned)]
+             and any(plan.attempt_of(job, name) for job in planned)]
     if not ended:
         return []
     submission.collect(boto, ended, output_dir)
     return results.load_all(output_dir)[0]
 
 
-def print_plan(steps: list[sagemaker_plan.Step], assumptions: study_estimate.Assumptions, records: list[dict],
-               allowance: sagemaker_quotas.Allowance, keep_alive: int) -> None:
+def print_plan(steps: list[plan.Step], assumptions: estimate.Assumptions, records: list[dict],
+               allowance: quotas.Allowance, keep_alive: int) -> None:
     """Print every job with its estimate, then the study's, and the assumptions beside them."""
     new = [step.job for step in steps if step.submit]
-    keeps_warm = sagemaker_plan.warm_successors(new, allowance.warm_setups)
+    keeps_warm = plan.warm_successors(new, allowance.warm_setups)
     warmed_by = {later: earlier for earlier, later in keeps_warm.items()}
-    estimates = {job.job_name: study_estimate.estimate_job(job, assumptions, records) for job in new}
+    estimates = {job.job_name: estimate.estimate_job(job, assumptions, records) for job in new}
     for step in steps:
         name = step.job.job_name
-        print("\n".join(study_estimate.job_lines(step, estimates.get(name), assumptions, warmed_by.get(name),
+        print("\n".join(estimate.job_lines(step, estimates.get(name), assumptions, warmed_by.get(name),
                                                  keeps_warm.get(name), keep_alive)))
     if not new:
         print("nothing to submit")
         return
-    print("\n".join(study_estimate.study_lines(new, list(estimates.values()), assumptions, allowance.max_jobs,
+    print("\n".join(estimate.study_lines(new, list(estimates.values()), assumptions, allowance.max_jobs,
                                                allowance.warm_setups, allowance.warm_note)))
     print(f"  jobs at once: {allowance.max_jobs}, {allowance.max_jobs_note}")
     print("\n".join(["  assumptions:", *(f"    {line}" for line in assumptions.lines())]))
 
 
-def collect_and_draw(boto: boto3.Session, ended: list[dict], planned: list[sagemaker_plan.PlannedJob],
+def collect_and_draw(boto: boto3.Session, ended: list[dict], planned: list[plan.PlannedJob],
                      output_dir: Path, figures_dir: Path) -> int:
     """Collect the ended jobs (the latest attempt of each planned job) not collected before, and draw; exit code 0
     only when every one completed and every model of the study brought back its results."""
-    from . import jobs, submission
+    from hpml.platforms.sagemaker import jobs, submission
 
     done = jobs.collected_jobs(output_dir)
     _, uncollected = submission.collect(boto, [job for job in ended if job["TrainingJobName"] not in done],
@@ -258,7 +264,7 @@ def collect_and_draw(boto: boto3.Session, ended: list[dict], planned: list[sagem
     failed = [job["TrainingJobName"] for job in ended if job["TrainingJobStatus"] != "Completed"]
     missing = [f"{job.base_name} ({', '.join(models)})" for job in planned
                if (models := [model for model in job.models
-                              if model not in sagemaker_plan.models_with_results(job, records)])]
+                              if model not in plan.models_with_results(job, records)])]
     print(f"{len(ended) - len(failed)} of {cli.count(len(planned), 'job')} completed"
           + (f"; not completed: {', '.join(failed)}" if failed else "")
           + (f"; {cli.count(uncollected, 'job')} whose outputs could not be collected" if uncollected else "")
@@ -275,13 +281,13 @@ def confirmed(question: str) -> bool:
         return False
 
 
-def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.JobSpec:
+def job_spec(args: argparse.Namespace, job: plan.PlannedJob) -> jobs.JobSpec:
     """The JobSpec of a planned job, checked with the submit command's own checks (before anything is sent)."""
-    from . import jobs, submission
+    from hpml.platforms.sagemaker import jobs, submission
 
     baseline = job.distribution == "none"  # one process: the data-parallel flags mean nothing there
     data_parallel_defaults = {name: getattr(cli.DEFAULTS, name)
-                              for name in (*study.DATA_PARALLEL_FIELDS, "dist_timeout")} if baseline else {}
+                              for name in (*matrix.DATA_PARALLEL_FIELDS, "dist_timeout")} if baseline else {}
     flags = argparse.Namespace(**{**vars(args), "model": ",".join(job.models), "distribution": job.distribution,
                                   **data_parallel_defaults})
     cfg, hyperparameters = submission.training_hyperparameters(flags)
@@ -299,7 +305,7 @@ def job_spec(args: argparse.Namespace, job: sagemaker_plan.PlannedJob) -> jobs.J
 def prepare_submission(boto: boto3.Session, specs: list[jobs.JobSpec], role: str, upload: jobs.DataUpload | None,
                        s3_data: str | None) -> None:
     """Role, bucket and data (uploaded once, or --s3-data checked) for every new job."""
-    from . import jobs
+    from hpml.platforms.sagemaker import jobs
 
     bucket = jobs.ensure_bucket(boto, specs[0].bucket)
     if upload:
@@ -316,7 +322,7 @@ def wait_for_jobs(boto: boto3.Session, new: list[jobs.JobSpec], earlier: list[tu
     """Submit the new jobs in order, at most `max_jobs` running at a time (the earlier ones, by (name, instance
     setup), count), and wait until every job has ended; their final descriptions. A job on a setup of `warm_setups`
     waits while another job of its setup runs, so that it starts on that job's warm instances."""
-    from . import jobs
+    from hpml.platforms.sagemaker import jobs
 
     pending, active, ended = list(new), dict(earlier), []
     while pending or active:
@@ -341,10 +347,10 @@ def wait_for_jobs(boto: boto3.Session, new: list[jobs.JobSpec], earlier: list[tu
     return ended
 
 
-def draw_finished(cells: list[study.Cell], cfg: TrainConfig, output_dir: Path, figures_dir: Path,
+def draw_finished(cells: list[matrix.Cell], cfg: TrainConfig, output_dir: Path, figures_dir: Path,
                   trained_on: str | None = None) -> int:
     """Draw every result in the output folder; exit code 0 only when every cell of the study has its results."""
-    missing = study.cells_to_run(cells, draw(output_dir, figures_dir), cfg, trained_on=trained_on)
+    missing = matrix.cells_to_run(cells, draw(output_dir, figures_dir), cfg, trained_on=trained_on)
     print(f"{len(cells) - len(missing)} of {cli.count(len(cells), 'cell')} finished"
           + (f"; no results yet for {', '.join(map(str, missing))}" if missing else ""))
     return 1 if missing else 0
@@ -352,26 +358,26 @@ def draw_finished(cells: list[study.Cell], cfg: TrainConfig, output_dir: Path, f
 
 def build_parser(parser_class: type[cli.ArgumentParser] = cli.ArgumentParser) -> cli.ArgumentParser:
     parser = parser_class(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    matrix = parser.add_argument_group("the study")
-    matrix.add_argument("--models", default="all", help="'all' or a comma list of the names --model of "
+    runs = parser.add_argument_group("the study")
+    runs.add_argument("--models", default="all", help="'all' or a comma list of the names --model of "
                         "run_hpc.py takes: vgg16, resnet18, mobilenetv2, shufflenetv2, densenet121 (default: all)")
-    matrix.add_argument("--world-sizes", default="1,2", help="comma list of process counts (GPUs, or CPU processes "
+    runs.add_argument("--world-sizes", default="1,2", help="comma list of process counts (GPUs, or CPU processes "
                         "without a GPU); 1 is the single-device baseline (default: %(default)s)")
-    matrix.add_argument("--repeats", type=int, default=1, help="runs of every model and world size, for medians and "
+    runs.add_argument("--repeats", type=int, default=1, help="runs of every model and world size, for medians and "
                         "min-max spreads (default: %(default)s)")
-    matrix.add_argument("--figures-dir", default="results_img", help="folder for the figures and summary.md drawn "
+    runs.add_argument("--figures-dir", default="results_img", help="folder for the figures and summary.md drawn "
                         "at the end (default: %(default)s)")
-    cli.add_switch(matrix, "--force", "run every cell again, even those whose results are already in --output-dir "
+    cli.add_switch(runs, "--force", "run every cell again, even those whose results are already in --output-dir "
                                       "(with --where slurm: submit every cell again, even one whose job is still "
                                       "queued or running; with --where sagemaker: submit a new attempt of every job)")
-    cli.add_switch(matrix, "--dry-run", "print the command (with --where slurm: the batch script) of every cell "
+    cli.add_switch(runs, "--dry-run", "print the command (with --where slurm: the batch script) of every cell "
                                         "still to run, and run or submit nothing")
-    matrix.add_argument("--where", choices=("local", "slurm", "sagemaker"), default="local",
+    runs.add_argument("--where", choices=("local", "slurm", "sagemaker"), default="local",
                         help="local: every cell in turn on this machine; slurm: one sbatch script per cell, "
                              "submitted with sbatch; a re-run submits again a cell without results whose job "
                              "failed (FAILED, CANCELLED, TIMEOUT, ...) or is unknown to SLURM, not one still queued, "
                              "running or COMPLETED; sagemaker: SageMaker training jobs (default: %(default)s)")
-    cli.add_switch(matrix, "--collect", "--where slurm: draw whatever cells have finished, and say which have not; "
+    cli.add_switch(runs, "--collect", "--where slurm: draw whatever cells have finished, and say which have not; "
                                         "submits nothing (run without --collect to resubmit failed cells)")
     add_slurm_args(parser)
     add_sagemaker_args(parser)
@@ -416,7 +422,7 @@ def add_sagemaker_args(parser: argparse.ArgumentParser) -> None:
         "  estimated time and cost, and sends nothing. A job trains every model in turn (--job-per-model: one\n"
         "  each). A re-run picks up the jobs submitted before; one whose latest attempt ended without results for\n"
         "  some models is submitted again as <name>-t2, -t3, ... with just those, and with --force every job is.")
-    gpus = ", ".join(f"{name} ({count} × {gpu})" for name, (count, gpu) in sagemaker_plan.INSTANCE_GPUS.items())
+    gpus = ", ".join(f"{name} ({count} × {gpu})" for name, (count, gpu) in plan.INSTANCE_GPUS.items())
     cloud.add_argument("--instance-type", default="ml.p3.16xlarge", help="instance type of the SMDDP and "
                        "torchrun jobs; a world size must fill whole instances; SMDDP runs on ml.p3.16xlarge, "
                        f"ml.p3dn.24xlarge, ml.p4d.24xlarge and ml.p4de.24xlarge. Known types: {gpus} "
@@ -466,7 +472,7 @@ def draw(output_dir: Path, figures_dir: Path) -> list[dict]:
     """The figures and summary.md of every result in the output folder, when there is one; the results."""
     records, _ = results.load_all(output_dir)
     if records:
-        from . import plots  # only now: importing matplotlib takes a moment
+        from hpml.study import plots  # only now: importing matplotlib takes a moment
 
         plots.make_all(output_dir, figures_dir)
     return records

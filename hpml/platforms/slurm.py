@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cli, files
-from .config import MAX_PROCESSES, TrainConfig
-from .errors import UsageError
-from .study import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell, settings_id
+from hpml import cli, files
+from hpml.config import MAX_PROCESSES, TrainConfig
+from hpml.errors import UsageError
+from hpml.study.matrix import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell, settings_id
 
 SUBMITTED = re.compile(r"Submitted batch job (\d+)")
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d\d){0,2}")  # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]

@@ -24,9 +24,9 @@ from types import FrameType, TracebackType
 
 import psutil
 
-from . import cli, hardware
-from .config import MAX_THREADS, MAX_WORLD_SIZE, TrainConfig, comma_list
-from .errors import RunStopped, UsageError
+from hpml import cli, results
+from hpml.config import MAX_THREADS, MAX_WORLD_SIZE, TrainConfig, comma_list
+from hpml.errors import RunStopped, UsageError
 
 # The settings that make two runs the same experiment (besides model, world size and hardware): what is trained and
 # how fast; others (loader workers, quiet, monitoring) change how a run is watched, not what it measures.
@@ -36,7 +36,7 @@ DEFINING_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "datas
 PREDATED = {"drop_last": False}
 # Settings of data-parallel runs only: one process ignores them, so a baseline matches whatever they are.
 DATA_PARALLEL_FIELDS = ("scale_lr", "grad_compression", "bucket_cap_mb", "static_graph")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SINGLE_DEVICE_SCRIPT, DATA_PARALLEL_SCRIPT = REPO / "run_hpc.py", REPO / "run_distributed.py"
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone")
 
@@ -97,12 +97,12 @@ def settings_id(cfg: TrainConfig, cell: Cell, *more: str) -> str:
 
 def is_run_of(record: dict, cell: Cell, cfg: TrainConfig, trained_on: str | None = None) -> bool:
     """Whether a results record is a local run of this cell's model, world size and settings, of the same CIFAR-10
-    folder (and, when given, on this GPU or CPU model, in hardware.of_record's words), with a --profile breakdown
+    folder (and, when given, on this GPU or CPU model, in results.of_record's words), with a --profile breakdown
     when the study profiles. A job's name (settings_id) leaves the folder out: a SageMaker job reads its data from
     S3, and a re-run from another folder must find it."""
     return (record["model"] == cell.model and int(record["world_size"]) == cell.world_size
             and record["mode"] == cell.mode and not record.get("sagemaker")
-            and (trained_on is None or hardware.of_record(record) == trained_on)
+            and (trained_on is None or results.of_record(record) == trained_on)
             and defining_settings(record["config"], cell.world_size) == defining_settings(cfg.as_dict(),
                                                                                            cell.world_size)
             and (cfg.dataset != "cifar10" or record["config"].get("data_dir") == cfg.data_dir)
@@ -158,9 +158,9 @@ def check_environment() -> None:
 
 
 def local_processor(device: str) -> str:
-    """What the cells of a study on this machine train on (hardware.local); UsageError for --device cuda where NVML
+    """What the cells of a study on this machine train on (results.local); UsageError for --device cuda where NVML
     finds no GPU, before any cell starts."""
-    trained_on = hardware.local(device)
+    trained_on = results.local(device)
     if device == "cuda" and not trained_on.startswith("GPU "):
         raise UsageError(f"--device cuda: no GPU here (NVML finds none; this machine has a {trained_on}); use "
                          "--device auto or cpu, or --where slurm to train on a cluster's GPUs")

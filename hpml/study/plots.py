@@ -1,4 +1,4 @@
-"""The study's figures, drawn from grouped results (hpml.summary) and the monitor samples beside them.
+"""The study's figures, drawn from grouped results (hpml.study.summary) and the monitor samples beside them.
 
 Figures draw one panel per setup (platform, hardware, speed settings and workload), so that only comparable bars
 stand side by side. make_all writes the figures and summary.md, each through a temp file and a rename.
@@ -15,9 +15,9 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
 
-from . import cli, files, monitor, results
-from .errors import UsageError
-from .summary import (
+from hpml import cli, files, monitor, results
+from hpml.errors import UsageError
+from hpml.study.summary import (
     STEP_PARTS,
     Group,
     Spread,

@@ -16,15 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import files
-from .errors import UsageError
+from hpml import files
+from hpml.errors import UsageError
 
 if TYPE_CHECKING:
     from torch import Tensor
     from torch.utils.tensorboard import SummaryWriter
 
 INSTALL = "pip install tensorboard"
-# The epoch metrics (hpml.train.epoch_metrics) drawn as epoch/<name>.
+# The epoch metrics (hpml.training.loop.epoch_metrics) drawn as epoch/<name>.
 EPOCH_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "epoch_time_s",
                  "data_time_s", "compute_time_s", "eval_time_s")
 

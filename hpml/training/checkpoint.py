@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from . import container, files, results
-from .config import TrainConfig
-from .dist import World
-from .errors import UsageError, WriteFailed, one_line
+from hpml import config, files, results
+from hpml.config import TrainConfig
+from hpml.errors import UsageError, WriteFailed, one_line
+from hpml.training.dist import World
 
 FORMAT_VERSION = 1
 FINISHED_FILE = "finished.json"  # beside last.pt once the run's results are written
@@ -363,8 +363,8 @@ def check_identity(state: dict, expected: dict, path: Path) -> None:
 def check_writable(cfg: TrainConfig) -> None:
     """Prove the checkpoint folder, and a SageMaker job's model folder, can be written before training starts."""
     files.check_writable(cfg.checkpoint_root, "checkpoint folder")
-    if container.model_dir() is not None:
-        files.check_writable(container.model_dir(), "model folder")
+    if config.model_dir() is not None:
+        files.check_writable(config.model_dir(), "model folder")
 
 
 def check_names_fit(cfg: TrainConfig, model_name: str, world: World, run_id: str, results_name: str) -> None:
@@ -372,13 +372,13 @@ def check_names_fit(cfg: TrainConfig, model_name: str, world: World, run_id: str
     checkpoint (its deepest file there) and, in a SageMaker job, its final weights."""
     files.check_name_fits(run_path(cfg, model_name, world).with_name(RESULTS_COPIES), results_name,
                           "copy of the results")
-    if container.model_dir() is not None:
-        files.check_name_fits(container.model_dir(), f"{run_id}.pt", "final weights")
+    if config.model_dir() is not None:
+        files.check_name_fits(config.model_dir(), f"{run_id}.pt", "final weights")
 
 
 def weights_path(run_id: str) -> Path | None:
     """$SM_MODEL_DIR/<run_id>.pt in a SageMaker job, None outside one; UsageError for a run id that is no plain name."""
-    model_dir = container.model_dir()
+    model_dir = config.model_dir()
     if model_dir is None:
         return None
     try:

@@ -38,16 +38,17 @@ import botocore.exceptions
 import botocore.session
 from tqdm import tqdm
 
-from . import container, data, files, prices, results
-from .errors import UsageError, one_line
-from .sagemaker_plan import ENDED
+from hpml import config, data, files, results
+from hpml.errors import UsageError, one_line
+from hpml.platforms.sagemaker import prices
+from hpml.platforms.sagemaker.plan import ENDED
 
 if TYPE_CHECKING:  # imported on first use at run time (see above)
     import sagemaker.debugger
     import sagemaker.estimator
     import sagemaker.session
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 DATA_PARALLEL_SCRIPT = "run_distributed.py"
 SINGLE_DEVICE_SCRIPT = "run_hpc.py"  # the single-device path: one process on one GPU, the speedups' baseline
 # The script each distribution runs: data-parallel under SMDDP or torchrun; the single-device path without one.
@@ -81,9 +82,9 @@ DEFAULT_PY_VERSION = "py310"
 TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 NOTEBOOK_METADATA = Path("/opt/ml/metadata/resource-metadata.json")  # present in SageMaker notebooks and Studio
 # The metrics SageMaker charts for a job, in its console and in CloudWatch, read from the line each model prints per
-# epoch (hpml.train.format_epoch; printed inside a job even with --quiet): one definition per model and metric, named
-# <model>:<metric>, whose regex captures the value in its one group. The five models make 30 definitions; SageMaker
-# takes up to 40, each regex up to 500 characters.
+# epoch (hpml.training.loop.format_epoch; printed inside a job even with --quiet): one definition per model and
+# metric, named <model>:<metric>, whose regex captures the value in its one group. The five models make 30
+# definitions; SageMaker takes up to 40, each regex up to 500 characters.
 EPOCH_LINE = (r"{model} epoch [0-9]+/[0-9]+: train loss {train_loss} acc {train_acc} \| test loss {test_loss} "
               r"acc {test_acc} \| {epoch_time_s}s \([0-9.]+s data\) {images_per_s} img/s")
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
@@ -542,7 +543,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
             output_path=where["output"],
             code_location=where["code"],
             checkpoint_s3_uri=where["checkpoints"],
-            checkpoint_local_path=container.JOB_CHECKPOINT_DIR,
+            checkpoint_local_path=config.JOB_CHECKPOINT_DIR,
             metric_definitions=metric_definitions(spec.hyperparameters["model"].split(",")),
             tensorboard_output_config=tensorboard_output(spec, where),
             use_spot_instances=spec.spot,
@@ -558,7 +559,7 @@ def estimator(spec: JobSpec, session: sagemaker.session.Session, bucket: str,
 
 
 def _inputs(spec: JobSpec) -> dict[str, str] | None:
-    return {container.DATA_CHANNEL: spec.s3_data} if spec.s3_data else None
+    return {config.DATA_CHANNEL: spec.s3_data} if spec.s3_data else None
 
 
 def dry_run_request(spec: JobSpec, profile: str | None) -> dict:

@@ -5,7 +5,7 @@ the same model, world size and instance type; else from a throughput file (bench
 images/s, and its DDP scaling efficiency where it measured that world size, else perfect scaling); else stated by
 --epoch-seconds. Each job also waits for its start-up (instances, container image and data): an assumed figure, less
 on the warm instances of the job before it. The study's wall time comes from running the jobs in order, at most
---max-jobs at once, as run_study.py submits them; its cost from training time and hpml/prices.py.
+--max-jobs at once, as run_study.py submits them; its cost from training time and hpml/platforms/sagemaker/prices.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cli, prices
-from .config import TrainConfig
-from .data import CIFAR10_TRAIN_SIZE
-from .errors import UsageError, one_line
-from .sagemaker_plan import PlannedJob, Step, warm_successors
-from .study import duration
+from hpml import cli
+from hpml.config import TrainConfig
+from hpml.data import CIFAR10_TRAIN_SIZE
+from hpml.errors import UsageError, one_line
+from hpml.platforms.sagemaker import prices
+from hpml.platforms.sagemaker.plan import PlannedJob, Step, warm_successors
+from hpml.study.matrix import duration
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def job_lines(step: Step, estimate: JobEstimate | None, assumptions: Assumptions
         f", or ~{duration(assumptions.warm_startup_s)} on the warm instances of {warm_from}" if warm_from else "")
     bound = prices.instances_cost_usd(job.instance_type, job.instance_count, assumptions.max_run)
     at_most = f"at most ${bound:,.2f} (--max-run {assumptions.max_run} s)" if bound is not None else \
-        f"no price for {job.instance_type} in hpml/prices.py"
+        f"no price for {job.instance_type} in hpml/platforms/sagemaker/prices.py"
     if estimate.training_s is None:
         lines.append(f"  estimate: {estimate.sources}; {startup}; {at_most}")
     else:

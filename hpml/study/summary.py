@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import models
-
-from . import cli, files, hardware, results, scaling
-from .config import DDP_BUCKET_CAP_MB
+from hpml import cli, files, results
+from hpml.config import DDP_BUCKET_CAP_MB
+from hpml.study import scaling
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "synthetic": "synthetic data (not CIFAR-10)"}
 # A --profile breakdown's parts that add up to its step (step_ms); communication_ms overlaps them.
@@ -67,8 +67,8 @@ class Group:
     device: str
     workload: str
     platform: str = "local"
-    hardware: str = ""  # the GPU or CPU model: hardware.of_record
-    settings: str = ""  # the speed settings: hardware.settings_of
+    hardware: str = ""  # the GPU or CPU model: results.of_record
+    settings: str = ""  # the speed settings: results.settings_of
     communication: str = ""  # how DDP sent gradients, where not as DDP does by default
     runs: list[dict] = field(default_factory=list)
     baseline: Group | None = None
@@ -151,7 +151,7 @@ class Group:
     @property
     def predicted_exposed_share(self) -> float | None:
         """The scaling model's share of the profiled step spent waiting for communication: what of the measured
-        communication outlasts the backward pass of the rest of the step (hpml.scaling.exposed_s)."""
+        communication outlasts the backward pass of the rest of the step (hpml.study.scaling.exposed_s)."""
         step, exposed, sent = (self.profiled(part) for part in ("step_ms", "exposed_communication_ms",
                                                                   "communication_ms"))
         if step is None or self.world_size == 1:
@@ -212,7 +212,7 @@ def group_runs(records: list[dict], warn: Callable[[str], None]) -> list[Group]:
         group = Group(model=record["model"], mode=record["mode"], backend=record.get("backend"),
                       world_size=int(record["world_size"]), nodes=int(record.get("nodes") or 1),
                       device=record["device"], workload=workload_of(record), platform=platform_of(record),
-                      hardware=hardware.of_record(record), settings=hardware.settings_of(record),
+                      hardware=results.of_record(record), settings=results.settings_of(record),
                       communication=communication_of(record))
         groups.setdefault((group.setup, model_order(group.model), group.series), group).runs.append(record)
     ordered = [groups[key] for key in sorted(groups)]
@@ -395,8 +395,8 @@ def summary_markdown(groups: list[Group], results_dir: Path) -> str:
              "and the speedup in it, the fair measure when a larger global batch learns more slowly.",
              "- **Exposed comm.** (runs with --profile): the share of a profiled step that waited for gradient "
              "communication not hidden behind computation, from the runs' traces; in brackets the scaling model's "
-             "share (hpml/scaling.py: the measured communication less the backward pass, two thirds of the rest of "
-             "the step, that hides it). Where the measured share is higher, communication is not hidden as the "
+             "share (hpml/study/scaling.py: the measured communication less the backward pass, two thirds of the "
+             "rest of the step, that hides it). Where the measured share is higher, communication is not hidden as the "
              "model assumes; where both are near zero, efficiency falls for other reasons (shared CPU cores, memory "
              "bandwidth).",
              "- **Cost**: each run's share of its SageMaker job's bill (a job's runs add up to its bill)."]

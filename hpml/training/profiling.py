@@ -4,7 +4,7 @@ The window trains 1 + --profile-steps steps with the run's own loop, model, opti
 the last): the first warms the profiler up, the others are recorded. It runs after the timed epochs, their
 evaluation and the final weights, so the profiler's slowdown enters no epoch time, images/s or accuracy. Each rank
 writes <run_id>.rank<N>.trace.json beside the results; the record gets the mean step's breakdown over ranks
-(hpml.trace_breakdown) under "profile".
+(hpml.training.trace_breakdown) under "profile".
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import files, results, speed, trace_breakdown
-from .loaders import TrainBatches
+from hpml import files, results
+from hpml.training import speed, trace_breakdown
+from hpml.training.speed import TrainBatches
 
 if TYPE_CHECKING:
-    from .train import Trainer
+    from hpml.training.loop import Trainer
 
 PROFILER_WARMUP_STEPS = 1
 
@@ -62,7 +63,7 @@ def activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
 def train_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callable[[], object]) -> None:
     """`steps` steps of the run's own loop, model, optimizer and batches (from epoch `first_epoch` on), `on_step`
     after each once the device has finished it."""
-    from .train import synchronize, train_one_epoch  # here: train imports this module
+    from hpml.training.loop import synchronize, train_one_epoch  # here: train imports this module
 
     device = trainer.world.device
 
@@ -93,7 +94,7 @@ def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
 def step_seconds(trainer: Trainer, steps: int, first_epoch: int, synced: bool) -> list[float]:
     """Each of `steps` training steps' seconds (device work included), with DDP's gradient synchronisation or
     under its no_sync(): the same steps without communication."""
-    from .train import synchronize  # here: train imports this module
+    from hpml.training.loop import synchronize  # here: train imports this module
 
     synchronize(trainer.world.device)
     ends = [time.perf_counter()]

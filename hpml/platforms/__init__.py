@@ -1,0 +1,1 @@
+"""The outside systems a study runs on (no torch): SLURM, and SageMaker."""
