@@ -59,7 +59,18 @@ def missing() -> str | None:
     return None
 
 
-class Hosts:
+class StartedInWith:
+    """`with it:` start() on entering, stop() on leaving."""
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Hosts(StartedInWith):
     """`with Hosts(folder, {"algo-1": "10.232.0.1", ...}) as hosts:` the hosts, up and connected. `setup` holds
     shell lines per host, run as root in its namespaces before anything else (mounts of its own, say)."""
 
@@ -77,13 +88,6 @@ class Hosts:
     @property
     def first(self) -> str:
         return next(iter(self.addresses))
-
-    def __enter__(self) -> Hosts:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def start(self) -> None:
         try:

@@ -66,7 +66,7 @@ def missing() -> str | None:
     return None
 
 
-class SlurmCluster:
+class SlurmCluster(namespace_hosts.StartedInWith):
     """`with SlurmCluster(folder) as cluster:` a controller and `nodes` compute nodes, each `cpus` CPUs (more than
     the machine has is fine: SlurmdParameters=config_overrides; nothing binds a task to a CPU) and `gpus` GPUs in
     name only, so that jobs asking for --gpus-per-node are taken (GRES gpu on copies of /dev/null; SLURM sets
@@ -144,13 +144,6 @@ class SlurmCluster:
         return "\n".join(parts)
 
     # -- start and stop
-
-    def __enter__(self) -> SlurmCluster:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def start(self) -> None:
         started = time.monotonic()
