@@ -91,6 +91,20 @@ def default_output_dir() -> str:
     return str(sagemaker_output / "results") if sagemaker_output else "results"
 
 
+# The largest value of each numeric setting, and the values each setting of a few choices allows.
+UPPER_BOUNDS = {"epochs": MAX_EPOCHS, "batch_size": MAX_BATCH_SIZE, "workers": MAX_WORKERS, "seed": MAX_SEED,
+                "subset": MAX_SUBSET, "sample_interval": MAX_SAMPLE_INTERVAL, "dist_timeout": MAX_DIST_TIMEOUT,
+                "lr": MAX_LR, "bucket_cap_mb": MAX_BUCKET_CAP_MB, "tensorboard_every": MAX_STEPS,
+                "profile_steps": MAX_PROFILE_STEPS}
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dataset": DATASETS, "device": DEVICES, "backend": BACKENDS,
+           "loader": LOADERS, "precision": PRECISIONS, "grad_compression": GRAD_COMPRESSIONS}
+
+
+def flag_of(setting: str) -> str:
+    """The flag that sets a TrainConfig field: batch_size -> --batch-size."""
+    return "--" + setting.replace("_", "-")
+
+
 @dataclass
 class TrainConfig:
     models: list[str] = field(default_factory=lambda: ["resnet18"])
@@ -155,31 +169,12 @@ class TrainConfig:
                  f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         _require(math.isfinite(self.bucket_cap_mb) and self.bucket_cap_mb > 0,
                  f"--bucket-cap-mb must be a positive number of megabytes, got {self.bucket_cap_mb}")
-        for flag, value, most in [
-            ("--epochs", self.epochs, MAX_EPOCHS),
-            ("--batch-size", self.batch_size, MAX_BATCH_SIZE),
-            ("--workers", self.workers, MAX_WORKERS),
-            ("--seed", self.seed, MAX_SEED),
-            ("--subset", self.subset or 0, MAX_SUBSET),
-            ("--sample-interval", self.sample_interval, MAX_SAMPLE_INTERVAL),
-            ("--dist-timeout", self.dist_timeout, MAX_DIST_TIMEOUT),
-            ("--lr", self.lr, MAX_LR),
-            ("--bucket-cap-mb", self.bucket_cap_mb, MAX_BUCKET_CAP_MB),
-            ("--tensorboard-every", self.tensorboard_every, MAX_STEPS),
-            ("--profile-steps", self.profile_steps, MAX_PROFILE_STEPS),
-        ]:
-            _require(value <= most, f"{flag} must be at most {most}, got {value}")
-        for name, value, allowed in [
-            ("--optimizer", self.optimizer, OPTIMIZERS),
-            ("--schedule", self.schedule, SCHEDULES),
-            ("--dataset", self.dataset, DATASETS),
-            ("--device", self.device, DEVICES),
-            ("--backend", self.backend, BACKENDS),
-            ("--loader", self.loader, LOADERS),
-            ("--precision", self.precision, PRECISIONS),
-            ("--grad-compression", self.grad_compression, GRAD_COMPRESSIONS),
-        ]:
-            _require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name, most in UPPER_BOUNDS.items():
+            value = getattr(self, name) or 0
+            _require(value <= most, f"{flag_of(name)} must be at most {most}, got {value}")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            _require(value in allowed, f"{flag_of(name)} must be one of {', '.join(allowed)}, got {value!r}")
         return self
 
     def as_dict(self) -> dict:
