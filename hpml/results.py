@@ -207,29 +207,29 @@ def time_to_target(epochs: list[dict], target_acc: float) -> float | None:
     return None
 
 
-def build_record(model: str, progress: dict, config: dict, world: dict, trainer: dict, data: dict,
+def build_record(model: str, run_log: dict, config: dict, world: dict, trainer: dict, data: dict,
                  environment: dict, total_wall_time_s: float, checkpoint: str) -> dict:
-    """One run's record, from the checkpoint's `progress` (epochs, times, resumes), the flags as `config`, what
-    the world, the trainer (lr, speed, params) and the data say of themselves, and the environment."""
+    """One run's record, from the training loop's `run_log` (id, epochs, times, resumes), the flags as `config`,
+    what the world, the trainer (lr, speed, params) and the data say of themselves, and the environment."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "run_id": progress["run_id"],
+        "run_id": run_log["run_id"],
         "model": model,
         **world,
         "batch_size": config["batch_size"],
         "global_batch_size": config["batch_size"] * world["world_size"],
         **trainer,
-        "started_at": progress["started_at"],
+        "started_at": run_log["started_at"],
         "finished_at": utc_now(),
-        "resumes": progress["resumes"],
+        "resumes": run_log["resumes"],
         "config": config,
         "data": data,
         "environment": environment,
-        "epochs": progress["epochs"],
-        **summarize_epochs(progress["epochs"], config.get("target_acc")),
+        "epochs": run_log["epochs"],
+        **summarize_epochs(run_log["epochs"], config.get("target_acc")),
         "total_wall_time_s": total_wall_time_s,
-        "setup_time_s": progress["setup_time_s"],
-        "checkpoint_time_s": progress["checkpoint_time_s"],
+        "setup_time_s": run_log["setup_time_s"],
+        "checkpoint_time_s": run_log["checkpoint_time_s"],
         "checkpoint": checkpoint,
     }
 

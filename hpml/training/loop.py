@@ -4,6 +4,7 @@ each); fit trains one model for its epochs; the bench scripts time Trainer.train
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import re
 import signal
@@ -178,6 +179,55 @@ def evaluate(model: nn.Module, batches: EvalBatches, autocast: contextlib.Abstra
     return {"loss_sum": loss_sum.item(), "correct": correct.item(), "images": len(batches)}
 
 
+@dataclasses.dataclass
+class RunLog:
+    """What a run has done so far, which its results record is built from: its id and start, the metrics of the
+    epochs done, a stopped epoch's position and sums over ranks (`partial`, checkpoint.PARTIAL_FIELDS), and the times
+    banked over its attempts. The checkpoint saves it (as_dict) and a resumed run goes on from it."""
+
+    run_id: str
+    started_at: str
+    epochs: list[dict] = dataclasses.field(default_factory=list)
+    partial: dict | None = None
+    resumes: int = 0
+    wall_time_s: float = 0.0  # banked at each checkpoint; total_wall_time_s() adds the time since
+    setup_time_s: float = 0.0
+    checkpoint_time_s: float = 0.0  # how long training waited for checkpoints to be handed to their writer
+
+    def __post_init__(self) -> None:
+        self.clock = time.perf_counter()  # when the wall time was last banked
+
+    @classmethod
+    def new(cls, model_name: str, world: World) -> RunLog:
+        return cls(results.new_run_id(model_name, world.mode, world.size), results.utc_now())
+
+    def resume(self, saved: dict) -> None:
+        """Go on from the run log an earlier attempt saved (a checkpoint's "run" part): one resume more."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, saved.get(field.name, getattr(self, field.name)))
+        self.resumes += 1
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.epochs)
+
+    def total_wall_time_s(self) -> float:
+        return self.wall_time_s + time.perf_counter() - self.clock
+
+    def end_epoch(self, metrics: dict) -> None:
+        self.epochs.append(metrics)
+        self.partial = None
+
+    def save_to(self, saved: checkpoint.RunCheckpoint, trainer_state: Callable[[], dict]) -> None:
+        """Bank the wall time and have the checkpoint save the log with the trainer's state."""
+        self.wall_time_s, self.clock = self.total_wall_time_s(), time.perf_counter()
+        saved.save(self.as_dict(), trainer_state)
+        self.checkpoint_time_s += time.perf_counter() - self.clock
+
+
 class Trainer:
     """One model set up to train in a world: weights, optimizer, schedule, batches and speed settings."""
 
@@ -256,34 +306,41 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     Returns the results record, or None when --resume finds this run already finished. Raises RunStopped
     after saving a checkpoint when a signal arrives, and when the loss stops being finite.
     """
+    run_log = RunLog.new(model_name, world)
     saved = checkpoint.RunCheckpoint(cfg, model_name, world, resume=resuming(cfg))
     if saved.finished:  # checked before the Trainer is built: skipping a finished run sets nothing up
         saved.restore_finished(Path(cfg.output_dir), log)
         return None
+    if saved.run is not None:
+        run_log.resume(saved.run)
     setup_start = time.perf_counter()
     trainer = Trainer(cfg, model_name, world, images)
-    saved.start(trainer.load_state_dict, setup_start, log)
+    saved.start(trainer.load_state_dict, log)
+    run_log.setup_time_s += time.perf_counter() - setup_start
     control = StepControl(world, stop_requested)
-    with saved, tensorboard_scalars(cfg, model_name, world, saved, len(trainer.train_batches)) as scalars:
-        for epoch in range(saved.epochs_done + 1, cfg.epochs + 1):
-            epoch_lr, partial = trainer.current_lr, rank_share(saved.progress["partial"], world)
+    with saved, tensorboard_scalars(cfg, model_name, world, run_log, len(trainer.train_batches)) as scalars:
+        for epoch in range(run_log.epochs_done + 1, cfg.epochs + 1):
+            epoch_lr, partial = trainer.current_lr, rank_share(run_log.partial, world)
             if scalars:
                 scalars.start_epoch(epoch, partial)
             with epoch_progress(cfg, world, model_name, epoch, len(trainer.train_batches)) as progress:
                 train = trainer.train_epoch(epoch, progress, control, partial, scalars.after_step if scalars else None)
             if train["stopped"] == "diverged":
                 raise RunStopped(f"{model_name}: the training loss became NaN or infinite in epoch {epoch}; stopped "
-                                 f"({saved.last_good()}); try a lower --lr or --precision fp32", exit_code=3,
-                                 agreed=True)
+                                 f"({saved.last_good(run_log.epochs_done)}); try a lower --lr or --precision fp32",
+                                 exit_code=3, agreed=True)
             if train["stopped"] == "stop":
-                saved.save_stopped_epoch(summed_over_ranks(train, world), trainer.state_dict)
+                run_log.partial = summed_over_ranks(train, world)
+                run_log.save_to(saved, trainer.state_dict)
+                saved.writer.wait()
                 raise RunStopped(f"{model_name}: stopped by a signal at step {train['steps']} of epoch {epoch}; "
                                  f"checkpoint saved to {saved.path}; rerun with --resume to continue", exit_code=130,
                                  agreed=True)
             eval_start = time.perf_counter()
             test = trainer.evaluate()
             metrics = epoch_metrics(epoch, epoch_lr, train, test, time.perf_counter() - eval_start, world)
-            saved.save_epoch(metrics, trainer.state_dict)
+            run_log.end_epoch(metrics)
+            run_log.save_to(saved, trainer.state_dict)
             if scalars:
                 scalars.end_epoch(metrics)
             if world.is_main and (not cfg.quiet or config.in_job()):  # SageMaker reads the job's metrics from it
@@ -293,8 +350,8 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
                 saved.writer.wait()
                 raise RunStopped(f"{model_name}: stopped by a signal after epoch {epoch}; checkpoint saved to "
                                  f"{saved.path}; rerun with --resume to continue", exit_code=130, agreed=True)
-    record = results.build_record(model_name, saved.progress, cfg.as_dict(), world.describe(), trainer.describe(),
-                                  images.summary(), results.environment(world.device), saved.wall_time_s(),
+    record = results.build_record(model_name, run_log.as_dict(), cfg.as_dict(), world.describe(), trainer.describe(),
+                                  images.summary(), results.environment(world.device), run_log.total_wall_time_s(),
                                   str(saved.path))
     if world.is_main:
         checkpoint.save_final_weights(trainer.model.state_dict(), record["run_id"])
@@ -304,9 +361,10 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
 
 
 def summed_over_ranks(train: dict, world: World) -> dict:
-    """A stopped epoch's sums over every rank, as its checkpoint keeps them (rank 0 writes it)."""
+    """A stopped epoch's position, and its sums over every rank: what the run log keeps of it (rank 0 saves it)."""
     loss_sum, correct, images = world.all_reduce([train["loss_sum"], train["correct"], train["images"]])
-    return {**train, "loss_sum": loss_sum, "correct": round(correct), "images": round(images)}
+    summed = {**train, "loss_sum": loss_sum, "correct": round(correct), "images": round(images)}
+    return {name: summed[name] for name in checkpoint.PARTIAL_FIELDS}
 
 
 def rank_share(partial: dict | None, world: World) -> dict | None:
@@ -317,11 +375,11 @@ def rank_share(partial: dict | None, world: World) -> dict | None:
     return {**partial, "loss_sum": 0.0, "correct": 0, "images": 0}
 
 
-def tensorboard_scalars(cfg: TrainConfig, model_name: str, world: World, saved: checkpoint.RunCheckpoint,
+def tensorboard_scalars(cfg: TrainConfig, model_name: str, world: World, run_log: RunLog,
                         steps_per_epoch: int) -> contextlib.AbstractContextManager[tensorboard_log.RunScalars | None]:
     """--tensorboard's writer for this run, on rank 0 (None on the others, and without the flag)."""
-    run_id, partial = saved.progress["run_id"], saved.progress["partial"]
-    steps_done = saved.epochs_done * steps_per_epoch + (partial["steps"] if partial else 0)
+    run_id, partial = run_log.run_id, run_log.partial
+    steps_done = run_log.epochs_done * steps_per_epoch + (partial["steps"] if partial else 0)
     settings = {"model": model_name, "run_id": run_id, **cfg.as_dict(), **world.describe()}
     return tensorboard_log.run_scalars(cfg.tensorboard if world.is_main else None, run_id, settings,
                                        cfg.tensorboard_every, steps_per_epoch, world.size, steps_done)
