@@ -234,7 +234,7 @@ def build_record(model: str, run_log: dict, config: dict, world: dict, trainer: 
     }
 
 
-def check_writable(folder: str | Path) -> Path:
+def check_output_folder(folder: str | Path) -> Path:
     """Create the output folder if needed and prove a file can be written there; UsageError otherwise."""
     return files.check_writable(folder, "output folder")
 

@@ -338,7 +338,7 @@ def check_identity(state: dict, expected: dict, path: Path) -> None:
                              "rerun with the same settings, or use another --checkpoint-dir to start afresh")
 
 
-def check_writable(cfg: TrainConfig) -> None:
+def check_folders_writable(cfg: TrainConfig) -> None:
     """Prove the checkpoint folder, and a SageMaker job's model folder, can be written before training starts."""
     files.check_writable(cfg.checkpoint_root, "checkpoint folder")
     if config.model_dir() is not None:

@@ -104,12 +104,10 @@ class StepControl:
         return "diverged" if diverged else "stop" if stop else None
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
-                    device: torch.device, progress: tqdm,
-                    autocast: contextlib.AbstractContextManager | None = None,
-                    scaler: torch.amp.GradScaler | None = None,
-                    control: StepControl | None = None, partial: dict | None = None,
-                    on_step: Callable[[int, Tensor, int], None] | None = None) -> dict:
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
+                device: torch.device, progress: tqdm, autocast: contextlib.AbstractContextManager | None = None,
+                scaler: torch.amp.GradScaler | None = None, control: StepControl | None = None,
+                partial: dict | None = None, on_step: Callable[[int, Tensor, int], None] | None = None) -> dict:
     """One pass over this rank's shard (or what is left of it after `partial`, a stopped epoch's sums).
 
     Returns sums (loss, correct, images), the steps taken, times in seconds and `stopped` (None, "stop" or
@@ -166,7 +164,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: EvalBatches, autocast: contextlib.AbstractContextManager | None = None) -> dict:
+def evaluate_batches(model: nn.Module, batches: EvalBatches,
+                     autocast: contextlib.AbstractContextManager | None = None) -> dict:
     """Sums of loss and correct predictions over this rank's share of the test set."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=batches.targets.device)
@@ -274,9 +273,8 @@ class Trainer:
         """Train one epoch (the rest of it after `partial`); the schedule steps when the epoch completes."""
         seed_all(self.cfg.seed, epoch, self.world.rank)
         self.train_batches.set_epoch(epoch, skip_batches=partial["steps"] if partial else 0)
-        stats = train_one_epoch(self.train_model, self.optimizer, self.train_batches, self.world.device, progress,
-                                speed.autocast(self.speed, self.world.device), self.scaler, control, partial,
-                                on_step)
+        stats = train_steps(self.train_model, self.optimizer, self.train_batches, self.world.device, progress,
+                            speed.autocast(self.speed, self.world.device), self.scaler, control, partial, on_step)
         if not stats["stopped"]:
             with warnings.catch_warnings():  # an epoch resumed after its last step takes no optimizer step
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
@@ -284,7 +282,7 @@ class Trainer:
         return stats
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.eval_batches, speed.autocast(self.speed, self.world.device))
+        return evaluate_batches(self.model, self.eval_batches, speed.autocast(self.speed, self.world.device))
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -455,8 +453,8 @@ def check_paths(cfg: TrainConfig, world: World) -> None:
     file system cannot name (the longest the run writes): a run's id is as long as results.new_run_id makes it."""
     if cfg.tensorboard:
         tensorboard_log.check(cfg.tensorboard)
-    results.check_writable(cfg.output_dir)
-    checkpoint.check_writable(cfg)
+    results.check_output_folder(cfg.output_dir)
+    checkpoint.check_folders_writable(cfg)
     for name in cfg.models:
         run_id = results.new_run_id(name, world.mode, world.size)
         written = [f"{run_id}.json", *[f"{run_id}.utilization.csv"] * cfg.utilization,
@@ -468,7 +466,7 @@ def check_paths(cfg: TrainConfig, world: World) -> None:
 
 def finish(record: dict, output_dir: str, log: Callable[[str], None]) -> Path:
     """Write a trained run's results file and mark its checkpoint finished."""
-    path, outcome = write_results(record, Path(output_dir))
+    path, outcome = write_or_keep(record, Path(output_dir))
     samples = [Path(output_dir) / record["utilization"]["samples_csv"]] if "utilization" in record else []
     checkpoint.mark_finished(Path(record["checkpoint"]), record["run_id"], [path, *samples])
     if outcome == "written":
@@ -480,7 +478,7 @@ def finish(record: dict, output_dir: str, log: Callable[[str], None]) -> Path:
     return path
 
 
-def write_results(record: dict, output_dir: Path) -> tuple[Path, str]:
+def write_or_keep(record: dict, output_dir: Path) -> tuple[Path, str]:
     """Write <output_dir>/<run_id>.json: "written"; keep this run's whole record found there (another attempt at the
     run wrote it meanwhile): "kept"; or replace a cut one: "replaced". Another run's record there is refused."""
     path = output_dir / f"{record['run_id']}.json"

@@ -60,10 +60,10 @@ def activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
     return [torch.profiler.ProfilerActivity.CPU, *cuda]
 
 
-def train_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callable[[], object]) -> None:
+def extra_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callable[[], object]) -> None:
     """`steps` steps of the run's own loop, model, optimizer and batches (from epoch `first_epoch` on), `on_step`
     after each once the device has finished it."""
-    from hpml.training.loop import synchronize, train_one_epoch  # here: train imports this module
+    from hpml.training.loop import synchronize, train_steps  # here: train imports this module
 
     device = trainer.world.device
 
@@ -72,8 +72,8 @@ def train_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callabl
         on_step()
 
     batches = window_batches(trainer.train_batches, first_epoch, steps)
-    train_one_epoch(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
-                    speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
+    train_steps(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
+                speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
 
 
 def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
@@ -88,7 +88,7 @@ def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
     schedule = torch.profiler.schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities(device), schedule=schedule, on_trace_ready=export) as profiler:
         # each step's device work inside its ProfilerStep span
-        train_steps(trainer, trainer.cfg.epochs + 1, PROFILER_WARMUP_STEPS + steps, profiler.step)
+        extra_steps(trainer, trainer.cfg.epochs + 1, PROFILER_WARMUP_STEPS + steps, profiler.step)
 
 
 def step_seconds(trainer: Trainer, steps: int, first_epoch: int, synced: bool) -> list[float]:
@@ -99,7 +99,7 @@ def step_seconds(trainer: Trainer, steps: int, first_epoch: int, synced: bool) -
     synchronize(trainer.world.device)
     ends = [time.perf_counter()]
     with contextlib.nullcontext() if synced else trainer.train_model.no_sync():
-        train_steps(trainer, first_epoch, steps, lambda: ends.append(time.perf_counter()))
+        extra_steps(trainer, first_epoch, steps, lambda: ends.append(time.perf_counter()))
     return [end - start for start, end in itertools.pairwise(ends)]
 
 
