@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import files, monitor
+from hpml import files
 from hpml.config import MAX_EPOCHS
 
 if TYPE_CHECKING:
@@ -288,6 +288,11 @@ def _found(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
+def trace_name(run_id: str, rank: int) -> str:
+    """The name of rank `rank`'s --profile trace, beside the run's record."""
+    return f"{run_id}.rank{rank}{TRACE_SUFFIX}"
+
+
 def is_record_file(path: str | Path) -> bool:
     """Whether a file's name is that of a results record: <run_id>.json, not a trace."""
     name = Path(path).name
@@ -345,6 +350,8 @@ def of_record(record: dict) -> str:
 def local(device: str) -> str:
     """The processor a run started here with --device `device` trains on, in of_record's words: the GPU CUDA
     numbers 0 (as NVML names it), or the CPU for --device cpu and where NVML finds no GPU."""
+    from hpml import monitor  # here: a training run, which reads and writes records, needs no NVML
+
     gpu = monitor.first_cuda_gpu_name() if device != "cpu" else None
     return f"GPU {gpu}" if gpu else f"CPU {cpu_name()}"
 

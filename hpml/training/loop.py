@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,13 +25,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import models
-from hpml import config, data, files, monitor, results
+from hpml import config, data, files, results
 from hpml.config import TrainConfig, check_grad_compression
 from hpml.data import ImageSet
 from hpml.errors import RunStopped, UsageError, one_line
-from hpml.training import checkpoint, dist, profiling, speed, tensorboard_log
+from hpml.training import checkpoint, dist, speed
 from hpml.training.dist import World
 from hpml.training.speed import IMAGE_SIZE, BatchPlan, EvalBatches, make_train_batches, memory_format
+
+if TYPE_CHECKING:  # --utilization, --profile and --tensorboard load their modules where they are asked for
+    from hpml import monitor
+    from hpml.training import tensorboard_log
 
 
 def seed_all(*seed_parts: int) -> None:
@@ -354,6 +359,8 @@ def fit(cfg: TrainConfig, model_name: str, world: World, images: ImageSet, log: 
     if world.is_main:
         checkpoint.save_final_weights(trainer.model.state_dict(), record["run_id"])
     if cfg.profile:  # after every figure above is taken and the weights are saved: its steps change neither
+        from hpml.training import profiling
+
         record["profile"] = profiling.profile_window(trainer, record["run_id"])
     return record
 
@@ -376,11 +383,15 @@ def rank_share(partial: dict | None, world: World) -> dict | None:
 def tensorboard_scalars(cfg: TrainConfig, model_name: str, world: World, run_log: RunLog,
                         steps_per_epoch: int) -> contextlib.AbstractContextManager[tensorboard_log.RunScalars | None]:
     """--tensorboard's writer for this run, on rank 0 (None on the others, and without the flag)."""
-    run_id, partial = run_log.run_id, run_log.partial
+    if not (cfg.tensorboard and world.is_main):
+        return contextlib.nullcontext()
+    from hpml.training import tensorboard_log
+
+    partial = run_log.partial
     steps_done = run_log.epochs_done * steps_per_epoch + (partial["steps"] if partial else 0)
-    settings = {"model": model_name, "run_id": run_id, **cfg.as_dict(), **world.describe()}
-    return tensorboard_log.run_scalars(cfg.tensorboard if world.is_main else None, run_id, settings,
-                                       cfg.tensorboard_every, steps_per_epoch, world.size, steps_done)
+    settings = {"model": model_name, "run_id": run_log.run_id, **cfg.as_dict(), **world.describe()}
+    return tensorboard_log.run_scalars(cfg.tensorboard, run_log.run_id, settings, cfg.tensorboard_every,
+                                       steps_per_epoch, world.size, steps_done)
 
 
 def epoch_progress(cfg: TrainConfig, world: World, model_name: str, epoch: int, steps: int) -> tqdm:
@@ -452,13 +463,15 @@ def check_paths(cfg: TrainConfig, world: World) -> None:
     """Refuse before training a folder that cannot be written (or --tensorboard without its package), or a file the
     file system cannot name (the longest the run writes): a run's id is as long as results.new_run_id makes it."""
     if cfg.tensorboard:
+        from hpml.training import tensorboard_log
+
         tensorboard_log.check(cfg.tensorboard)
     results.check_output_folder(cfg.output_dir)
     checkpoint.check_folders_writable(cfg)
     for name in cfg.models:
         run_id = results.new_run_id(name, world.mode, world.size)
         written = [f"{run_id}.json", *[f"{run_id}.utilization.csv"] * cfg.utilization,
-                   *[profiling.trace_name(run_id, world.size - 1)] * cfg.profile]
+                   *[results.trace_name(run_id, world.size - 1)] * cfg.profile]
         longest = max(written, key=len)
         files.check_name_fits(cfg.output_dir, longest, "results file")
         checkpoint.check_names_fit(cfg, name, world, run_id, longest)
@@ -501,6 +514,8 @@ def utilization_monitor(cfg: TrainConfig, world: World, log: Callable[[str], Non
     if not cfg.utilization:
         yield None
         return
+    from hpml import monitor
+
     sampling = monitor.Monitor(cfg.sample_interval, gpu_indices=monitor.device_gpus(world.device), rank=world.rank)
     sampling.start()
     try:
@@ -515,6 +530,8 @@ def utilization_monitor(cfg: TrainConfig, world: World, log: Callable[[str], Non
 
 def add_utilization(record: dict, utilization: monitor.Monitor, world: World, output_dir: str) -> None:
     """Gather every rank's samples on rank 0: the summary goes into the record, the rows into a CSV beside it."""
+    from hpml import monitor
+
     rows = world.gather_lists(utilization.samples)
     if world.is_main:
         csv_name = f"{record['run_id']}.utilization.csv"

@@ -17,25 +17,18 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from hpml import files, results
+from hpml import files
+from hpml.results import trace_name
 from hpml.training import speed, trace_breakdown
+from hpml.training.loop import Trainer, synchronize, train_steps
 from hpml.training.speed import TrainBatches
 
-if TYPE_CHECKING:
-    from hpml.training.loop import Trainer
-
 PROFILER_WARMUP_STEPS = 1
-
-
-def trace_name(run_id: str, rank: int) -> str:
-    return f"{run_id}.rank{rank}{results.TRACE_SUFFIX}"
-
 
 def window_batches(batches: TrainBatches, first_epoch: int, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
     """`steps` batches from epoch `first_epoch` on, each wait for one inside a DATA_SPAN."""
@@ -63,8 +56,6 @@ def activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
 def extra_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callable[[], object]) -> None:
     """`steps` steps of the run's own loop, model, optimizer and batches (from epoch `first_epoch` on), `on_step`
     after each once the device has finished it."""
-    from hpml.training.loop import synchronize, train_steps  # here: train imports this module
-
     device = trainer.world.device
 
     def step_done(*_: object) -> None:
@@ -94,8 +85,6 @@ def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
 def step_seconds(trainer: Trainer, steps: int, first_epoch: int, synced: bool) -> list[float]:
     """Each of `steps` training steps' seconds (device work included), with DDP's gradient synchronisation or
     under its no_sync(): the same steps without communication."""
-    from hpml.training.loop import synchronize  # here: train imports this module
-
     synchronize(trainer.world.device)
     ends = [time.perf_counter()]
     with contextlib.nullcontext() if synced else trainer.train_model.no_sync():
