@@ -112,7 +112,7 @@ class RunCheckpoint:
             except (RuntimeError, KeyError, ValueError, TypeError) as error:
                 raise UsageError(f"checkpoint {self.path} does not fit {name} ({one_line(error, 200)}); delete it "
                                  "or use another --checkpoint-dir") from None
-            partial = self.run["partial"]
+            partial = self.run.get("partial")  # RUN_LOG lets a checkpoint leave it out
             log(f"{name}: resuming from {self.path} after epoch {done}"
                 + (f", step {partial['steps']} of epoch {done + 1}" if partial else ""))
         elif self.world.is_main:
