@@ -159,7 +159,7 @@ def run_submit(args: argparse.Namespace) -> int:
     jobs.check_distribution(args.distribution, args.instance_type, args.instance_count, args.framework_version,
                             args.py_version, cfg.backend, cfg.device, region or "us-east-1")
     if args.wait:
-        results.check_writable(args.output_dir)
+        results.check_output_folder(args.output_dir)
     role = args.role or jobs.default_role(ask_aws=not args.dry_run)
     if role:
         jobs.check_role(role)
@@ -302,7 +302,7 @@ def run_collect(args: argparse.Namespace) -> int:
         raise UsageError("name the jobs to collect, or pass --all (not both)")
     for name in args.jobs:
         jobs.check_job_name(name)
-    output_dir = results.check_writable(args.output_dir)
+    output_dir = results.check_output_folder(args.output_dir)
     boto = jobs.aws_session(args.region, args.aws_profile)
     if args.all:
         done = jobs.collected_jobs(output_dir)

@@ -79,7 +79,7 @@ def measure(name: str, args: argparse.Namespace, world: dist.World, folder: Path
                 if kind == "blocking":
                     files.write_atomic(path, lambda tmp: torch.save(state, tmp))
                 else:
-                    writer.save(path, state)
+                    writer.write(path, state)
                 waits[kind].append(time.perf_counter() - start)
                 time.sleep(args.gap)
     return {kind: statistics.median(seconds) for kind, seconds in waits.items()} | {

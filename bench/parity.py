@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int
                        drop_last=args.drop_last, subset=args.subset, dataset=args.dataset,
                        data_dir=str(args.data_dir or default_data_dir()), device=args.device).validate()
     for setup in SETUPS:
-        results.check_writable(args.output_dir / setup)
+        results.check_output_folder(args.output_dir / setup)
     if args.json:
         files.check_output_file(args.json, "--json")
     return args, seeds, base

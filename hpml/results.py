@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpml import files, monitor
+from hpml import files
 from hpml.config import MAX_EPOCHS
 
 if TYPE_CHECKING:
@@ -207,34 +207,34 @@ def time_to_target(epochs: list[dict], target_acc: float) -> float | None:
     return None
 
 
-def build_record(model: str, progress: dict, config: dict, world: dict, trainer: dict, data: dict,
+def build_record(model: str, run_log: dict, config: dict, world: dict, trainer: dict, data: dict,
                  environment: dict, total_wall_time_s: float, checkpoint: str) -> dict:
-    """One run's record, from the checkpoint's `progress` (epochs, times, resumes), the flags as `config`, what
-    the world, the trainer (lr, speed, params) and the data say of themselves, and the environment."""
+    """One run's record, from the training loop's `run_log` (id, epochs, times, resumes), the flags as `config`,
+    what the world, the trainer (lr, speed, params) and the data say of themselves, and the environment."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "run_id": progress["run_id"],
+        "run_id": run_log["run_id"],
         "model": model,
         **world,
         "batch_size": config["batch_size"],
         "global_batch_size": config["batch_size"] * world["world_size"],
         **trainer,
-        "started_at": progress["started_at"],
+        "started_at": run_log["started_at"],
         "finished_at": utc_now(),
-        "resumes": progress["resumes"],
+        "resumes": run_log["resumes"],
         "config": config,
         "data": data,
         "environment": environment,
-        "epochs": progress["epochs"],
-        **summarize_epochs(progress["epochs"], config.get("target_acc")),
+        "epochs": run_log["epochs"],
+        **summarize_epochs(run_log["epochs"], config.get("target_acc")),
         "total_wall_time_s": total_wall_time_s,
-        "setup_time_s": progress["setup_time_s"],
-        "checkpoint_time_s": progress["checkpoint_time_s"],
+        "setup_time_s": run_log["setup_time_s"],
+        "checkpoint_time_s": run_log["checkpoint_time_s"],
         "checkpoint": checkpoint,
     }
 
 
-def check_writable(folder: str | Path) -> Path:
+def check_output_folder(folder: str | Path) -> Path:
     """Create the output folder if needed and prove a file can be written there; UsageError otherwise."""
     return files.check_writable(folder, "output folder")
 
@@ -286,6 +286,11 @@ def _found(value: object) -> str:
     """A value as JSON writes it, on one line and cut short: "two", NaN, null, [1]."""
     text = json.dumps(value, default=repr)
     return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def trace_name(run_id: str, rank: int) -> str:
+    """The name of rank `rank`'s --profile trace, beside the run's record."""
+    return f"{run_id}.rank{rank}{TRACE_SUFFIX}"
 
 
 def is_record_file(path: str | Path) -> bool:
@@ -345,6 +350,8 @@ def of_record(record: dict) -> str:
 def local(device: str) -> str:
     """The processor a run started here with --device `device` trains on, in of_record's words: the GPU CUDA
     numbers 0 (as NVML names it), or the CPU for --device cpu and where NVML finds no GPU."""
+    from hpml import monitor  # here: a training run, which reads and writes records, needs no NVML
+
     gpu = monitor.first_cuda_gpu_name() if device != "cpu" else None
     return f"GPU {gpu}" if gpu else f"CPU {cpu_name()}"
 

@@ -55,10 +55,10 @@ def main(batch_size: int, out: str) -> None:
         optimizer = loop.make_optimizer(cfg, ddp_model.parameters(), cfg.lr)
         for epoch in (1, 2):
             batches.set_epoch(epoch)
-            stats = loop.train_one_epoch(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
+            stats = loop.train_steps(ddp_model, optimizer, batches, world.device, tqdm(disable=True))
         weights[name] = model.state_dict()
         if name == "none":
-            test = loop.evaluate(model, speed.EvalBatches(images, world.rank, world.size, world.device))
+            test = loop.evaluate_batches(model, speed.EvalBatches(images, world.rank, world.size, world.device))
             metrics = loop.epoch_metrics(2, cfg.lr, stats, test, 0.0, world)
     if world.is_main:
         torch.save(weights, out)

@@ -81,10 +81,10 @@ def place(tmp_path_factory) -> Path:
                 "wall_time_s": 0.0, "setup_time_s": 0.0, "checkpoint_time_s": 0.0}
     fitting = {**identity, "batch_size": 10, "drop_last": True}
     with checkpoint.BackgroundWriter() as writer:
-        writer.save(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
-        writer.save(misfit, {"identity": fitting, "run": progress, "trainer": {"model": {"w": torch.zeros(1)}}})
+        writer.write(other, {"identity": identity, "run": {}, "trainer": {"model": {"w": torch.zeros(1)}}})
+        writer.write(misfit, {"identity": fitting, "run": progress, "trainer": {"model": {"w": torch.zeros(1)}}})
         for name, run, trainer in (("no-progress", {}, {"model": {}}), ("no-weights", progress, [])):
-            writer.save(root / name / "resnet18_single_w1" / "last.pt", {"identity": fitting, "run": run,
+            writer.write(root / name / "resnet18_single_w1" / "last.pt", {"identity": fitting, "run": run,
                                                                           "trainer": trainer})
     (root / "linked" / "resnet18_single_w1").mkdir(parents=True)  # a copied checkpoint folder holding a link out
     (root / "linked" / "resnet18_single_w1" / "results").symlink_to(root / "tiny")

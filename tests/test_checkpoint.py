@@ -216,9 +216,9 @@ def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path):
     path = tmp_path / "run" / CHECKPOINT_FILE
     weights = torch.zeros(1000)
     with checkpoint.BackgroundWriter() as writer:
-        writer.save(path, {"identity": {}, "weights": weights})
+        writer.write(path, {"identity": {}, "weights": weights})
         weights += 1  # training goes on while the file is written
-        writer.save(path, {"identity": {}, "weights": weights})  # waits for the first write
+        writer.write(path, {"identity": {}, "weights": weights})  # waits for the first write
         weights += 1
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(1000))
     assert [p.name for p in path.parent.iterdir()] == [CHECKPOINT_FILE]  # no temp file left
@@ -228,7 +228,7 @@ def test_a_failed_background_write_is_reported_with_the_path(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     path = tmp_path / "a-file" / "run" / CHECKPOINT_FILE
     writer = checkpoint.BackgroundWriter()
-    writer.save(path, {"identity": {}})
+    writer.write(path, {"identity": {}})
     with pytest.raises(WriteFailed, match=f"cannot write checkpoint {path}"):
         writer.wait()
     writer.wait()  # reported once
@@ -253,7 +253,7 @@ def saved_config(tmp_path_factory) -> TrainConfig:
     """A config whose checkpoint (of resnet18, in a world of one) lies in its --checkpoint-dir."""
     cfg = TrainConfig(checkpoint_dir=str(tmp_path_factory.mktemp("identity")), epochs=3, batch_size=8)
     with checkpoint.RunCheckpoint(cfg, "resnet18", ALONE, resume=False) as saved:
-        saved.save(lambda: {"model": {}})  # no weights: only the identity is read back
+        saved.save(loop.RunLog.new("resnet18", ALONE).as_dict(), lambda: {"model": {}})  # only the identity is read
     return cfg
 
 
@@ -266,7 +266,7 @@ def test_resume_refuses_a_checkpoint_made_with_any_other_identity_setting(name, 
 
 def test_resume_continues_a_checkpoint_made_with_other_speed_settings(saved_config):
     faster = dataclasses.replace(saved_config, workers=0, loader="torch", precision="fp32", compile=True)
-    assert checkpoint.RunCheckpoint(faster, "resnet18", ALONE, resume=True).progress["resumes"] == 1
+    assert checkpoint.RunCheckpoint(faster, "resnet18", ALONE, resume=True).run is not None
 
 
 def files_under(folder: Path) -> set[Path]:
@@ -280,7 +280,7 @@ def job_folders(tmp_path, monkeypatch) -> tuple[TrainConfig, Path]:
     monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
     cfg = TrainConfig(checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"), epochs=3, batch_size=8)
     with checkpoint.RunCheckpoint(cfg, "resnet18", ALONE, resume=False) as saved:
-        saved.save(lambda: {"model": {"w": torch.zeros(1)}})
+        saved.save(loop.RunLog.new("resnet18", ALONE).as_dict(), lambda: {"model": {"w": torch.zeros(1)}})
     kept = saved.path.with_name(checkpoint.RESULTS_COPIES)
     kept.mkdir()
     (kept.parent / "escape").write_text("kept beside the checkpoint")  # what results/../escape names
@@ -400,7 +400,7 @@ from hpml.training import checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 writer = checkpoint.BackgroundWriter()
-writer.save(Path(sys.argv[1]), {"identity": {}, "weights": torch.zeros(2**16)})
+writer.write(Path(sys.argv[1]), {"identity": {}, "weights": torch.zeros(2**16)})
 try:
     writer.wait()
 except Exception as error:
@@ -411,7 +411,7 @@ except Exception as error:
 def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_the_last_one_stays(tmp_path):
     path = tmp_path / "run" / CHECKPOINT_FILE
     with checkpoint.BackgroundWriter() as writer:
-        writer.save(path, {"identity": {}, "weights": torch.ones(10)})
+        writer.write(path, {"identity": {}, "weights": torch.ones(10)})
     done = subprocess.run([sys.executable, "-c", SAVE_TOO_MUCH, str(path)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr

@@ -78,10 +78,10 @@ def test_a_record_holding_a_bad_value_is_skipped_naming_the_file_and_the_field(f
     assert message.startswith(f"{tmp_path / 'bad.json'}: {found}"), message
 
 
-def test_check_writable_refuses_a_path_below_a_file(tmp_path):
+def test_check_output_folder_refuses_a_path_below_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="not writable"):
-        results.check_writable(tmp_path / "file" / "sub")
+        results.check_output_folder(tmp_path / "file" / "sub")
 
 
 def test_time_to_target_is_training_time_up_to_the_first_epoch_reaching_it():

@@ -1,7 +1,10 @@
 """run_hpc.py end to end, as a user runs it: results schema, learning, determinism, bad input."""
 
+import itertools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,7 @@ import pytest
 
 import run_hpc
 from hpml import data
-from tests.helpers import exit_code_of, results_in
+from tests.helpers import REPO, exit_code_of, results_in
 
 # The cosine schedule settles the last epoch: with a constant rate its test accuracy swings from 0.26 to 0.9 with the
 # thread count and the CPU's precision; with it, 0.7 to 1.0 over seeds, threads, fp32 and bf16.
@@ -84,6 +87,45 @@ def test_model_list_trains_each_in_turn_and_never_overwrites(npz_dir, tmp_path):
         assert exit_code_of(run_hpc.main, args) == 0
     assert sorted(r["model"] for r in results_in(tmp_path)) == ["resnet18", "resnet18", "shufflenetv2", "shufflenetv2"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+# The modules of hpml a run loads from its flags to its results JSON (packages aside, and the script's own module,
+# which may live in hpml.scripts), and what each optional flag adds to them.
+RUN_MODULES = {"hpml.cli", "hpml.config", "hpml.results", "hpml.data", "hpml.training.loop", "hpml.training.speed",
+               "hpml.training.dist", "hpml.training.checkpoint", "hpml.errors", "hpml.files"}
+FLAG_MODULES = {"--utilization": {"hpml.monitor"},
+                "--profile": {"hpml.training.profiling", "hpml.training.trace_breakdown"},
+                "--tensorboard": {"hpml.training.tensorboard_log"}}
+# Runs run_hpc.py once for each argument list given as JSON, one after another in one Python, and prints the modules
+# loaded after each.
+LOADED_AFTER_EACH_RUN = """
+import json, runpy, sys
+
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["run_hpc.py", *argv]
+    try:
+        runpy.run_path("run_hpc.py", run_name="__main__")
+    except SystemExit as done:
+        assert done.code == 0, f"exit code {done.code}"
+    print("loaded:", json.dumps(sorted(name for name, module in sys.modules.items() if name.startswith("hpml.")
+                                       and not hasattr(module, "__path__") and not name.startswith("hpml.scripts."))))
+"""
+
+
+def test_a_run_loads_ten_modules_and_each_optional_flag_only_its_own(tmp_path):
+    tiny = ["--model", "shufflenetv2", "--dataset", "synthetic", "--subset", "10", "--batch-size", "10", "--epochs",
+            "1", "--workers", "0", "--quiet"]
+    flags = [[], ["--utilization"], ["--profile", "--profile-steps", "1"], ["--tensorboard", str(tmp_path)]]
+    runs = [[*tiny, *flag, "--output-dir", str(tmp_path / f"run{index}")] for index, flag in enumerate(flags)]
+    done = subprocess.run([sys.executable, "-c", LOADED_AFTER_EACH_RUN, json.dumps(runs)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = [set(json.loads(line.removeprefix("loaded:"))) for line in done.stdout.splitlines()
+              if line.startswith("loaded:")]
+    assert loaded[0] == RUN_MODULES
+    added = {flag[0]: after - before for flag, (before, after) in zip(flags[1:], itertools.pairwise(loaded),
+                                                                      strict=True)}
+    assert added == FLAG_MODULES
 
 
 BAD_INPUTS = [

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--collect gathers the results of --where slurm jobs; --where {args.where} runs the cells "
                          "and draws at the end")
     trained_on = matrix.local_processor(cfg.device) if args.where == "local" else None  # a SLURM node's: not known
-    output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
+    output_dir, figures_dir = results.check_output_folder(cfg.output_dir), results.check_output_folder(args.figures_dir)
     if args.collect:
         return draw_finished(cells, cfg, output_dir, figures_dir)
     records, _ = results.load_all(output_dir)
@@ -158,7 +158,7 @@ def run_on_sagemaker(args: argparse.Namespace, cfg: TrainConfig, cells: list[mat
     specs = {job.base_name: job_spec(args, job) for job in planned}
     first = specs[planned[0].base_name]
     upload, data_note = submission.data_source(args, cfg, first)
-    output_dir, figures_dir = results.check_writable(cfg.output_dir), results.check_writable(args.figures_dir)
+    output_dir, figures_dir = results.check_output_folder(cfg.output_dir), results.check_output_folder(args.figures_dir)
     throughput = estimate.Throughput.load(Path(args.throughput)) if args.throughput else None
     assumptions = estimate.Assumptions.of(cfg, args.epoch_seconds, throughput, args.startup_minutes,
                                                 args.warm_startup_minutes, args.spot_savings, args.max_run, POLL_S)

@@ -414,7 +414,7 @@ def make_all(results_dir: str | Path, output_dir: str | Path, dpi: int = 150,
     if not records:
         raise UsageError(f"--results-dir {files.shown(results_dir)}: no valid results JSON files found "
                          f"({len(skipped)} skipped); run run_hpc.py or run_distributed.py first")
-    target = results.check_writable(output_dir)
+    target = results.check_output_folder(output_dir)
     groups = group_runs(records, warn)
     log(f"{cli.count(len(records), 'run')} in {cli.count(len(groups), 'group')} from {files.shown(source)}")
     written = [save_figure(draw(groups), target / name, dpi) for name, draw in FIGURES.items()]

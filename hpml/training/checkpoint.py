@@ -1,11 +1,11 @@
 """Checkpoints: one file per run, written atomically by rank 0, read back with weights_only=True.
 
-A checkpoint holds the model, optimizer, schedule and gradient scaler, the metrics of the epochs so far and,
-when a run was stopped by a signal, the position and running sums inside the epoch. Once the run has finished,
-copies of its results files lie beside it, so that they can be written again where they went missing (a SageMaker
-spot restart brings back the checkpoint folder, not the output folder). No random-generator
-state is needed: every random stream (weights, shuffle, crops and flips) is drawn afresh from
-(--seed, epoch, rank) when an epoch starts, so a resumed run continues exactly where it stopped.
+A checkpoint holds the model, optimizer, schedule and gradient scaler, and the loop's run log: the metrics of the
+epochs so far and, when a run was stopped by a signal, the position and running sums inside the epoch. Once the run
+has finished, copies of its results files lie beside it, so that they can be written again where they went missing
+(a SageMaker spot restart brings back the checkpoint folder, not the output folder). No random-generator state is
+needed: every random stream (weights, shuffle, crops and flips) is drawn afresh from (--seed, epoch, rank) when an
+epoch starts, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import pickle
 import shutil
 import threading
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,13 +36,13 @@ IDENTITY_FIELDS = ("batch_size", "lr", "optimizer", "schedule", "epochs", "seed"
 OLDER_IDENTITY = {"drop_last": False}  # what checkpoints written before a field existed were made with
 # A stopped epoch's position and running sums, enough to finish it exactly.
 PARTIAL_FIELDS = ("steps", "loss_sum", "correct", "images", "epoch_time_s", "data_time_s")
-# What a checkpoint holds, each part and each field of its progress ("run") with what it must be: what resuming reads
-# before the trainer's state is loaded (whose own misfits load_trainer_state reports). The progress is checked after
+# What a checkpoint holds, each part and each field of its run log ("run") with what it must be: what resuming reads
+# before the trainer's state is loaded (whose own misfits load_trainer_state reports). The run log is checked after
 # the identity, so that a checkpoint of other settings is named as such.
 CONTENTS: dict[str, Callable[[object], bool]] = {
     "identity": lambda v: isinstance(v, dict), "run": lambda v: isinstance(v, dict),
     "trainer": lambda v: isinstance(v, dict) and isinstance(v.get("model"), dict)}
-PROGRESS: dict[str, Callable[[object], bool]] = {
+RUN_LOG: dict[str, Callable[[object], bool]] = {
     "run_id": lambda v: isinstance(v, str), "started_at": lambda v: isinstance(v, str),
     "epochs": lambda v: isinstance(v, list) and all(isinstance(epoch, dict) for epoch in v),
     "partial": lambda v: v is None or (isinstance(v, dict) and all(
@@ -64,10 +63,10 @@ def identity(cfg: TrainConfig, model_name: str, world: World) -> dict:
 class RunCheckpoint:
     """One run's checkpoint: what an earlier attempt left in its folder, and this attempt's saves.
 
-    `progress` is what the checkpoint holds besides the trainer's state: the run's id and start, the metrics of
-    the epochs so far, a stopped epoch's position and sums (`partial`), and times banked over resumes. Every
-    rank reads the checkpoint; rank 0 writes it, in the background. Use it as a context manager around training,
-    so that the last write is complete when training ends.
+    It saves the loop's run log (hpml.training.loop.RunLog, as a plain dict: the checkpoint's "run" part) with the
+    trainer's state, and on resume hands back the one an earlier attempt saved (`run`). Every rank reads the
+    checkpoint; rank 0 writes it, in the background. Use it as a context manager around training, so that the last
+    write is complete when training ends.
     """
 
     def __init__(self, cfg: TrainConfig, model_name: str, world: World, resume: bool) -> None:
@@ -75,34 +74,27 @@ class RunCheckpoint:
         # what this run writes beside its checkpoint stays in the checkpoint folder, whatever links a copied one holds
         named(cfg.checkpoint_root, f"{self.path.parent.name}/{RESULTS_COPIES}", "folder", self.path.parent)
         self.identity = identity(cfg, model_name, world)
-        self.progress = {"run_id": results.new_run_id(model_name, world.mode, world.size),
-                         "started_at": results.utc_now(), "epochs": [], "partial": None, "resumes": 0,
-                         "wall_time_s": 0.0, "setup_time_s": 0.0, "checkpoint_time_s": 0.0}
-        self.clock = time.perf_counter()  # wall time is banked in `progress` at every save, so it adds up over resumes
         self.writer = BackgroundWriter()
+        self.run: dict | None = None  # the run log an earlier attempt saved
         self.trainer_state: dict | None = None
         self.finished: dict | None = None  # finished.json of a run that needs no more training
         self.replacing = False  # starting afresh where an earlier run left its files
         if resume and self.path.exists():
             state = load(self.path)
             check_identity(state, self.identity, self.path)
-            refuse_misfit(self.path, next((f"run.{name}" for name, fits in PROGRESS.items()
+            refuse_misfit(self.path, next((f"run.{name}" for name, fits in RUN_LOG.items()
                                            if not fits(state["run"].get(name))), ""))
-            self.trainer_state = state["trainer"]
-            self.progress = {**self.progress, **state["run"], "resumes": state["run"]["resumes"] + 1}
-            named(cfg.output_dir, self.progress["run_id"], "run id", self.path.parent)
+            self.run, self.trainer_state = state["run"], state["trainer"]
+            named(cfg.output_dir, self.run["run_id"], "run id", self.path.parent)
             self.finished = finished_run(self.path) or self.finished_unmarked(Path(cfg.output_dir))
-
-    @property
-    def epochs_done(self) -> int:
-        return len(self.progress["epochs"])
 
     def finished_unmarked(self, output_dir: Path) -> dict | None:
         """A run whose whole results file is there though finished.json is missing or cut (a kill between the two
         writes), as finished.json would describe it; rank 0 looks, every rank follows."""
-        found = results_found(self.path, self.progress["run_id"], output_dir) if self.world.is_main else None
+        run_id = self.run["run_id"]
+        found = results_found(self.path, run_id, output_dir) if self.world.is_main else None
         if self.world.all_reduce([float(found is not None)], op="max")[0]:
-            return found or {"run_id": self.progress["run_id"], "files": []}
+            return found or {"run_id": run_id, "files": []}
         return None
 
     def restore_finished(self, output_dir: Path, log: Callable[[str], None]) -> None:
@@ -111,53 +103,39 @@ class RunCheckpoint:
             restore_results(self.path, self.finished, output_dir, self.trainer_state["model"], log)
         log(f"{self.identity['model']}: already finished, results in {output_dir}; skipping")
 
-    def start(self, load_trainer_state: Callable[[dict], None], setup_start: float,
-              log: Callable[[str], None]) -> None:
+    def start(self, load_trainer_state: Callable[[dict], None], log: Callable[[str], None]) -> None:
         """Continue the earlier attempt (its state goes to `load_trainer_state`) or begin afresh in its folder."""
-        name, partial = self.identity["model"], self.progress["partial"]
+        name, done = self.identity["model"], len(self.run["epochs"]) if self.run else 0
         if self.trainer_state is not None:
             try:
                 load_trainer_state(self.trainer_state)
             except (RuntimeError, KeyError, ValueError, TypeError) as error:
                 raise UsageError(f"checkpoint {self.path} does not fit {name} ({one_line(error, 200)}); delete it "
                                  "or use another --checkpoint-dir") from None
-            log(f"{name}: resuming from {self.path} after epoch {self.epochs_done}"
-                + (f", step {partial['steps']} of epoch {self.epochs_done + 1}" if partial else ""))
+            partial = self.run.get("partial")  # RUN_LOG lets a checkpoint leave it out
+            log(f"{name}: resuming from {self.path} after epoch {done}"
+                + (f", step {partial['steps']} of epoch {done + 1}" if partial else ""))
         elif self.world.is_main:
             self.replacing = True  # an earlier run's files stay until this one writes its first checkpoint
             if self.path.exists():
                 log(f"{name}: starting afresh; {self.path} will be replaced (use --resume to continue it)")
-        self.progress["setup_time_s"] += time.perf_counter() - setup_start
-        done_by_rank = self.world.all_reduce([self.epochs_done, -self.epochs_done], op="max")
+        done_by_rank = self.world.all_reduce([done, -done], op="max")
         if done_by_rank[0] != -done_by_rank[1]:
             raise UsageError(f"ranks found different checkpoints under {self.path.parent}; put --checkpoint-dir on a "
                              "folder every node shares")
 
-    def save(self, trainer_state: Callable[[], dict], **progress: object) -> None:
-        """Bank the wall time, update `progress` and (rank 0) write both with the trainer's state."""
-        self.progress.update(progress, wall_time_s=self.progress["wall_time_s"] + time.perf_counter() - self.clock)
-        self.clock = time.perf_counter()
-        if self.world.is_main:  # the time training waits for the write is banked with the next save
+    def save(self, run: dict, trainer_state: Callable[[], dict]) -> None:
+        """(Rank 0) write the run log `run` with the trainer's state, in the background; a run started afresh
+        first clears the finished marks of the one it replaces."""
+        if self.world.is_main:
             if self.replacing:
                 clear_finished(self.path)
                 self.replacing = False
-            self.writer.save(self.path, {"identity": self.identity, "run": self.progress, "trainer": trainer_state()})
-            self.progress["checkpoint_time_s"] += time.perf_counter() - self.clock
+            self.writer.write(self.path, {"identity": self.identity, "run": run, "trainer": trainer_state()})
 
-    def save_epoch(self, metrics: dict, trainer_state: Callable[[], dict]) -> None:
-        self.save(trainer_state, epochs=[*self.progress["epochs"], metrics], partial=None)
-
-    def save_stopped_epoch(self, train: dict, trainer_state: Callable[[], dict]) -> None:
-        """Save where a stopped epoch got to, and wait until the file is written."""
-        self.save(trainer_state, partial={key: train[key] for key in PARTIAL_FIELDS})
-        self.writer.wait()
-
-    def last_good(self) -> str:
-        return f"the last good checkpoint, after epoch {self.epochs_done}, is {self.path}" if self.epochs_done else \
+    def last_good(self, epochs_done: int) -> str:
+        return f"the last good checkpoint, after epoch {epochs_done}, is {self.path}" if epochs_done else \
             "no checkpoint"
-
-    def wall_time_s(self) -> float:
-        return self.progress["wall_time_s"] + time.perf_counter() - self.clock
 
     def __enter__(self) -> RunCheckpoint:
         self.writer.__enter__()
@@ -170,9 +148,9 @@ class RunCheckpoint:
 class BackgroundWriter:
     """Writes checkpoints on a thread, so that training goes on while the file is written and flushed to disk.
 
-    save() copies the state at once (tensors are cloned where they live, in a few milliseconds); the thread
+    write() copies the state at once (tensors are cloned where they live, in a few milliseconds); the thread
     serialises the copy through a temp file and a rename, mostly without holding the GIL. One write at a
-    time: save() and wait() wait for the one before and raise its error. Use it as a context manager, so that
+    time: write() and wait() wait for the one before and raise its error. Use it as a context manager, so that
     the last write is complete when the block ends.
     """
 
@@ -180,13 +158,13 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._error: WriteFailed | None = None
 
-    def save(self, path: Path, state: dict) -> None:
+    def write(self, path: Path, state: dict) -> None:
         self.wait()
         snapshot = copy.deepcopy({"format_version": FORMAT_VERSION, **state})  # training changes the original
-        self._thread = threading.Thread(target=self._write, args=(path, snapshot), name="checkpoint-writer")
+        self._thread = threading.Thread(target=self._write_file, args=(path, snapshot), name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, path: Path, snapshot: dict) -> None:
+    def _write_file(self, path: Path, snapshot: dict) -> None:
         try:
             files.write_atomic(path, lambda tmp: save_tensors(snapshot, tmp))
         except Exception as error:  # reported to the training thread at its next wait()
@@ -360,7 +338,7 @@ def check_identity(state: dict, expected: dict, path: Path) -> None:
                              "rerun with the same settings, or use another --checkpoint-dir to start afresh")
 
 
-def check_writable(cfg: TrainConfig) -> None:
+def check_folders_writable(cfg: TrainConfig) -> None:
     """Prove the checkpoint folder, and a SageMaker job's model folder, can be written before training starts."""
     files.check_writable(cfg.checkpoint_root, "checkpoint folder")
     if config.model_dir() is not None:

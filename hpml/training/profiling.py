@@ -17,25 +17,18 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from hpml import files, results
+from hpml import files
+from hpml.results import trace_name
 from hpml.training import speed, trace_breakdown
+from hpml.training.loop import Trainer, synchronize, train_steps
 from hpml.training.speed import TrainBatches
 
-if TYPE_CHECKING:
-    from hpml.training.loop import Trainer
-
 PROFILER_WARMUP_STEPS = 1
-
-
-def trace_name(run_id: str, rank: int) -> str:
-    return f"{run_id}.rank{rank}{results.TRACE_SUFFIX}"
-
 
 def window_batches(batches: TrainBatches, first_epoch: int, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
     """`steps` batches from epoch `first_epoch` on, each wait for one inside a DATA_SPAN."""
@@ -60,11 +53,9 @@ def activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
     return [torch.profiler.ProfilerActivity.CPU, *cuda]
 
 
-def train_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callable[[], object]) -> None:
+def extra_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callable[[], object]) -> None:
     """`steps` steps of the run's own loop, model, optimizer and batches (from epoch `first_epoch` on), `on_step`
     after each once the device has finished it."""
-    from hpml.training.loop import synchronize, train_one_epoch  # here: train imports this module
-
     device = trainer.world.device
 
     def step_done(*_: object) -> None:
@@ -72,8 +63,8 @@ def train_steps(trainer: Trainer, first_epoch: int, steps: int, on_step: Callabl
         on_step()
 
     batches = window_batches(trainer.train_batches, first_epoch, steps)
-    train_one_epoch(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
-                    speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
+    train_steps(trainer.train_model, trainer.optimizer, batches, device, tqdm(disable=True),
+                speed.autocast(trainer.speed, device), trainer.scaler, on_step=step_done)
 
 
 def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
@@ -88,18 +79,16 @@ def record_steps(trainer: Trainer, steps: int, path: Path) -> None:
     schedule = torch.profiler.schedule(wait=0, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities(device), schedule=schedule, on_trace_ready=export) as profiler:
         # each step's device work inside its ProfilerStep span
-        train_steps(trainer, trainer.cfg.epochs + 1, PROFILER_WARMUP_STEPS + steps, profiler.step)
+        extra_steps(trainer, trainer.cfg.epochs + 1, PROFILER_WARMUP_STEPS + steps, profiler.step)
 
 
 def step_seconds(trainer: Trainer, steps: int, first_epoch: int, synced: bool) -> list[float]:
     """Each of `steps` training steps' seconds (device work included), with DDP's gradient synchronisation or
     under its no_sync(): the same steps without communication."""
-    from hpml.training.loop import synchronize  # here: train imports this module
-
     synchronize(trainer.world.device)
     ends = [time.perf_counter()]
     with contextlib.nullcontext() if synced else trainer.train_model.no_sync():
-        train_steps(trainer, first_epoch, steps, lambda: ends.append(time.perf_counter()))
+        extra_steps(trainer, first_epoch, steps, lambda: ends.append(time.perf_counter()))
     return [end - start for start, end in itertools.pairwise(ends)]
 
 

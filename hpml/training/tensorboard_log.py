@@ -88,12 +88,9 @@ class RunScalars:
 
 
 @contextlib.contextmanager
-def run_scalars(folder: str | None, run_id: str, settings: dict, every: int, steps_per_epoch: int, world_size: int,
-                steps_done: int) -> Iterator[RunScalars | None]:
-    """A RunScalars writing into folder/<run_id>/, closed when the block ends; None when `folder` is None."""
-    if folder is None:
-        yield None
-        return
+def run_scalars(folder: str, run_id: str, settings: dict, every: int, steps_per_epoch: int, world_size: int,
+                steps_done: int) -> Iterator[RunScalars]:
+    """A RunScalars writing into folder/<run_id>/, closed when the block ends."""
     scalars = RunScalars(files.inside(Path(folder), run_id, "TensorBoard run folder"), settings, every,
                          steps_per_epoch, world_size, steps_done)
     try:
