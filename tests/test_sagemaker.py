@@ -40,6 +40,7 @@ from tests.helpers import (
     results_in,
     run_script,
     run_without_torch,
+    started_as,
     write_npz,
 )
 
@@ -133,6 +134,7 @@ def main_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.chdir(tmp_path_factory.mktemp("recording"))
         monkeypatch.setattr(sys, "stdout", io.StringIO())
+        started_as(monkeypatch, "sagemaker_submission.py")
         moto_recorder("start-recording")
         code = exit_code_of(sagemaker_submission.main, ["submit", *JOB_ARGS, "--region", REGION, "--data-dir",
                                                          str(cifar_dir), *MAIN_JOB_ARGS])

@@ -22,11 +22,11 @@ import boto3
 import pytest
 
 import run_hpc
-import sagemaker_submission
 from hpml import data
 from hpml.platforms.sagemaker import jobs
+from hpml.scripts import sagemaker_submission
 from tests import helpers
-from tests.helpers import exit_code_of, no_aws_config, record, refusal
+from tests.helpers import exit_code_of, no_aws_config, record, refusal, started_as
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-untrusted"
@@ -258,15 +258,17 @@ def test_submit_uploads_no_link_secret_or_hidden_file(account, source_tree, caps
 # ---- generated commands --------------------------------------------------------------------------------------------
 
 
-def test_the_printed_collect_command_quotes_every_value(capsys):
+def test_the_printed_collect_command_quotes_every_value(capsys, monkeypatch):
     spec = jobs.JobSpec(job_name="hpml-quoted", instance_type="ml.p3.2xlarge", instance_count=1, distribution="none",
                         framework_version=jobs.DEFAULT_FRAMEWORK_VERSION, py_version=jobs.DEFAULT_PY_VERSION,
                         hyperparameters={}, region="us-east-1", role=ROLE, bucket=BUCKET, s3_data=None, spot=False,
                         max_run=3600, max_wait=None)
     profile = "my profile; rm -rf ~"
-    sagemaker_submission.print_submitted(spec, argparse.Namespace(wait=False, aws_profile=profile))
-    (line,) = [line for line in capsys.readouterr().out.splitlines() if "when it has finished:" in line]
-    argv = shlex.split(line.split("when it has finished: ", 1)[1])
-    assert argv == ["python", "sagemaker_submission.py", "collect", "hpml-quoted", "--region", "us-east-1",
-                    "--aws-profile", profile]
-    assert sagemaker_submission.build_parser().parse_args(argv[2:]).aws_profile == profile
+    for started, command in (("sagemaker_submission.py", ["python", "sagemaker_submission.py"]),
+                             ("/venv/bin/hpml-sagemaker", ["hpml-sagemaker"])):
+        started_as(monkeypatch, started)
+        sagemaker_submission.print_submitted(spec, argparse.Namespace(wait=False, aws_profile=profile))
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if "when it has finished:" in line]
+        argv = shlex.split(line.split("when it has finished: ", 1)[1])
+        assert argv == [*command, "collect", "hpml-quoted", "--region", "us-east-1", "--aws-profile", profile]
+        assert sagemaker_submission.build_parser().parse_args(argv[len(command):]).aws_profile == profile
