@@ -215,7 +215,9 @@ def print_dry_run(spec: jobs.JobSpec, upload: jobs.DataUpload | None, profile: s
     print(json.dumps(request, indent=2, default=str))
     print("Notes:")
     code = stage_listing(spec.requirements)
-    print(f"  code: {len(code)} files from this repository ({code_summary(code)}; its requirements.txt lists "
+    imported_from = ", ".join(sorted({str(package.parent) for package in jobs.CODE_PACKAGES}))
+    print(f"  code: {len(code)} files ({code_summary(code)}: the hpml and models packages this client imports, "
+          f"from {imported_from}, and the entry scripts; its requirements.txt lists "
           f"{', '.join(spec.requirements)}, the container's own torch is kept), packed and uploaded by the SDK "
           "to the sagemaker_submit_directory above")
     print(f"  metrics: {', '.join(jobs.METRICS)} of each model per epoch (MetricDefinitions above, named "
