@@ -1,26 +1,11 @@
 #!/usr/bin/env python3
-"""Single-device training: one GPU or the CPU. `python run_hpc.py --help` lists every flag."""
+"""Single-device training: one GPU or the CPU. `python run_hpc.py --help` lists every flag.
 
-from __future__ import annotations
+Its body is the module hpml.scripts.run_hpc, which an installed hpml also runs as hpml-run-hpc."""
 
-from collections.abc import Sequence
+from hpml.scripts.run_hpc import main, run_as_script
 
-from hpml.errors import one_line_on_ctrl_c
-
-one_line_on_ctrl_c()  # before torch loads
-
-from hpml import cli  # noqa: E402
-from hpml.training import dist, loop  # noqa: E402
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.ArgumentParser(description="Train CIFAR-10 CNNs on one device and write a results JSON per model.")
-    cli.add_training_args(parser)
-    cfg = cli.config_from_args(parser.parse_args(argv))
-    world = dist.single_process(cfg.device)
-    loop.run_models(cfg, world)
-    return 0
-
+__all__ = ["main", "run_as_script"]  # `import run_hpc` still gives the script's main
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    run_as_script()

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""The whole study in one command (hpml/study/command.py): every model at every world size, then the figures.
-`--help` lists every flag."""
+"""The whole study in one command: every model at every world size, then the figures. `--help` lists every flag.
 
-from hpml import cli
-from hpml.study.command import main
+Its body is the module hpml.scripts.run_study, which an installed hpml also runs as hpml-study."""
+
+from hpml.scripts.run_study import main, run_as_script
+
+__all__ = ["main", "run_as_script"]  # `import run_study` still gives the script's main
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    run_as_script()

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from tqdm import tqdm
@@ -126,7 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_as_script() -> NoReturn:
+    """main on the command line, as `python -m hpml.cifar10_download` and hpml-cifar10-download run it."""
     from hpml.cli import run_script
 
     run_script(main)
+
+
+if __name__ == "__main__":
+    run_as_script()

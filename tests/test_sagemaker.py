@@ -40,6 +40,7 @@ from tests.helpers import (
     results_in,
     run_script,
     run_without_torch,
+    started_as,
     write_npz,
 )
 
@@ -133,6 +134,7 @@ def main_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.chdir(tmp_path_factory.mktemp("recording"))
         monkeypatch.setattr(sys, "stdout", io.StringIO())
+        started_as(monkeypatch, "sagemaker_submission.py")
         moto_recorder("start-recording")
         code = exit_code_of(sagemaker_submission.main, ["submit", *JOB_ARGS, "--region", REGION, "--data-dir",
                                                          str(cifar_dir), *MAIN_JOB_ARGS])
@@ -209,7 +211,7 @@ def test_submit_uploads_the_data_and_only_the_code(moto_account, main_job):
     assert not [name for name in names if "__pycache__" in name]
     assert [info.name for info in members if info.isfile() and not info.name.endswith(".py")] == ["requirements.txt"]
     assert not [info.name for info in members if not (info.isfile() or info.isdir())]  # no links
-    assert "tqdm" in requirements and jobs.TENSORBOARD_REQUIREMENT in requirements  # the job writes TensorBoard
+    assert "tqdm" in requirements and "tensorboard" in requirements  # the job writes TensorBoard
     assert not [line for line in requirements.splitlines()
                                            if re.match(r"(torch|torchvision|numpy)\b", line)]
 
@@ -540,7 +542,7 @@ def test_a_cut_output_archive_is_one_line_and_writes_nothing(moto_account, capsy
 
 
 def test_submit_collect_and_plot_run_without_torch(moto_account, main_job, run_record, tmp_path):
-    """The laptop client: requirements-client.txt has no torch, so neither may these commands need it."""
+    """The laptop client: hpml[client] has no torch, so neither may these commands need it."""
     put_job_output(moto_account, BUCKET, MAIN_JOB, {f"results/{run_record['run_id']}.json":
                                                     json.dumps(run_record).encode()})
     commands = [

@@ -95,11 +95,11 @@ def test_every_cell_of_a_data_parallel_study_gets_one_cuda_graphs_setting():
 def test_world_size_one_runs_the_single_device_script_larger_ones_torchrun():
     cfg = TrainConfig(models=["resnet18", "vgg16"], epochs=3, scale_lr=True, target_acc=0.5).validate()
     single = matrix.local_command(matrix.Cell("vgg16", 1, 0), cfg)
-    assert single[1].endswith("run_hpc.py") and "--backend" not in single and "--scale-lr" not in single
+    assert single[1:3] == ["-m", "hpml.scripts.run_hpc"] and "--backend" not in single and "--scale-lr" not in single
     assert single[single.index("--model") + 1] == "vgg16" and single[single.index("--target-acc") + 1] == "0.5"
     ddp = matrix.local_command(matrix.Cell("vgg16", 4, 0), cfg)
     assert ddp[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"] and ddp[5] == "4"
-    assert ddp[6].endswith("run_distributed.py") and ddp[ddp.index("--scale-lr") + 1] == "true"
+    assert ddp[6:8] == ["-m", "hpml.scripts.run_distributed"] and ddp[ddp.index("--scale-lr") + 1] == "true"
 
 
 def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
@@ -110,7 +110,8 @@ def fake_training(failing: set[tuple[str, int]], ran: list[tuple[str, int]]):
         parser = argparse.ArgumentParser()
         cli.add_training_args(parser)
         cli.add_distributed_args(parser)
-        args = parser.parse_args(command[next(i for i, part in enumerate(command) if part.endswith(".py")) + 1:])
+        module = next(i for i, part in enumerate(command) if part.startswith("hpml.scripts."))
+        args = parser.parse_args(command[module + 1:])
         cfg = cli.config_from_args(args)
         ran.append((cfg.models[0], world_size))
         if (cfg.models[0], world_size) in failing:

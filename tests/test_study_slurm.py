@@ -72,8 +72,9 @@ def test_slurm_submits_one_batch_script_per_cell_once_then_collect_draws(tmp_pat
 
     assert exit_code_of(script_main("run_study.py"), argv) == 0
     single, ddp = fake_slurm.srun_log.read_text().splitlines()
-    assert "run_hpc.py --model resnet18 --epochs 1" in single
+    assert "-m hpml.scripts.run_hpc --model resnet18 --epochs 1" in single
     assert "torch.distributed.run --nnodes 1 --nproc_per_node 4 --rdzv-id 2" in ddp and "--backend auto" in ddp
+    assert "-m hpml.scripts.run_distributed --model resnet18" in ddp
     assert "--rdzv-endpoint node1:20002" in ddp  # a port of the job's own: 20000 + its id
     (script,) = (out / "slurm").glob("hpml-resnet18-w8-r1-*.sbatch")
     assert "#SBATCH --gpus-per-node=4" in script.read_text()
@@ -207,7 +208,7 @@ def dry_run_scripts(argv: list[str], capsys: pytest.CaptureFixture) -> list[str]
     ([], 2, ["--nodes=1", "--gpus-per-node=2", "--cpus-per-task=8", "THREADS:-4}", "--nproc_per_node 2 "]),
     ([], 8, ["--nodes=2", "--gpus-per-node=4", "--cpus-per-task=16", "THREADS:-4}", "--nproc_per_node 4 "]),
     (["--processes-per-node", "2"], 4, ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=8", "--nproc_per_node 2 "]),
-    (["--gpus-per-node", "0"], 1, ["--nodes=1", "--cpus-per-task=1", "THREADS:-1}", "run_hpc.py"]),
+    (["--gpus-per-node", "0"], 1, ["--nodes=1", "--cpus-per-task=1", "THREADS:-1}", "-m hpml.scripts.run_hpc "]),
     (["--gpus-per-node", "0"], 2, ["--nodes=2", "--cpus-per-task=1", "THREADS:-1}", "--nproc_per_node 1 "]),
     (["--gpus-per-node", "0", "--processes-per-node", "2", "--cpus-per-task", "6"], 4,
      ["--nodes=2", "--cpus-per-task=6", "THREADS:-3}", "--nproc_per_node 2 "]),
@@ -238,10 +239,11 @@ def test_partition_account_qos_constraint_sbatch_args_and_setup_reach_the_job(tm
     argv = (fake_slurm.jobs / "1.argv").read_text().splitlines()
     assert argv[:2] == ["--mem=8G", "--exclusive"] and argv[2].startswith("--output=") and argv[3] == str(script)
     # With --setup, the python on the PATH it leaves; without, this one.
-    assert fake_slurm.srun_log.read_text().startswith(f"python {REPO / 'run_hpc.py'} --model resnet18")
+    assert fake_slurm.srun_log.read_text().startswith("python -m hpml.scripts.run_hpc --model resnet18")
+    assert f"\nexport PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}\n" in text  # this checkout's hpml
     argv = ["--where", "slurm", "--models", "shufflenetv2", "--world-sizes", "1", *FLAGS, "--output-dir", str(out)]
     assert exit_code_of(script_main("run_study.py"), argv) == 0
-    assert fake_slurm.srun_log.read_text().splitlines()[1].startswith(f"{sys.executable} {REPO / 'run_hpc.py'}")
+    assert fake_slurm.srun_log.read_text().splitlines()[1].startswith(f"{sys.executable} -m hpml.scripts.run_hpc")
 
 
 def test_a_dry_run_into_a_pipe_closed_early_ends_quietly(tmp_path):

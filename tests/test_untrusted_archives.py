@@ -22,11 +22,11 @@ import boto3
 import pytest
 
 import run_hpc
-import sagemaker_submission
 from hpml import data
 from hpml.platforms.sagemaker import jobs
+from hpml.scripts import sagemaker_submission
 from tests import helpers
-from tests.helpers import exit_code_of, no_aws_config, record, refusal
+from tests.helpers import exit_code_of, no_aws_config, record, refusal, started_as
 
 ROLE = "arn:aws:iam::123456789012:role/hpml-test"
 BUCKET = "hpml-untrusted"
@@ -193,10 +193,11 @@ def test_one_invalid_record_collects_nothing_of_its_job_and_exits_non_zero(accou
 
 
 @pytest.fixture
-def source_tree(tmp_path) -> Path:
-    """A copy of the repository's layout with, inside hpml/, a link to a secret, a key, hidden files and a cache."""
-    repo = tmp_path / "repo"
-    for name in ("run_distributed.py", "run_hpc.py", "hpml/__init__.py", "hpml/training/loop.py", "models/resnet.py"):
+def source_tree(tmp_path, monkeypatch) -> Path:
+    """The folder of the job's code packages, in the packages' layout with, inside hpml/, a link to a secret, a key,
+    hidden files and a cache: the packages a job stages from now on."""
+    repo = tmp_path / "site-packages"
+    for name in ("hpml/__init__.py", "hpml/training/loop.py", "models/resnet.py"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("x = 1\n")
     secret = tmp_path / "home" / ".aws" / "credentials"
@@ -210,6 +211,7 @@ def source_tree(tmp_path) -> Path:
     (repo / "models" / ".hidden" / "copy.py").write_text("SECRET = 1\n")
     (repo / "hpml" / "__pycache__").mkdir()
     (repo / "hpml" / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"\0")
+    monkeypatch.setattr(jobs, "CODE_PACKAGES", (repo / "hpml", repo / "models"))
     return repo
 
 
@@ -219,11 +221,11 @@ LEFT_OUT = {"hpml/settings.py": "a link", "hpml/aws": "a link", "hpml/key.pem": 
             "hpml/.env": "hidden", "models/.hidden": "hidden"}
 
 
-def test_the_source_archive_holds_the_projects_source_files_only(source_tree, tmp_path, monkeypatch):
-    monkeypatch.setattr(jobs, "REPO", source_tree)
+def test_the_source_archive_holds_the_projects_source_files_only(source_tree, tmp_path):
     lines: list[str] = []
-    staged = jobs.stage_source(tmp_path / "staged", log=lines.append)
+    staged = jobs.stage_source(tmp_path / "staged", ("tqdm>=4.64",), log=lines.append)
     assert [path.as_posix() for path in staged] == SOURCE_FILES
+    assert "from hpml.scripts.run_hpc import run_as_script\n" in (tmp_path / "staged" / "run_hpc.py").read_text()
     assert sorted(lines) == sorted(f"code: {path} left out: {why}" + (", not followed" if why == "a link" else "")
                                    for path, why in LEFT_OUT.items())
     assert not [path for path in (tmp_path / "staged").rglob("*") if path.is_symlink()]
@@ -231,17 +233,15 @@ def test_the_source_archive_holds_the_projects_source_files_only(source_tree, tm
 
 def test_the_dry_run_lists_the_code_it_would_upload(source_tree, tmp_path, capsys, monkeypatch):
     no_aws_config(monkeypatch, tmp_path)
-    monkeypatch.setattr(jobs, "REPO", source_tree)
     code = exit_code_of(sagemaker_submission.main, ["submit", "--dry-run", "--dataset", "synthetic"])
     out = capsys.readouterr().out
     assert code == 0
-    assert ("code: 6 files from this repository (hpml/ (2 files), models/ (1 file), requirements.txt, "
-            "run_distributed.py, run_hpc.py;") in out
+    assert ("code: 6 files (hpml/ (2 files), models/ (1 file), requirements.txt, run_distributed.py, run_hpc.py: "
+            f"the hpml and models packages this client imports, from {source_tree}, and the entry scripts;") in out
     assert all(f"code: {path} left out" in out for path in LEFT_OUT)
 
 
-def test_submit_uploads_no_link_secret_or_hidden_file(account, source_tree, capsys, monkeypatch):
-    monkeypatch.setattr(jobs, "REPO", source_tree)
+def test_submit_uploads_no_link_secret_or_hidden_file(account, source_tree, capsys):
     argv = ["submit", "--dataset", "synthetic", "--region", "us-east-1", "--role", ROLE, "--bucket", BUCKET,
             "--job-name", "hpml-source"]
     assert exit_code_of(sagemaker_submission.main, argv) == 0, capsys.readouterr().err
@@ -258,15 +258,17 @@ def test_submit_uploads_no_link_secret_or_hidden_file(account, source_tree, caps
 # ---- generated commands --------------------------------------------------------------------------------------------
 
 
-def test_the_printed_collect_command_quotes_every_value(capsys):
+def test_the_printed_collect_command_quotes_every_value(capsys, monkeypatch):
     spec = jobs.JobSpec(job_name="hpml-quoted", instance_type="ml.p3.2xlarge", instance_count=1, distribution="none",
                         framework_version=jobs.DEFAULT_FRAMEWORK_VERSION, py_version=jobs.DEFAULT_PY_VERSION,
                         hyperparameters={}, region="us-east-1", role=ROLE, bucket=BUCKET, s3_data=None, spot=False,
                         max_run=3600, max_wait=None)
     profile = "my profile; rm -rf ~"
-    sagemaker_submission.print_submitted(spec, argparse.Namespace(wait=False, aws_profile=profile))
-    (line,) = [line for line in capsys.readouterr().out.splitlines() if "when it has finished:" in line]
-    argv = shlex.split(line.split("when it has finished: ", 1)[1])
-    assert argv == ["python", "sagemaker_submission.py", "collect", "hpml-quoted", "--region", "us-east-1",
-                    "--aws-profile", profile]
-    assert sagemaker_submission.build_parser().parse_args(argv[2:]).aws_profile == profile
+    for started, command in (("sagemaker_submission.py", ["python", "sagemaker_submission.py"]),
+                             ("/venv/bin/hpml-sagemaker", ["hpml-sagemaker"])):
+        started_as(monkeypatch, started)
+        sagemaker_submission.print_submitted(spec, argparse.Namespace(wait=False, aws_profile=profile))
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if "when it has finished:" in line]
+        argv = shlex.split(line.split("when it has finished: ", 1)[1])
+        assert argv == [*command, "collect", "hpml-quoted", "--region", "us-east-1", "--aws-profile", profile]
+        assert sagemaker_submission.build_parser().parse_args(argv[len(command):]).aws_profile == profile

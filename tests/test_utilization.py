@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-import utilization
 from hpml import monitor
+from hpml.scripts import utilization
 from tests.helpers import FAKE_PYNVML, REPO, exit_code_of, run_script
 
 SUMMARY_FIELDS = ["interval_s", "samples", "samples_csv", "nvml", "nvml_error", "gpus", "mean_gpu_util_pct",

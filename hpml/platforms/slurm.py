@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpml import cli, files
+from hpml import cli, files, scripts
 from hpml.config import MAX_PROCESSES, TrainConfig
 from hpml.errors import UsageError
-from hpml.study.matrix import DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, Cell, settings_id
+from hpml.study.matrix import Cell, settings_id
 
 SUBMITTED = re.compile(r"Submitted batch job (\d+)")
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d\d){0,2}")  # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
@@ -176,8 +176,9 @@ def sbatch_command(script: Path, log_dir: Path, cell: Cell, cfg: TrainConfig, sb
 
 
 def batch_script(cell: Cell, cfg: TrainConfig, options: JobOptions) -> str:
-    """The sbatch script of one cell: run_hpc.py for world size 1, else torchrun on every node. It runs in the
-    folder sbatch is called from, as relative --data-dir and --output-dir expect."""
+    """The sbatch script of one cell: run_hpc.py's module for world size 1, else torchrun on every node, both from
+    this hpml package (first on PYTHONPATH). It runs in the folder sbatch is called from, as relative --data-dir and
+    --output-dir expect."""
     nodes, processes = options.layout(cell.world_size)
     gpus = processes if options.gpus_per_node else 0
     cpus = options.cpus_per_task or (CPUS_PER_GPU * gpus or processes)
@@ -189,7 +190,9 @@ def batch_script(cell: Cell, cfg: TrainConfig, options: JobOptions) -> str:
             + "".join(f"#SBATCH {request}\n" for request in requests)
             + f"\n{shell_start(options.setup)}"
             + f"# CPU threads per training process: its share of the node's CPUs ({cpus} for {processes})\n"
-            + f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{max(1, cpus // processes)}}}\n\n"
+            + f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{max(1, cpus // processes)}}}\n"
+            + "# The hpml package that wrote this script, a checkout or an installed one\n"
+            + f"export PYTHONPATH={shlex.quote(str(scripts.IMPORT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}\n\n"
             + f"{launch(cell, cfg, options.python(), processes)}\n")
 
 
@@ -207,12 +210,12 @@ def launch(cell: Cell, cfg: TrainConfig, python: str, processes: int) -> str:
     values = {**cli.flag_values(cfg, distributed), "model": cell.model}
     flags = " ".join(shlex.quote(text) for name, value in values.items() for text in (f"--{name}", value))
     if not distributed:
-        return f"srun {python} {shlex.quote(str(SINGLE_DEVICE_SCRIPT))} {flags}"
+        return f"srun {python} -m {scripts.SINGLE_DEVICE} {flags}"
     return (f"{RENDEZVOUS}"
             f"srun --kill-on-bad-exit=1 {python} -m torch.distributed.run \\\n"
             f"    --nnodes \"$SLURM_NNODES\" --nproc_per_node {processes} --rdzv-id \"$SLURM_JOB_ID\" \\\n"
             f"    --rdzv-backend c10d --rdzv-endpoint \"$RDZV_HOST:$RDZV_PORT\" \\\n"
-            f"    {shlex.quote(str(DATA_PARALLEL_SCRIPT))} {flags}")
+            f"    -m {scripts.DATA_PARALLEL} {flags}")
 
 
 def submit(command: list[str]) -> str:

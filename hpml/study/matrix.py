@@ -19,12 +19,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType, TracebackType
 
 import psutil
 
-from hpml import cli, results
+from hpml import cli, results, scripts
 from hpml.config import MAX_THREADS, MAX_WORLD_SIZE, TrainConfig, comma_list
 from hpml.errors import RunStopped, UsageError
 
@@ -36,8 +35,6 @@ DEFINING_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "datas
 PREDATED = {"drop_last": False}
 # Settings of data-parallel runs only: one process ignores them, so a baseline matches whatever they are.
 DATA_PARALLEL_FIELDS = ("scale_lr", "grad_compression", "bucket_cap_mb", "static_graph")
-REPO = Path(__file__).resolve().parents[2]
-SINGLE_DEVICE_SCRIPT, DATA_PARALLEL_SCRIPT = REPO / "run_hpc.py", REPO / "run_distributed.py"
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone")
 
 
@@ -119,14 +116,15 @@ def cells_to_run(cells: list[Cell], records: list[dict], cfg: TrainConfig, force
 
 
 def local_command(cell: Cell, cfg: TrainConfig) -> list[str]:
-    """World size 1: run_hpc.py, the single-device path. Larger: torchrun with that many processes of
-    run_distributed.py (one per GPU when there are GPUs, else gloo processes on the CPU: --backend auto chooses)."""
+    """World size 1: run_hpc.py's module, the single-device path. Larger: torchrun with that many processes of
+    run_distributed.py's (one per GPU when there are GPUs, else gloo processes on the CPU: --backend auto chooses).
+    run_command's PYTHONPATH has them import this hpml package."""
     distributed = cell.world_size > 1
     values = {**cli.flag_values(cfg, distributed), "model": cell.model}
     flags = [text for name, value in values.items() for text in (f"--{name}", value)]
     if not distributed:
-        return [sys.executable, str(SINGLE_DEVICE_SCRIPT), *flags]
-    return [*TORCHRUN, "--nproc_per_node", str(cell.world_size), str(DATA_PARALLEL_SCRIPT), *flags]
+        return [sys.executable, "-m", scripts.SINGLE_DEVICE, *flags]
+    return [*TORCHRUN, "--nproc_per_node", str(cell.world_size), "-m", scripts.DATA_PARALLEL, *flags]
 
 
 def duration(seconds: float) -> str:
@@ -274,9 +272,11 @@ def run_command(command: list[str], signals: CellSignals) -> int:
 
     Every training process gets one CPU thread unless OMP_NUM_THREADS says otherwise, as torchrun gives each of
     its processes: on a CPU, world size N then uses N cores against the baseline's one, and a baseline's threads
-    do not thrash on a machine that others share (measured: 26x "speedups" of 2 processes over 1)."""
-    threads = os.environ.get("OMP_NUM_THREADS", "1")
-    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
+    do not thrash on a machine that others share (measured: 26x "speedups" of 2 processes over 1). PYTHONPATH
+    leads to this hpml package, a checkout's or an installed one, whatever the folder the study runs in."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": scripts.pythonpath(os.environ.get("PYTHONPATH"))}
+    process = subprocess.Popen(command, env=env, start_new_session=True)
     return signals.wait(process)
 
 

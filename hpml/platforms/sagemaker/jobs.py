@@ -14,6 +14,7 @@ import contextlib
 import copy
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -36,9 +37,13 @@ import botocore.config
 import botocore.credentials
 import botocore.exceptions
 import botocore.session
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from tqdm import tqdm
 
-from hpml import config, data, files, results
+import hpml
+import models as model_zoo
+from hpml import config, data, files, results, scripts
 from hpml.errors import UsageError, one_line
 from hpml.platforms.sagemaker import prices
 from hpml.platforms.sagemaker.plan import ENDED
@@ -48,19 +53,28 @@ if TYPE_CHECKING:  # imported on first use at run time (see above)
     import sagemaker.estimator
     import sagemaker.session
 
-REPO = Path(__file__).resolve().parents[3]
 DATA_PARALLEL_SCRIPT = "run_distributed.py"
 SINGLE_DEVICE_SCRIPT = "run_hpc.py"  # the single-device path: one process on one GPU, the speedups' baseline
 # The script each distribution runs: data-parallel under SMDDP or torchrun; the single-device path without one.
 ENTRY_POINTS = {"smddp": DATA_PARALLEL_SCRIPT, "torchrun": DATA_PARALLEL_SCRIPT, "none": SINGLE_DEVICE_SCRIPT}
-# The code a job needs, and nothing else (no data, results, tests, virtual environments or git history).
-CODE_PATHS = (DATA_PARALLEL_SCRIPT, SINGLE_DEVICE_SCRIPT, "hpml", "models")
+# SageMaker's toolkit runs a script file (with python, torchrun, or mpirun's `python -m mpi4py`): the job's source
+# folder gets one per entry point, written when it is staged, that runs the script's module from the packages beside it.
+ENTRY_MODULES = {DATA_PARALLEL_SCRIPT: scripts.DATA_PARALLEL, SINGLE_DEVICE_SCRIPT: scripts.SINGLE_DEVICE}
+ENTRY_SCRIPT = '''"""SageMaker's entry point, written by hpml's submission: the module {module} as a script."""
+
+from {module} import run_as_script
+
+if __name__ == "__main__":
+    run_as_script()
+'''
+# The code a job needs, and nothing else: the hpml and models packages from wherever this client imports them, a
+# checkout or an installed package (no data, results, tests, virtual environments or git history).
+CODE_PACKAGES = (Path(hpml.__file__).parent, Path(model_zoo.__file__).parent)
 SOURCE_SUFFIXES = (".py",)  # the job's code is Python only: keys, notes, caches and data in those folders stay home
-# What the training code imports beyond the container's own torch, torchvision, numpy and pillow. SageMaker
-# pip-installs a requirements.txt found in the source folder: the repository's own lists torch, and installing it
-# would replace the container's CUDA build, so the job gets this list instead.
-JOB_REQUIREMENTS = ("psutil>=5.9", "nvidia-ml-py>=12.535", "tqdm>=4.64")
-TENSORBOARD_REQUIREMENT = "tensorboard>=2.14"  # added for a job that writes TensorBoard scalars (--tensorboard)
+# hpml's requirements that a job leaves out of the requirements.txt SageMaker pip-installs: its container's own torch,
+# torchvision, numpy and pillow (torch from an index would replace the container's CUDA build), and matplotlib (the
+# figures are drawn where the results are collected).
+NOT_IN_JOBS = frozenset({"torch", "torchvision", "numpy", "pillow", "matplotlib"})
 S3_PREFIX = "hpml"
 SUITE_TAG = {"Key": "hpml-suite", "Value": "hpml"}  # `list` and `collect --all` find this suite's jobs by it
 LOG_POLL_S = 10  # seconds between looks at a job's logs and status while `--wait` streams them
@@ -126,8 +140,7 @@ class JobSpec:
     @property
     def requirements(self) -> tuple[str, ...]:
         """What the job pip-installs beside the container's own packages."""
-        return (*JOB_REQUIREMENTS, TENSORBOARD_REQUIREMENT) if self.hyperparameters.get("tensorboard") else \
-            JOB_REQUIREMENTS
+        return job_requirements(tensorboard=bool(self.hyperparameters.get("tensorboard")))
 
     @property
     def shown_bucket(self) -> str:
@@ -144,7 +157,7 @@ class JobSpec:
 
 def sdk() -> ModuleType:
     """The SageMaker SDK (2.x), imported quietly and without probing the network."""
-    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # 2.x is pinned on purpose, see requirements.txt
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # 2.x is pinned on purpose, see pyproject.toml
     for name in ("sagemaker", "sagemaker.config"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # At import the SDK builds a session of its own, whose credential lookup ends at the instance-metadata address.
@@ -295,23 +308,46 @@ def job_name_for(models: list[str], distribution: str) -> str:
 # ---- code and data -------------------------------------------------------------------------------------------------
 
 
-def stage_source(folder: Path, requirements: tuple[str, ...] = JOB_REQUIREMENTS,
-                 log: Callable[[str], None] = print) -> list[Path]:
-    """Copy the job's code (the SOURCE_SUFFIXES files of CODE_PATHS) into `folder` with a requirements.txt listing
-    `requirements`; return the files, relative to it. Links are not followed; they, hidden files and folders, and
-    every other file that is not source are left out, each named in a line (__pycache__ without one)."""
-    for relative in _source_files(REPO, log):
-        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / relative, folder / relative)
+def job_requirements(tensorboard: bool) -> tuple[str, ...]:
+    """What a job pip-installs beside its container's packages: hpml's own requirements and its train extra's (and its
+    tensorboard extra's, for a job that writes TensorBoard scalars), as the installed package declares them, less
+    NOT_IN_JOBS. UsageError when hpml is not installed (a checkout without `pip install -e`)."""
+    extras = ("train", "tensorboard") if tensorboard else ("train",)
+    try:
+        declared = importlib.metadata.requires("hpml") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError("hpml is not installed, so what its jobs need is unknown: pip install -e '.[client]' in "
+                         "its checkout") from None
+    needed = []
+    for requirement in map(Requirement, declared):
+        marker, requirement.marker = requirement.marker, None
+        if canonicalize_name(requirement.name) not in NOT_IN_JOBS and (
+                marker is None or any(marker.evaluate({"extra": extra}) for extra in extras)):
+            needed.append(str(requirement))
+    return tuple(needed)
+
+
+def stage_source(folder: Path, requirements: tuple[str, ...], log: Callable[[str], None] = print) -> list[Path]:
+    """Lay out the job's source folder: the SOURCE_SUFFIXES files of CODE_PACKAGES, an entry script for each of
+    ENTRY_MODULES, and a requirements.txt listing `requirements`; return its files, relative to it. Links are not
+    followed; they, hidden files and folders, and every other file that is not source are left out, each named in a
+    line (__pycache__ without one)."""
+    for package in CODE_PACKAGES:
+        for relative in _source_files(package, log):
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(package.parent / relative, folder / relative)
+    for script, module in ENTRY_MODULES.items():
+        (folder / script).write_text(ENTRY_SCRIPT.format(module=module))
     (folder / "requirements.txt").write_text("\n".join(requirements) + "\n")
     return sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
 
 
-def _source_files(repo: Path, log: Callable[[str], None]) -> Iterator[Path]:
-    pending = [repo / name for name in reversed(CODE_PATHS)]
+def _source_files(package: Path, log: Callable[[str], None]) -> Iterator[Path]:
+    """The package's files to stage, relative to the folder holding it."""
+    pending = [package]
     while pending:
         path = pending.pop()
-        relative = path.relative_to(repo)
+        relative = path.relative_to(package.parent)
         if path.name == "__pycache__":
             continue
         if path.name.startswith("."):
