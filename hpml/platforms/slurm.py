@@ -2,8 +2,8 @@
 (srun starts one torchrun per node, torchrun one process per GPU, or the processes of a CPU node; the rendezvous
 is on the first node, at a port of the job's own).
 
-Client layer: no torch. Run against a real SLURM of two CPU nodes (tests/test_slurm_cluster.py), and against
-stand-ins for its commands (tests/test_study_slurm.py).
+Client layer: no torch. Run against a real SLURM of two CPU nodes (tests/platforms/test_slurm_cluster.py), and against
+stand-ins for its commands (tests/platforms/test_study_slurm.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Test-only stand-in for SageMaker's SMDDP library, which exists only in SageMaker's GPU training containers.
 
-tests/test_container.py puts the folder above `smdistributed` on the job's PYTHONPATH. Importing this module
+tests/platforms/test_container.py puts the folder above `smdistributed` on the job's PYTHONPATH. Importing this module
 does what importing the real `smdistributed.dataparallel.torch.torch_smddp` does for a training script: it
 registers a torch.distributed backend named "smddp". Underneath it is gloo, on the CPU.
 

@@ -121,7 +121,7 @@ OWNER = """
 import json, sys, time
 from pathlib import Path
 from tests.slurm_cluster import SlurmCluster
-from tests.test_slurm_cluster import traces
+from tests.platforms.test_slurm_cluster import traces
 cluster = SlurmCluster(Path(sys.argv[1]))
 cluster.start()
 print(json.dumps(traces(cluster)), flush=True)

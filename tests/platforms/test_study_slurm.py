@@ -13,7 +13,7 @@ import pytest
 from hpml import results
 from hpml.config import TrainConfig
 from tests.helpers import REPO, exit_code_of, refusal, script_main
-from tests.test_study import FLAGS, run_record
+from tests.study.test_study import FLAGS, run_record
 
 
 def stand_in(folder: Path, name: str, body: str) -> None:

@@ -439,7 +439,7 @@ def test_job_writes_only_where_the_toolkit_says(single_job):
 # The toolkit starts one process per GPU (nvidia-smi --list-gpus), one on a host without GPUs or Neuron cores,
 # unless the job's hyperparameters say otherwise.
 TWO_PROCESSES = {"sagemaker_mpi_num_of_processes_per_host": 2}
-STAND_IN = Path(__file__).resolve().parent / "smddp_stand_in"
+STAND_IN = Path(__file__).resolve().parents[1] / "smddp_stand_in"
 
 
 @pytest.fixture(scope="module")
@@ -723,7 +723,7 @@ def spot_job(moto_account, cifar_dir, tmp_path_factory) -> dict:
     return {"job": job, "runs": runs, "collected": collect(job.name, tmp_path_factory.mktemp("spot-results"))}
 
 
-@pytest.mark.slow  # three runs of the toolkit; test_train.py and test_checkpoint.py test the stop, resume and
+@pytest.mark.slow  # three runs of the toolkit; training/test_loop.py and test_checkpoint.py test the stop, resume and
 # rewrite of results (SIGTERM in a real process included)
 def test_a_stop_at_an_epochs_last_step_fails_the_job_with_a_checkpoint(spot_job):
     first = spot_job["runs"][0]

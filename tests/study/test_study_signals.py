@@ -14,7 +14,7 @@ import pytest
 
 from hpml.study import matrix
 from tests.helpers import REPO, exit_code_of, run_script, script_main
-from tests.test_study import FLAGS
+from tests.study.test_study import FLAGS
 
 
 def ended(process: psutil.Process) -> bool:

@@ -1,0 +1,1 @@
+"""Tests of hpml.platforms: SLURM and SageMaker."""
