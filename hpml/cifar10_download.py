@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from hpml import files
 from hpml.data import BATCHES_FOLDER, NPZ_FILES, TEST_BATCHES, TRAIN_BATCHES, batch_arrays, checked, unpickle_batch
-from hpml.errors import UsageError, one_line
+from hpml.errors import UsageError, one_line, script_command
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"  # published beside the archive on its page
@@ -110,7 +110,7 @@ def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hpml.cifar10_download",
+        prog=" ".join(script_command()),  # python -m hpml.cifar10_download, or hpml-cifar10-download
         description="Download CIFAR-10's official archive, check its MD5, and write train.npz and test.npz (images "
                     "uint8 (N, 32, 32, 3), labels) into FOLDER: the layout the training scripts read and "
                     "sagemaker_submission.py submit --data-dir uploads. Needs no torch.")

@@ -97,7 +97,7 @@ def test_every_script_is_a_console_script_of_the_installed_package(installed, tm
                for name, needs_torch in CONSOLE_SCRIPTS.items()}
     for name, process in running.items():
         out, err = process.communicate(timeout=120)
-        assert process.returncode == 0 and out.startswith("usage: "), (name, err)
+        assert process.returncode == 0 and out.startswith(f"usage: {name} "), (name, out, err)
     assert not note.exists(), note.read_text()
 
 
