@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from hpml import cli, results
+from hpml import cli, config, results
 from hpml.errors import UsageError
 from hpml.study import command, summary
 
@@ -42,7 +42,7 @@ def flags(settings: dict[str, object]) -> list[str]:
             value = str(value).lower()
         elif isinstance(value, (list, tuple)):
             value = ",".join(map(str, value))
-        argv += [f"--{name.replace('_', '-')}", str(value)]
+        argv += [config.flag_of(name), str(value)]
     return argv
 
 

@@ -251,7 +251,7 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
     """UsageError naming the first of these integer flags that is below 1."""
     for name in names:
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise UsageError(f"{config.flag_of(name)} must be a positive integer, got {getattr(args, name)}")
 
 
 def require_at_most(args: argparse.Namespace, **bounds: float) -> None:
@@ -260,7 +260,7 @@ def require_at_most(args: argparse.Namespace, **bounds: float) -> None:
     for name, most in bounds.items():
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value <= most):
-            raise UsageError(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
+            raise UsageError(f"{config.flag_of(name)} must be at most {most}, got {value}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -101,7 +101,7 @@ CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dataset": DATASETS, 
 
 
 def flag_of(setting: str) -> str:
-    """The flag that sets a TrainConfig field: batch_size -> --batch-size."""
+    """The flag that sets `setting` (a TrainConfig field, or a flag's argparse name): batch_size -> --batch-size."""
     return "--" + setting.replace("_", "-")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpml import cli, files, results
-from hpml.config import MAX_JOBS, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig
+from hpml.config import MAX_JOBS, MAX_REPEATS, SAGEMAKER_MAX_RUN_S, TrainConfig, flag_of
 from hpml.errors import UsageError
 from hpml.platforms import slurm
 from hpml.platforms.sagemaker import estimate, plan, quotas
@@ -93,7 +93,7 @@ def check_sagemaker_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--epoch-seconds must be a positive number, got {args.epoch_seconds}")
     for name in ("startup_minutes", "warm_startup_minutes"):
         if not getattr(args, name) >= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more minutes, got {getattr(args, name)}")
+            raise UsageError(f"{flag_of(name)} must be 0 or more minutes, got {getattr(args, name)}")
     if not 0 <= args.spot_savings < 100:
         raise UsageError(f"--spot-savings must be a percentage from 0 to below 100, got {args.spot_savings}")
     if args.keep_alive < 0:
